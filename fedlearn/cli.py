@@ -1,0 +1,102 @@
+"""The `fedlearn` command. Subcommands import their layer lazily, so `--help` stays fast."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from fedlearn.config import RunConfig, load_toml, parse_overrides, resolve
+from fedlearn.errors import ConfigError, FedlearnError
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "simulations" / "presets"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
+
+
+def load_preset(name_or_path: str) -> dict:
+    path = Path(name_or_path)
+    if path.suffix == ".toml":
+        return load_toml(path)
+    candidate = PRESETS_DIR / f"{name_or_path}.toml"
+    if not candidate.is_file():
+        raise ConfigError([f"unknown preset {name_or_path!r}; available: {', '.join(preset_names())} (or a path to a .toml file)"])
+    return load_toml(candidate)
+
+
+def config_from_args(preset: str | None, run_config: str | None, out: str | None) -> RunConfig:
+    overrides = parse_overrides(run_config or "")
+    if out:
+        overrides["out-dir"] = out
+    return resolve(load_preset(preset) if preset else None, overrides)
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    if args.list_keys:
+        defaults = RunConfig().to_flat()
+        for key in RunConfig.keys():
+            print(f"{key} = {defaults[key]!r}")
+        return 0
+    config = config_from_args(args.preset, args.run_config, args.out)
+    from simulations import simulate
+
+    summary = simulate.run(config, verbose=args.verbose)
+    print(summary["run_dir"])
+    return 0
+
+
+def _cmd_data_download(args: argparse.Namespace) -> int:
+    from fedlearn import data
+
+    path = data.download(args.name, args.data_dir)
+    print(path)
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from simulations import bench
+
+    return bench.main(args.bench_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedlearn", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sim = sub.add_parser("simulate", help="run a federated job with simulated clients (Flower simulation)")
+    sim.add_argument("--preset", help=f"a preset name ({', '.join(preset_names())}) or a .toml file")
+    sim.add_argument("--run-config", help='overrides, e.g. "num-rounds=10 strategy=fedprox proximal-mu=0.01"')
+    sim.add_argument("--out", help="directory for run directories (default: runs)")
+    sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
+    sim.add_argument("--list-keys", action="store_true", help="print every config key with its default")
+    sim.set_defaults(func=_cmd_simulate)
+
+    data_cmd = sub.add_parser("data", help="dataset files")
+    data_sub = data_cmd.add_subparsers(dest="data_command", required=True)
+    download = data_sub.add_parser("download", help="download and verify a dataset (needs a network)")
+    download.add_argument("name", choices=["mnist", "fashion-mnist", "cifar10"])
+    download.add_argument("--data-dir", required=True, help="where to put it (then use data-dir=... or FEDLEARN_DATA_DIR)")
+    download.set_defaults(func=_cmd_data_download)
+
+    bench = sub.add_parser("bench", help="run a benchmark scenario (same as python -m simulations.bench)")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="scenario and its options")
+    bench.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FedlearnError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

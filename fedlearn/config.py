@@ -1,0 +1,294 @@
+"""One typed, validated run configuration.
+
+The same flat kebab-case keys work as Flower run-config (``flwr run . --run-config``),
+in ``[tool.flwr.app.config]``, in TOML presets and on ``fedlearn simulate --run-config``.
+Everything is checked before any work starts; every problem gets one line that names the
+key, the bad value and what would be accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shlex
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from fedlearn.errors import ConfigError
+
+OPTIMIZERS = ("sgd", "momentum", "adam")
+PARTITIONERS = ("iid", "dirichlet", "shards")
+DEVICES = ("auto", "cpu", "cuda")
+PRIVACY_MODES = ("plain",)
+# Strategies that need every update in clear; later privacy modes must refuse them.
+STRATEGIES = (
+    "fedavg",
+    "fedavgm",
+    "fedprox",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
+    "fedmedian",
+    "fedtrimmedavg",
+    "krum",
+)
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "synthetic32")
+MODELS = ("logreg", "mlp", "mnist-2nn", "mnist-cnn", "vision-cnn")
+
+# Keys Flower adds to the ConfigRecord it sends to clients; not user configuration.
+TRANSPORT_KEYS = frozenset({"server-round"})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A complete, validated run. Field ``foo_bar`` is the key ``foo-bar``."""
+
+    num_rounds: int = 10
+    num_clients: int = 10
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 0.0
+    min_available_clients: int = 2
+    local_epochs: int = 2
+    batch_size: int = 16
+    lr: float = 0.05
+    optimizer: str = "momentum"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    l1: float = 0.0
+    clip_grad_norm: float = 0.0
+    lr_decay: float = 1.0
+    proximal_mu: float = 0.0
+    server_lr: float = 1.0
+    server_momentum: float = 0.9
+    trimmed_beta: float = 0.2
+    krum_malicious: int = 0
+    dataset: str = "digits"
+    data_dir: str = ""
+    partitioner: str = "iid"
+    dirichlet_alpha: float = 0.5
+    shards_per_client: int = 2
+    test_fraction: float = 0.2
+    model: str = "mlp"
+    strategy: str = "fedavg"
+    privacy: str = "plain"
+    seed: int = 42
+    device: str = "auto"
+    round_timeout: float = 600.0
+    target_accuracy: float = 0.0
+    out_dir: str = "runs"
+
+    # -- conversions ---------------------------------------------------------------
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [_key(f.name) for f in fields(cls)]
+
+    def to_flat(self) -> dict[str, Any]:
+        return {_key(f.name): getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any], *, base: RunConfig | None = None) -> RunConfig:
+        """Build from flat kebab-case keys over ``base`` (defaults when None); validate."""
+        types = {f.name: f.type for f in fields(cls)}
+        values = dataclasses.asdict(base or cls())
+        problems: list[str] = []
+        for key, raw in flat.items():
+            if key in TRANSPORT_KEYS:
+                continue
+            name = key.replace("-", "_")
+            if name not in types:
+                hint = _closest(key, cls.keys())
+                problems.append(
+                    f"unknown key '{key}'" + (f" (did you mean '{hint}'?)" if hint else "")
+                    + "; run `fedlearn simulate --list-keys` for every key"
+                )
+                continue
+            try:
+                values[name] = _coerce(raw, types[name])
+            except (TypeError, ValueError):
+                problems.append(f"{key}={raw!r}: expected {types[name]}")
+        if problems:
+            raise ConfigError(problems)
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def replace(self, **overrides: Any) -> RunConfig:
+        return RunConfig.from_flat({_key(k): v for k, v in overrides.items()}, base=self)
+
+    def digest(self) -> str:
+        """SHA-256 of the canonical JSON of the resolved config (for records and audit)."""
+        canonical = json.dumps(self.to_flat(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def to_toml(self) -> str:
+        lines = [f"{k} = {_toml_value(v)}" for k, v in self.to_flat().items()]
+        return "\n".join(lines) + "\n"
+
+    # -- validation ----------------------------------------------------------------
+    def validate(self) -> None:
+        from fedlearn import data, models  # registries know their own constraints
+
+        problems: list[str] = []
+
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                problems.append(message)
+
+        def choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+            need(value in allowed, f"{key}={value!r}: choose one of {', '.join(allowed)}")
+
+        for key in ("num-rounds", "num-clients", "local-epochs", "batch-size", "shards-per-client"):
+            value = getattr(self, key.replace("-", "_"))
+            need(value >= 1, f"{key}={value}: must be >= 1")
+        need(0.0 < self.fraction_train <= 1.0, f"fraction-train={self.fraction_train}: must be in (0, 1]")
+        need(0.0 <= self.fraction_evaluate <= 1.0, f"fraction-evaluate={self.fraction_evaluate}: must be in [0, 1]")
+        need(self.lr > 0, f"lr={self.lr}: must be > 0")
+        need(0.0 < self.lr_decay <= 1.0, f"lr-decay={self.lr_decay}: must be in (0, 1] (1 = no decay)")
+        need(0.0 <= self.momentum < 1.0, f"momentum={self.momentum}: must be in [0, 1)")
+        need(0.0 <= self.server_momentum < 1.0, f"server-momentum={self.server_momentum}: must be in [0, 1)")
+        need(self.server_lr > 0, f"server-lr={self.server_lr}: must be > 0")
+        for key in ("weight-decay", "l1", "clip-grad-norm", "proximal-mu", "krum-malicious"):
+            value = getattr(self, key.replace("-", "_"))
+            need(value >= 0, f"{key}={value}: must be >= 0 (0 turns it off)")
+        need(self.dirichlet_alpha > 0, f"dirichlet-alpha={self.dirichlet_alpha}: must be > 0")
+        need(0.0 < self.test_fraction < 1.0, f"test-fraction={self.test_fraction}: must be in (0, 1)")
+        need(0.0 <= self.target_accuracy <= 1.0, f"target-accuracy={self.target_accuracy}: must be in [0, 1] (0 = off)")
+        need(self.round_timeout > 0, f"round-timeout={self.round_timeout}: must be > 0 seconds")
+        need(bool(self.out_dir.strip()), "out-dir is empty: give a directory for run results")
+        choice("optimizer", self.optimizer, OPTIMIZERS)
+        choice("partitioner", self.partitioner, PARTITIONERS)
+        choice("device", self.device, DEVICES)
+        choice("strategy", self.strategy, STRATEGIES)
+        choice("dataset", self.dataset, DATASETS)
+        choice("model", self.model, MODELS)
+        if self.privacy not in PRIVACY_MODES:
+            problems.append(
+                f"privacy={self.privacy!r}: only 'plain' is available in this version "
+                "(he and secagg are planned)"
+            )
+        need(0.0 <= self.trimmed_beta < 0.5, f"trimmed-beta={self.trimmed_beta}: must be in [0, 0.5)")
+
+        # Combinations.
+        need(
+            self.min_available_clients <= self.num_clients,
+            f"min-available-clients={self.min_available_clients} exceeds num-clients={self.num_clients}",
+        )
+        need(self.min_available_clients >= 1, "min-available-clients must be >= 1")
+        if self.strategy == "fedprox":
+            need(self.proximal_mu > 0, "strategy=fedprox needs proximal-mu > 0 (with 0 it is fedavg)")
+        elif self.proximal_mu > 0:
+            problems.append(f"proximal-mu={self.proximal_mu} only applies to strategy=fedprox")
+        if self.strategy == "krum":
+            sampled = max(2, int(self.num_clients * self.fraction_train))
+            need(
+                sampled > 2 * self.krum_malicious + 2,
+                f"strategy=krum with krum-malicious={self.krum_malicious} needs more than "
+                f"{2 * self.krum_malicious + 2} sampled clients per round, got {sampled}",
+            )
+        if self.dataset in DATASETS and self.model in MODELS:
+            reason = models.incompatibility(self.model, data.spec(self.dataset).shape)
+            if reason:
+                problems.append(f"model={self.model} with dataset={self.dataset}: {reason}")
+        if self.dataset in DATASETS and self.partitioner == "shards":
+            shards = self.num_clients * self.shards_per_client
+            train_size = data.spec(self.dataset).approx_train_size(self.test_fraction)
+            need(
+                shards <= train_size,
+                f"partitioner=shards needs num-clients x shards-per-client = {shards} shards, "
+                f"but {self.dataset} has only ~{train_size} training examples",
+            )
+        if self.dataset in DATASETS:
+            train_size = data.spec(self.dataset).approx_train_size(self.test_fraction)
+            need(
+                self.num_clients <= train_size,
+                f"num-clients={self.num_clients} exceeds the {train_size} training examples of {self.dataset}",
+            )
+        if problems:
+            raise ConfigError(problems)
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _coerce(raw: Any, type_name: str) -> Any:
+    if type_name == "int":
+        if isinstance(raw, bool):
+            raise TypeError
+        if isinstance(raw, float):
+            if not raw.is_integer():
+                raise ValueError
+            return int(raw)
+        return int(raw)
+    if type_name == "float":
+        if isinstance(raw, bool):
+            raise TypeError
+        value = float(raw)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError
+        return value
+    if type_name == "str":
+        if not isinstance(raw, str):
+            raise TypeError
+        return raw
+    raise TypeError(type_name)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    return repr(value)
+
+
+def _closest(key: str, candidates: list[str]) -> str | None:
+    import difflib
+
+    match = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+    """Parse ``"k=v k2='text' k3=0.1"`` like Flower's ``--run-config`` (TOML values).
+
+    Bare words that are not TOML values are taken as strings, so ``strategy=fedavg`` works.
+    """
+    result: dict[str, Any] = {}
+    for token in shlex.split(text):
+        if "=" not in token:
+            raise ConfigError([f"run-config item {token!r} is not key=value"])
+        key, _, value = token.partition("=")
+        key = key.strip()
+        try:
+            result[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            result[key] = value
+    return result
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    """Read a preset or config TOML file: flat keys at the top level."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError([f"config file {path} does not exist"]) from None
+    try:
+        table = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path} is not valid TOML: {exc}"]) from None
+    nested = [k for k, v in table.items() if isinstance(v, dict)]
+    if nested:
+        raise ConfigError([f"{path}: keys must be flat (found tables {', '.join(nested)})"])
+    return table
+
+
+def resolve(
+    preset: Mapping[str, Any] | None = None, overrides: Mapping[str, Any] | None = None
+) -> RunConfig:
+    """Defaults <- preset <- overrides, validated once."""
+    merged = dict(preset or {})
+    merged.update(overrides or {})
+    return RunConfig.from_flat(merged)

@@ -1,0 +1,120 @@
+"""Model registry. Each builder takes the input shape (C, H, W) and the number of classes."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+Shape = tuple[int, int, int]
+
+
+def logreg(shape: Shape, num_classes: int) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(shape), num_classes))
+
+
+def mlp(shape: Shape, num_classes: int, hidden: int = 64) -> nn.Module:
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(math.prod(shape), hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
+    )
+
+
+def mnist_2nn(shape: Shape, num_classes: int) -> nn.Module:
+    """McMahan et al. 2017, "2NN": two hidden layers of 200 ReLU units."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(math.prod(shape), 200),
+        nn.ReLU(),
+        nn.Linear(200, 200),
+        nn.ReLU(),
+        nn.Linear(200, num_classes),
+    )
+
+
+def mnist_cnn(shape: Shape, num_classes: int) -> nn.Module:
+    """McMahan et al. 2017, "CNN": 5x5 conv 32, pool, 5x5 conv 64, pool, fc 512, softmax.
+
+    On 28x28 inputs it has 1,663,370 parameters, as in the paper. The softmax lives in the
+    cross-entropy loss.
+    """
+    channels, height, width = shape
+    return nn.Sequential(
+        nn.Conv2d(channels, 32, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * (height // 4) * (width // 4), 512),
+        nn.ReLU(),
+        nn.Linear(512, num_classes),
+    )
+
+
+def vision_cnn(shape: Shape, num_classes: int) -> nn.Module:
+    """A small VGG-style network for 32x32x3 images: three conv blocks, then two dense layers.
+
+    No batch norm on purpose: its running statistics are integer/float buffers that plain
+    federated averaging (and encrypted sums) handle badly.
+    """
+    channels, height, width = shape
+
+    def block(c_in: int, c_out: int) -> list[nn.Module]:
+        return [
+            nn.Conv2d(c_in, c_out, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(c_out, c_out, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        ]
+
+    return nn.Sequential(
+        *block(channels, 32),
+        *block(32, 64),
+        *block(64, 128),
+        nn.Flatten(),
+        nn.Linear(128 * (height // 8) * (width // 8), 256),
+        nn.ReLU(),
+        nn.Dropout(0.25),
+        nn.Linear(256, num_classes),
+    )
+
+
+REGISTRY: dict[str, Callable[[Shape, int], nn.Module]] = {
+    "logreg": logreg,
+    "mlp": mlp,
+    "mnist-2nn": mnist_2nn,
+    "mnist-cnn": mnist_cnn,
+    "vision-cnn": vision_cnn,
+}
+# Spatial downsampling factor of the conv models: inputs must be divisible by it.
+_DOWNSAMPLING = {"mnist-cnn": 4, "vision-cnn": 8}
+
+
+def incompatibility(name: str, shape: Shape) -> str | None:
+    """Why ``name`` cannot take inputs of ``shape``, or None when it can."""
+    factor = _DOWNSAMPLING.get(name)
+    if factor and (shape[1] % factor or shape[2] % factor):
+        return f"needs image sides divisible by {factor}, the dataset's are {shape[1]}x{shape[2]}"
+    return None
+
+
+def build(name: str, shape: Shape, num_classes: int, seed: int | None = None) -> nn.Module:
+    """Build a registered model; with ``seed`` its initial weights are reproducible."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(REGISTRY)}")
+    reason = incompatibility(name, shape)
+    if reason:
+        raise ValueError(f"model {name}: {reason}")
+    if seed is None:
+        return REGISTRY[name](shape, num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return REGISTRY[name](shape, num_classes)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,139 @@
+"""The run directory: everything a run leaves behind, written so that a crash loses nothing.
+
+Layout of ``<out-dir>/<run-id>/``: ``config.toml`` (resolved config), ``metrics.json`` (one
+record per round), ``summary.json``, ``model.safetensors`` and ``accuracy.png``. JSON and
+model files are written to a temporary name and renamed, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import secrets
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedlearn.config import RunConfig
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    accuracy: float
+    loss: float
+    seconds: float  # wall time of this round (training, aggregation, evaluation)
+    bytes_up: int  # client -> server payload bytes this round
+    bytes_down: int  # server -> client payload bytes this round
+    clients: int = 0  # replies aggregated
+    failures: int = 0  # replies that were errors or missing
+    extra: dict[str, float] = field(default_factory=dict)  # e.g. train_loss, train_accuracy
+
+    def to_json(self) -> dict[str, Any]:
+        record = asdict(self)
+        record.update(record.pop("extra"))
+        return record
+
+
+def new_run_id() -> str:
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return f"{stamp}-{secrets.token_hex(3)}"
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+
+
+class RunStore:
+    """Writes one run's directory. Created once per run by whoever drives the rounds."""
+
+    def __init__(self, directory: Path, config: RunConfig, run_id: str):
+        self.directory = directory
+        self.config = config
+        self.run_id = run_id
+        self.rounds: list[RoundRecord] = []
+
+    @classmethod
+    def create(cls, config: RunConfig, run_id: str | None = None) -> RunStore:
+        run_id = run_id or new_run_id()
+        directory = Path(config.out_dir).expanduser().resolve() / run_id
+        directory.mkdir(parents=True, exist_ok=False)
+        store = cls(directory, config, run_id)
+        atomic_write(directory / "config.toml", config.to_toml().encode())
+        return store
+
+    def add_round(self, record: RoundRecord) -> None:
+        self.rounds.append(record)
+        payload = json.dumps([r.to_json() for r in self.rounds], indent=1)
+        atomic_write(self.directory / "metrics.json", payload.encode())
+
+    def save_model(self, state: dict[str, np.ndarray]) -> Path:
+        from safetensors.numpy import save
+
+        path = self.directory / "model.safetensors"
+        metadata = {"run_id": self.run_id, "model": self.config.model, "dataset": self.config.dataset}
+        arrays = {name: np.ascontiguousarray(value) for name, value in state.items()}
+        atomic_write(path, save(arrays, metadata=metadata))
+        return path
+
+    def finish(self, total_seconds: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        last = self.rounds[-1] if self.rounds else None
+        summary = {
+            "run_id": self.run_id,
+            "strategy": self.config.strategy,
+            "privacy": self.config.privacy,
+            "model": self.config.model,
+            "dataset": self.config.dataset,
+            "num_clients": self.config.num_clients,
+            "rounds": max((r.round for r in self.rounds), default=0),
+            "final_accuracy": last.accuracy if last else None,
+            "final_loss": last.loss if last else None,
+            "best_accuracy": max((r.accuracy for r in self.rounds), default=None),
+            "total_seconds": round(total_seconds, 3),
+            "bytes_up": sum(r.bytes_up for r in self.rounds),
+            "bytes_down": sum(r.bytes_down for r in self.rounds),
+            "config_digest": self.config.digest(),
+        }
+        summary.update(extra or {})
+        atomic_write(self.directory / "summary.json", json.dumps(summary, indent=1).encode())
+        self.plot()
+        return summary
+
+    def plot(self) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        path = self.directory / "accuracy.png"
+        rounds = [r.round for r in self.rounds]
+        fig, acc_axis = plt.subplots(figsize=(6, 3.5), dpi=100)
+        acc_axis.plot(rounds, [r.accuracy for r in self.rounds], "o-", color="tab:blue", label="accuracy")
+        acc_axis.set_xlabel("round")
+        acc_axis.set_ylabel("test accuracy", color="tab:blue")
+        acc_axis.set_ylim(0, 1)
+        loss_axis = acc_axis.twinx()
+        loss_axis.plot(rounds, [r.loss for r in self.rounds], "s--", color="tab:red", label="loss")
+        loss_axis.set_ylabel("test loss", color="tab:red")
+        acc_axis.set_title(f"{self.config.strategy} / {self.config.model} on {self.config.dataset}")
+        fig.tight_layout()
+        tmp = path.with_name(".accuracy.tmp.png")
+        fig.savefig(tmp)
+        plt.close(fig)
+        tmp.replace(path)
+        return path
+
+
+def load_model(path: Path) -> dict[str, np.ndarray]:
+    """Read a saved model (safetensors: no pickle, safe on untrusted files)."""
+    from safetensors.numpy import load_file
+
+    return load_file(str(path))

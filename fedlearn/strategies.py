@@ -1,0 +1,57 @@
+"""Flower strategies by name. We configure Flower's own implementations; we do not rewrite them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from flwr.app import MetricRecord, RecordDict
+from flwr.serverapp import strategy as fl
+
+from fedlearn.config import RunConfig
+
+MetricsAggregator = Callable[[list[RecordDict], str], MetricRecord]
+
+
+def _specific(config: RunConfig) -> dict[str, Any]:
+    """Strategy-specific constructor arguments from the run config."""
+    return {
+        "fedavg": {},
+        "fedavgm": {"server_learning_rate": config.server_lr, "server_momentum": config.server_momentum},
+        "fedprox": {"proximal_mu": config.proximal_mu},
+        # Adaptive server optimizers (Reddi et al. 2021): eta is the server learning rate,
+        # eta_l the clients' (only reported by Flower), tau the adaptivity.
+        "fedadam": {"eta": config.server_lr, "eta_l": config.lr},
+        "fedyogi": {"eta": config.server_lr, "eta_l": config.lr},
+        "fedadagrad": {"eta": config.server_lr, "eta_l": config.lr},
+        "fedmedian": {},
+        "fedtrimmedavg": {"beta": config.trimmed_beta},
+        "krum": {"num_malicious_nodes": config.krum_malicious},
+    }[config.strategy]
+
+
+CLASSES = {
+    "fedavg": fl.FedAvg,
+    "fedavgm": fl.FedAvgM,
+    "fedprox": fl.FedProx,
+    "fedadam": fl.FedAdam,
+    "fedyogi": fl.FedYogi,
+    "fedadagrad": fl.FedAdagrad,
+    "fedmedian": fl.FedMedian,
+    "fedtrimmedavg": fl.FedTrimmedAvg,
+    "krum": fl.Krum,
+}
+
+
+def build(config: RunConfig, train_metrics_aggr_fn: MetricsAggregator | None = None) -> fl.Strategy:
+    """The Flower strategy for ``config.strategy``, sampling as the config says."""
+    min_train = min(config.num_clients, max(1, config.min_available_clients))
+    return CLASSES[config.strategy](
+        fraction_train=config.fraction_train,
+        fraction_evaluate=config.fraction_evaluate,
+        min_train_nodes=min_train,
+        min_evaluate_nodes=min_train if config.fraction_evaluate > 0 else 0,
+        min_available_nodes=config.min_available_clients,
+        train_metrics_aggr_fn=train_metrics_aggr_fn,
+        **_specific(config),
+    )

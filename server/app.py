@@ -1,0 +1,145 @@
+"""Flower ServerApp: composes a strategy, centralized evaluation, metering and the run store.
+
+The server is the authority on configuration: it validates the run config once and sends
+the resolved keys to every client in each round's ConfigRecord, so clients behave the same
+under ``flwr run``, ``fedlearn simulate`` and a real deployment.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from logging import INFO
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+from fedlearn import data, models, strategies
+from fedlearn.config import RunConfig
+from fedlearn.runs import RoundRecord, RunStore
+from fedlearn.training import evaluate, select_device
+from server.metering import MeteredGrid
+
+RoundCallback = Callable[[RoundRecord], None]
+
+
+class _TargetReached(Exception):
+    """Raised from the per-round hook to end a run early once target-accuracy is met."""
+
+
+def log_round(record: RoundRecord) -> None:
+    log(
+        INFO,
+        "fedlearn round %d: accuracy=%.4f loss=%.4f %.2fs up=%dB down=%dB clients=%d failures=%d",
+        record.round,
+        record.accuracy,
+        record.loss,
+        record.seconds,
+        record.bytes_up,
+        record.bytes_down,
+        record.clients,
+        record.failures,
+    )
+
+
+def initial_arrays(config: RunConfig) -> ArrayRecord:
+    spec = data.spec(config.dataset)
+    return ArrayRecord(models.build(config.model, spec.shape, spec.num_classes, seed=config.seed).state_dict())
+
+
+def run_federation(
+    grid: Grid, config: RunConfig, on_round: RoundCallback = log_round, run_id: str | None = None
+) -> dict:
+    """Run every round of ``config`` on ``grid`` and write the run directory. Returns the summary."""
+    random.seed(config.seed)  # Flower samples nodes with the global `random` module
+    store = RunStore.create(config, run_id)
+    spec = data.spec(config.dataset)
+    test = data.load(config.dataset, config.data_dir, config.test_fraction, config.seed).test
+    device = select_device(config.device)
+    model = models.build(config.model, spec.shape, spec.num_classes, seed=config.seed)
+    metered = MeteredGrid(grid)
+    train_metrics: dict[str, float] = {}
+
+    def aggregate_train_metrics(replies: list[RecordDict], weight_key: str) -> MetricRecord:
+        metrics = aggregate_metricrecords(replies, weight_key)
+        train_metrics.clear()
+        train_metrics.update({f"train_{k}": float(v) for k, v in metrics.items() if k != weight_key})
+        return metrics
+
+    strategy = strategies.build(config, train_metrics_aggr_fn=aggregate_train_metrics)
+    state = {"arrays": initial_arrays(config), "clock": time.perf_counter()}
+    started = state["clock"]
+
+    def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        state["arrays"] = arrays
+        model.load_state_dict(arrays.to_torch_state_dict())
+        loss, accuracy = evaluate(model, test, device)
+        now = time.perf_counter()
+        bytes_down, bytes_up, replies, failures = metered.reset()
+        record = RoundRecord(
+            round=server_round,
+            accuracy=accuracy,
+            loss=loss,
+            seconds=round(now - state["clock"], 4),
+            bytes_up=bytes_up,
+            bytes_down=bytes_down,
+            clients=replies,
+            failures=failures,
+            extra=dict(train_metrics) if server_round else {},
+        )
+        state["clock"] = now
+        store.add_round(record)
+        on_round(record)
+        if server_round and config.target_accuracy and accuracy >= config.target_accuracy:
+            raise _TargetReached
+        return MetricRecord({"accuracy": accuracy, "loss": loss})
+
+    stopped_early = False
+    try:
+        strategy.start(
+            grid=metered,
+            initial_arrays=state["arrays"],
+            num_rounds=config.num_rounds,
+            timeout=config.round_timeout,
+            train_config=ConfigRecord(config.to_flat()),
+            evaluate_fn=after_round,
+        )
+    except _TargetReached:
+        stopped_early = True
+    final = {k: v.numpy() for k, v in state["arrays"].to_torch_state_dict().items()}
+    store.save_model(final)
+    extra = {
+        "run_dir": str(store.directory),
+        "stopped_at_target": stopped_early,
+        "parameters": int(sum(np.asarray(v).size for v in final.values())),
+        "torch": torch.__version__,
+    }
+    return store.finish(time.perf_counter() - started, extra)
+
+
+def make_server_app(
+    config: RunConfig | None = None,
+    on_round: RoundCallback = log_round,
+    on_finish: Callable[[dict], None] | None = None,
+) -> ServerApp:
+    """A ServerApp bound to ``config``; without one it reads Flower's run config."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        resolved = config or RunConfig.from_flat(context.run_config)
+        summary = run_federation(grid, resolved, on_round)
+        log(INFO, "fedlearn run finished: %s", summary["run_dir"])
+        if on_finish:
+            on_finish(summary)
+
+    return app
+
+
+# The App that `flwr run .` loads (see [tool.flwr.app.components] in pyproject.toml).
+app = make_server_app()

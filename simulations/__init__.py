@@ -1,0 +1,1 @@
+"""Composition layer: simulation runs, presets, experiments and benchmarks."""

@@ -1,0 +1,71 @@
+"""`fedlearn simulate`: one federated job in Flower's simulation runtime, with a live display."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from clients.app import app as client_app
+from fedlearn.config import RunConfig
+from fedlearn.runs import RoundRecord
+from server.app import make_server_app
+from simulations import engine
+
+
+def run(config: RunConfig, *, console: Console | None = None, verbose: bool = False) -> dict:
+    """Run ``config`` with simulated clients; return the run summary (also in summary.json)."""
+    console = console or Console()
+    summary: dict = {}
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[status]}"),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("rounds", total=config.num_rounds, status="starting simulation runtime")
+
+        def on_round(record: RoundRecord) -> None:
+            status = f"accuracy {record.accuracy:.4f}  loss {record.loss:.4f}"
+            if record.round:
+                progress.console.print(
+                    f"round {record.round:>3}  acc={record.accuracy:.4f} loss={record.loss:.4f} "
+                    f"t={record.seconds:.2f}s clients={record.clients} "
+                    f"up={_size(record.bytes_up)} down={_size(record.bytes_down)}",
+                    no_wrap=True, overflow="ellipsis",
+                )
+            progress.update(task, completed=record.round, status=status)
+
+        server_app = make_server_app(config, on_round=on_round, on_finish=summary.update)
+        engine.simulate(server_app, client_app, config.num_clients, verbose=verbose)
+    if not summary:
+        raise RuntimeError("the simulation ended without a result; rerun with --verbose to see Flower's logs")
+    console.print(summary_table(summary))
+    return summary
+
+
+def summary_table(summary: dict) -> Table:
+    table = Table(title=f"run {summary['run_id']}", show_header=False)
+    rows = [
+        ("strategy / privacy", f"{summary['strategy']} / {summary['privacy']}"),
+        ("model / dataset", f"{summary['model']} on {summary['dataset']}"),
+        ("clients", str(summary["num_clients"])),
+        ("rounds", str(summary["rounds"])),
+        ("final accuracy", f"{summary['final_accuracy']:.4f}"),
+        ("final loss", f"{summary['final_loss']:.4f}"),
+        ("total time", f"{summary['total_seconds']:.1f} s"),
+        ("bytes up / down", f"{_size(summary['bytes_up'])} / {_size(summary['bytes_down'])}"),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return f"{n} B"
