@@ -38,7 +38,12 @@ def run(config: RunConfig, *, console: Console | None = None, verbose: bool = Fa
                 )
             progress.update(task, completed=record.round, status=status)
 
-        server_app = make_server_app(config, on_round=on_round, on_finish=summary.update)
+        def on_finish(result: dict) -> None:
+            summary.update(result)
+            status = "target accuracy reached" if result["stopped_at_target"] else "done"
+            progress.update(task, total=result["rounds"], completed=result["rounds"], status=status)
+
+        server_app = make_server_app(config, on_round=on_round, on_finish=on_finish)
         engine.simulate(server_app, client_app, config.num_clients, verbose=verbose)
     if not summary:
         raise RuntimeError("the simulation ended without a result; rerun with --verbose to see Flower's logs")

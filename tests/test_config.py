@@ -1,0 +1,106 @@
+import tomllib
+
+import pytest
+
+from fedlearn.config import RunConfig, load_toml, parse_overrides, resolve
+from fedlearn.errors import ConfigError
+from tests.conftest import REPO
+
+
+def problems(**flat) -> str:
+    with pytest.raises(ConfigError) as info:
+        RunConfig.from_flat({k.replace("_", "-"): v for k, v in flat.items()})
+    return "\n".join(info.value.problems)
+
+
+def test_defaults_are_valid():
+    RunConfig().validate()
+
+
+def test_pyproject_flower_defaults_match_runconfig():
+    app_config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert app_config == RunConfig().to_flat()
+
+
+def test_flat_roundtrip_and_digest_stable():
+    config = RunConfig.from_flat({"num-rounds": 3, "lr": "0.5", "strategy": "fedadam"})
+    assert config.num_rounds == 3 and config.lr == 0.5
+    again = RunConfig.from_flat(config.to_flat())
+    assert again == config and again.digest() == config.digest()
+    assert config.digest() != RunConfig().digest()
+
+
+def test_toml_output_parses_back():
+    config = RunConfig.from_flat({"data-dir": 'we"ird\\path', "seed": 7})
+    assert RunConfig.from_flat(tomllib.loads(config.to_toml())) == config
+
+
+def test_unknown_key_names_it_and_suggests():
+    message = problems(num_round=3)
+    assert "unknown key 'num-round'" in message and "num-rounds" in message
+
+
+def test_bad_type_and_choice():
+    assert "expected int" in problems(num_rounds="many")
+    assert "choose one of sgd, momentum, adam" in problems(optimizer="rmsprop")
+    assert "must be in (0, 1]" in problems(fraction_train=1.5)
+    assert "expected float" in problems(lr=float("nan"))
+
+
+def test_all_problems_reported_at_once():
+    message = problems(lr=-1, num_clients=0, dataset="imagenet")
+    assert "lr=-1" in message and "num-clients=0" in message and "dataset='imagenet'" in message
+
+
+@pytest.mark.parametrize(
+    "flat, fragment",
+    [
+        ({"strategy": "fedprox"}, "needs proximal-mu > 0"),
+        ({"proximal-mu": 0.1}, "only applies to strategy=fedprox"),
+        ({"model": "vision-cnn", "dataset": "mnist"}, "divisible by 8"),
+        ({"strategy": "krum", "num-clients": 4, "krum-malicious": 1}, "needs more than 4 sampled clients"),
+        ({"partitioner": "shards", "num-clients": 1000, "shards-per-client": 2}, "2000 shards"),
+        ({"min-available-clients": 20}, "exceeds num-clients=10"),
+        ({"privacy": "he"}, "only 'plain' is available"),
+    ],
+)
+def test_impossible_combinations(flat, fragment):
+    with pytest.raises(ConfigError) as info:
+        RunConfig.from_flat(flat)
+    assert fragment in str(info.value)
+
+
+def test_parse_overrides_accepts_toml_and_bare_words():
+    assert parse_overrides("num-rounds=3 lr=0.1 strategy=fedavg data-dir='/a b'") == {
+        "num-rounds": 3,
+        "lr": 0.1,
+        "strategy": "fedavg",
+        "data-dir": "/a b",
+    }
+    with pytest.raises(ConfigError, match="not key=value"):
+        parse_overrides("num-rounds")
+
+
+def test_presets_are_valid():
+    for path in sorted((REPO / "simulations" / "presets").glob("*.toml")):
+        resolve(load_toml(path))
+
+
+def test_load_toml_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_toml(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("num-rounds = = 3")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_toml(bad)
+    nested = tmp_path / "nested.toml"
+    nested.write_text("[section]\nx = 1\n")
+    with pytest.raises(ConfigError, match="must be flat"):
+        load_toml(nested)
+
+
+def test_replace_validates():
+    config = RunConfig()
+    assert config.replace(num_rounds=2).num_rounds == 2
+    with pytest.raises(ConfigError):
+        config.replace(num_rounds=0)

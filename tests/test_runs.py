@@ -1,0 +1,39 @@
+import json
+
+import numpy as np
+import pytest
+
+from fedlearn.config import RunConfig
+from fedlearn.runs import RoundRecord, RunStore, load_model
+
+
+def test_run_directory_contents(tmp_path):
+    config = RunConfig.from_flat({"out-dir": str(tmp_path), "num-rounds": 2})
+    store = RunStore.create(config, "run-a")
+    assert (tmp_path / "run-a" / "config.toml").is_file()
+    for r in range(3):
+        store.add_round(RoundRecord(r, 0.1 + 0.3 * r, 2.0 - r, 0.5, 100 * r, 110 * r, 3, 0, {"train_loss": 1.0}))
+    metrics = json.loads((store.directory / "metrics.json").read_text())
+    assert [m["round"] for m in metrics] == [0, 1, 2]
+    assert {"round", "accuracy", "loss", "seconds", "bytes_up", "bytes_down", "train_loss"} <= set(metrics[1])
+    state = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.zeros(2, dtype=np.float32)}
+    store.save_model(state)
+    summary = store.finish(12.5)
+    for key in ("run_id", "strategy", "privacy", "rounds", "final_accuracy", "total_seconds"):
+        assert key in summary
+    assert summary["rounds"] == 2 and summary["final_accuracy"] == pytest.approx(0.7)
+    assert json.loads((store.directory / "summary.json").read_text()) == summary
+    loaded = load_model(store.directory / "model.safetensors")
+    assert np.array_equal(loaded["w"], state["w"])
+    png = (store.directory / "accuracy.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
+    assert not list(store.directory.glob(".*tmp*")), "temporary files left behind"
+
+
+def test_existing_run_is_never_overwritten(tmp_path):
+    config = RunConfig.from_flat({"out-dir": str(tmp_path)})
+    RunStore.create(config, "same")
+    (tmp_path / "same" / "metrics.json").write_text("[]")
+    with pytest.raises(FileExistsError):
+        RunStore.create(config, "same")
+    assert (tmp_path / "same" / "metrics.json").read_text() == "[]"
