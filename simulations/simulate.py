@@ -7,6 +7,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from clients.app import app as client_app
+from fedlearn import data
 from fedlearn.config import RunConfig
 from fedlearn.runs import RoundRecord
 from server.app import make_server_app
@@ -16,6 +17,9 @@ from simulations import engine
 def run(config: RunConfig, *, console: Console | None = None, verbose: bool = False) -> dict:
     """Run ``config`` with simulated clients; return the run summary (also in summary.json)."""
     console = console or Console()
+    # Preflight: a missing or corrupt dataset fails here, with its own message, before the
+    # simulation runtime starts (the load is cached, so the server reuses it).
+    data.load(config.dataset, config.data_dir, config.test_fraction, config.seed)
     summary: dict = {}
     columns = (
         TextColumn("[bold]{task.description}"),

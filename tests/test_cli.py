@@ -1,0 +1,98 @@
+"""The `fedlearn` command and `flwr run .` as a user runs them, in subprocesses."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import REPO
+
+ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+       "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+FEDLEARN = [sys.executable, "-m", "fedlearn.cli"]
+
+
+def run(args, timeout=300, **kwargs):
+    return subprocess.run(args, cwd=REPO, env=kwargs.pop("env", ENV), capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
+
+
+def test_simulate_command_prints_run_dir_last(tmp_path):
+    result = run([*FEDLEARN, "simulate", "--run-config", "num-rounds=2 num-clients=3", "--out", str(tmp_path)])
+    assert result.returncode == 0, result.stderr
+    last = result.stdout.strip().splitlines()[-1]
+    run_dir = Path(last)
+    assert run_dir.parent == tmp_path and (run_dir / "summary.json").is_file()
+    assert "round   2" in result.stdout and "final accuracy" in result.stdout
+    assert "DEPRECATED" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--run-config", "bogus-key=1"], "unknown key 'bogus-key'"),
+        (["--run-config", "num-rounds=0"], "num-rounds=0: must be >= 1"),
+        (["--preset", "no-such-preset"], "unknown preset 'no-such-preset'"),
+        (["--run-config", "dataset=mnist data-dir=/nonexistent"], "data directory /nonexistent does not exist"),
+    ],
+)
+def test_bad_input_fails_before_any_work(tmp_path, args, message):
+    result = run([*FEDLEARN, "simulate", *args, "--out", str(tmp_path)], timeout=120)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not any(tmp_path.iterdir()), "a failed config must not create a run directory"
+
+
+def test_list_keys():
+    result = run([*FEDLEARN, "simulate", "--list-keys"], timeout=60)
+    assert result.returncode == 0 and "proximal-mu = 0.0" in result.stdout
+
+
+LOCAL_SUPERLINK_PORT = 39091  # fixed by Flower's `flwr run` local SuperLink
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _stop_processes_mentioning(marker: str) -> None:
+    procs = [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
+    for proc in procs:
+        for child in proc.children(recursive=True):
+            child.kill()
+        proc.kill()
+    psutil.wait_procs(procs, timeout=10)
+
+
+def test_flwr_run_uses_the_same_app_and_keys(tmp_path):
+    if _port_open(LOCAL_SUPERLINK_PORT):
+        pytest.skip(f"a Flower SuperLink already listens on {LOCAL_SUPERLINK_PORT}; not touching it")
+    flwr_home = tmp_path / "flwr-home"
+    out = tmp_path / "runs"
+    env = {**ENV, "FLWR_HOME": str(flwr_home)}
+    try:
+        result = run(
+            [str(Path(sys.executable).parent / "flwr"), "run", ".", "--stream",
+             "--federation-config", "num-supernodes=3",
+             "--run-config", f"num-rounds=2 num-clients=3 out-dir='{out}'"],
+            env=env,
+        )
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        runs = list(out.iterdir())
+        assert len(runs) == 1
+        metrics = json.loads((runs[0] / "metrics.json").read_text())
+        assert [m["round"] for m in metrics] == [0, 1, 2] and metrics[-1]["clients"] == 3
+        assert json.loads((runs[0] / "summary.json").read_text())["final_accuracy"] > 0.5
+    finally:
+        _stop_processes_mentioning(str(flwr_home))
+        deadline = time.time() + 10
+        while _port_open(LOCAL_SUPERLINK_PORT) and time.time() < deadline:
+            time.sleep(0.2)
+    assert not _port_open(LOCAL_SUPERLINK_PORT), "local SuperLink left running"
