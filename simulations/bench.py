@@ -1,0 +1,221 @@
+"""Benchmark harness: run a named scenario, append one JSON record per result to
+``simulations/results/<scenario>.jsonl``.
+
+    python -m simulations.bench fedavg-scale --clients 10,100,1000
+    python -m simulations.bench mcmahan-2nn --seeds 42,43,44
+
+Each measurement runs `fedlearn simulate` in a fresh subprocess (so Ray starts clean and
+memory is attributable), while this process samples the resident memory of the whole
+process tree (driver, Ray's GCS/raylet and every worker). Records carry the machine, the
+software versions and the resolved config, so figures can be compared honestly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict:
+    import flwr
+    import torch
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    return {
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "flwr": flwr.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "commit": commit,
+    }
+
+
+class TreeMemory:
+    """Peak total RSS of a process and all its descendants, sampled in a thread."""
+
+    def __init__(self, pid: int, interval: float = 0.2):
+        self.root = psutil.Process(pid)
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            total = 0
+            try:
+                procs = [self.root, *self.root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                break
+            for proc in procs:
+                try:
+                    total += proc.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> TreeMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def simulate_once(run_config: str, timeout: float = 3600) -> dict:
+    """Run `fedlearn simulate` in a subprocess; return its summary, metrics and peak RSS."""
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    with tempfile.TemporaryDirectory() as out:
+        command = [sys.executable, "-m", "fedlearn.cli", "simulate", "--run-config", run_config, "--out", out]
+        started = time.perf_counter()
+        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        with TreeMemory(proc.pid) as memory:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        wall = time.perf_counter() - started
+        if proc.returncode != 0:
+            raise RuntimeError(f"simulate failed ({proc.returncode}) for {run_config!r}:\n{stderr[-3000:]}")
+        run_dir = Path(stdout.strip().splitlines()[-1])
+        return {
+            "summary": json.loads((run_dir / "summary.json").read_text()),
+            "metrics": json.loads((run_dir / "metrics.json").read_text()),
+            "config": (run_dir / "config.toml").read_text(),
+            "peak_rss_mib": round(memory.peak / 2**20, 1),
+            "wall_seconds": round(wall, 2),
+        }
+
+
+def record(scenario: str, figures: dict, run: dict) -> dict:
+    entry = {
+        "scenario": scenario,
+        "when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "figures": figures,
+        "config": run["config"],
+    }
+    RESULTS_DIR.mkdir(exist_ok=True)
+    with open(RESULTS_DIR / f"{scenario}.jsonl", "a") as handle:
+        handle.write(json.dumps(entry) + "\n")
+    return entry
+
+
+# ---------------------------------------------------------------------------------------
+# Scenarios
+
+
+def fedavg_scale(args: argparse.Namespace) -> list[dict]:
+    """Plain FedAvg round time and peak memory for growing numbers of simulated clients."""
+    entries = []
+    for clients in [int(c) for c in args.clients.split(",")]:
+        cfg = (
+            f"num-clients={clients} num-rounds={args.rounds} fraction-train=1.0 local-epochs=1 "
+            f"dataset=digits model={args.model} min-available-clients={clients}"
+        )
+        print(f"[fedavg-scale] {clients} clients, {args.rounds} rounds ...", flush=True)
+        run = simulate_once(cfg)
+        rounds = [m for m in run["metrics"] if m["round"] > 0]
+        later = [m["seconds"] for m in rounds[1:]] or [rounds[0]["seconds"]]
+        figures = {
+            "clients": clients,
+            "rounds": len(rounds),
+            "model": args.model,
+            "parameters": run["summary"]["parameters"],
+            "first_round_seconds": rounds[0]["seconds"],  # includes Ray and actor start-up
+            "mean_round_seconds_after_first": round(sum(later) / len(later), 3),
+            "peak_rss_mib": run["peak_rss_mib"],
+            "wall_seconds": run["wall_seconds"],
+            "bytes_up_per_round": rounds[-1]["bytes_up"],
+            "final_accuracy": run["summary"]["final_accuracy"],
+        }
+        print(f"    {json.dumps(figures)}", flush=True)
+        entries.append(record("fedavg-scale", figures, run))
+    return entries
+
+
+def mcmahan_2nn(args: argparse.Namespace) -> list[dict]:
+    """McMahan et al. 2017, MNIST 2NN, IID, 100 clients, C=0.1, E=1, B=10: rounds to 97%."""
+    entries = []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        cfg = (
+            f"dataset=mnist model=mnist-2nn partitioner=iid num-clients=100 fraction-train=0.1 "
+            f"local-epochs=1 batch-size=10 optimizer=sgd lr={args.lr} num-rounds={args.max_rounds} "
+            f"target-accuracy=0.97 seed={seed}"
+        )
+        print(f"[mcmahan-2nn] seed {seed}, lr {args.lr} ...", flush=True)
+        run = simulate_once(cfg)
+        reached = [m["round"] for m in run["metrics"] if m["round"] > 0 and m["accuracy"] >= 0.97]
+        figures = {
+            "seed": seed,
+            "lr": args.lr,
+            "rounds_to_97": reached[0] if reached else None,
+            "max_rounds": args.max_rounds,
+            "final_accuracy": run["summary"]["final_accuracy"],
+            "paper_rounds_to_97": 87,  # McMahan et al. 2017, Table 1: 2NN, IID, B=10, C=0.1
+            "paper_fedsgd_rounds_to_97": 1474,  # Table 1 FedSGD (B=inf), C=0.1; for context
+            "total_seconds": run["summary"]["total_seconds"],
+            "wall_seconds": run["wall_seconds"],
+            "peak_rss_mib": run["peak_rss_mib"],
+        }
+        print(f"    {json.dumps(figures)}", flush=True)
+        entries.append(record("mcmahan-2nn", figures, run))
+    return entries
+
+
+SCENARIOS: dict[str, tuple[Callable[[argparse.Namespace], list[dict]], Callable[[argparse.ArgumentParser], None]]] = {}
+
+
+def _scale_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--clients", default="10,100,1000", help="comma-separated client counts")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--model", default="logreg")
+
+
+def _mcmahan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seeds", default="42,43,44")
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--max-rounds", type=int, default=500)
+
+
+SCENARIOS["fedavg-scale"] = (fedavg_scale, _scale_args)
+SCENARIOS["mcmahan-2nn"] = (mcmahan_2nn, _mcmahan_args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m simulations.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="scenario", required=True)
+    for name, (function, add_args) in SCENARIOS.items():
+        add_args(sub.add_parser(name, help=function.__doc__))
+    args = parser.parse_args(argv)
+    entries = SCENARIOS[args.scenario][0](args)
+    print(f"appended {len(entries)} record(s) to {RESULTS_DIR / (args.scenario + '.jsonl')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
