@@ -116,12 +116,13 @@ class RunStore:
         path = self.directory / "accuracy.png"
         rounds = [r.round for r in self.rounds]
         fig, acc_axis = plt.subplots(figsize=(6, 3.5), dpi=100)
-        acc_axis.plot(rounds, [r.accuracy for r in self.rounds], "o-", color="tab:blue", label="accuracy")
+        dots = len(rounds) <= 50  # markers help on short runs and clutter long ones
+        acc_axis.plot(rounds, [r.accuracy for r in self.rounds], "o-" if dots else "-", color="tab:blue", label="accuracy")
         acc_axis.set_xlabel("round")
         acc_axis.set_ylabel("test accuracy", color="tab:blue")
         acc_axis.set_ylim(0, 1)
         loss_axis = acc_axis.twinx()
-        loss_axis.plot(rounds, [r.loss for r in self.rounds], "s--", color="tab:red", label="loss")
+        loss_axis.plot(rounds, [r.loss for r in self.rounds], "s--" if dots else "--", color="tab:red", label="loss")
         loss_axis.set_ylabel("test loss", color="tab:red")
         acc_axis.set_title(f"{self.config.strategy} / {self.config.model} on {self.config.dataset}")
         fig.tight_layout()

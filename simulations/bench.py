@@ -175,8 +175,7 @@ def mcmahan_2nn(args: argparse.Namespace) -> list[dict]:
             "rounds_to_97": reached[0] if reached else None,
             "max_rounds": args.max_rounds,
             "final_accuracy": run["summary"]["final_accuracy"],
-            "paper_rounds_to_97": 87,  # McMahan et al. 2017, Table 1: 2NN, IID, B=10, C=0.1
-            "paper_fedsgd_rounds_to_97": 1474,  # Table 1 FedSGD (B=inf), C=0.1; for context
+            "paper_rounds_to_97": 87,  # McMahan et al. 2017, Table 1: 2NN, E=1, B=10, C=0.1, IID
             "total_seconds": run["summary"]["total_seconds"],
             "wall_seconds": run["wall_seconds"],
             "peak_rss_mib": run["peak_rss_mib"],
@@ -205,13 +204,43 @@ SCENARIOS["fedavg-scale"] = (fedavg_scale, _scale_args)
 SCENARIOS["mcmahan-2nn"] = (mcmahan_2nn, _mcmahan_args)
 
 
-def main(argv: list[str] | None = None) -> int:
+def report(scenario: str, commit: str | None = None) -> str:
+    """A markdown table of a scenario's recorded figures (the latest commit's, by default)."""
+    path = RESULTS_DIR / f"{scenario}.jsonl"
+    if not path.is_file():
+        return f"no results recorded for {scenario} ({path} is missing)"
+    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    commit = commit or entries[-1]["machine"]["commit"]
+    rows = [e for e in entries if e["machine"]["commit"] == commit]
+    columns = list(rows[0]["figures"])
+    lines = [
+        f"{scenario} (commit {commit}, {rows[0]['machine']['cpus']} CPUs, torch {rows[0]['machine']['torch']}, "
+        f"flwr {rows[0]['machine']['flwr']}, {rows[0]['when'][:10]})",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
+    lines += ["| " + " | ".join(str(r["figures"][c]) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m simulations.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="scenario", required=True)
     for name, (function, add_args) in SCENARIOS.items():
         add_args(sub.add_parser(name, help=function.__doc__))
-    args = parser.parse_args(argv)
+    show = sub.add_parser("report", help="print recorded results as markdown tables")
+    show.add_argument("names", nargs="*", default=list(SCENARIOS), help="scenarios (default: all)")
+    show.add_argument("--commit", help="the commit whose records to show (default: the latest)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.scenario == "report":
+        print("\n\n".join(report(name, args.commit) for name in args.names))
+        return 0
     entries = SCENARIOS[args.scenario][0](args)
     print(f"appended {len(entries)} record(s) to {RESULTS_DIR / (args.scenario + '.jsonl')}")
     return 0
