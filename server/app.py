@@ -47,9 +47,14 @@ def log_round(record: RoundRecord) -> None:
     )
 
 
-def initial_arrays(config: RunConfig) -> ArrayRecord:
+def global_model(config: RunConfig) -> torch.nn.Module:
+    """The run's model at its seeded initial weights."""
     spec = data.spec(config.dataset)
-    return ArrayRecord(models.build(config.model, spec.shape, spec.num_classes, seed=config.seed).state_dict())
+    return models.build(config.model, spec.shape, spec.num_classes, seed=config.seed)
+
+
+def initial_arrays(config: RunConfig) -> ArrayRecord:
+    return ArrayRecord(global_model(config).state_dict())
 
 
 def run_federation(
@@ -58,10 +63,9 @@ def run_federation(
     """Run every round of ``config`` on ``grid`` and write the run directory. Returns the summary."""
     random.seed(config.seed)  # Flower samples nodes with the global `random` module
     store = RunStore.create(config, run_id)
-    spec = data.spec(config.dataset)
     test = data.load(config.dataset, config.data_dir, config.test_fraction, config.seed).test
     device = select_device(config.device)
-    model = models.build(config.model, spec.shape, spec.num_classes, seed=config.seed)
+    model = global_model(config)  # evaluates every round's global weights on the test split
     metered = MeteredGrid(grid)
     train_metrics: dict[str, float] = {}
 
@@ -72,7 +76,7 @@ def run_federation(
         return metrics
 
     strategy = strategies.build(config, train_metrics_aggr_fn=aggregate_train_metrics)
-    state = {"arrays": initial_arrays(config), "clock": time.perf_counter()}
+    state = {"arrays": ArrayRecord(model.state_dict()), "clock": time.perf_counter()}
     started = state["clock"]
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -80,16 +84,16 @@ def run_federation(
         model.load_state_dict(arrays.to_torch_state_dict())
         loss, accuracy = evaluate(model, test, device)
         now = time.perf_counter()
-        bytes_down, bytes_up, replies, failures = metered.reset()
+        traffic = metered.take_traffic()
         record = RoundRecord(
             round=server_round,
             accuracy=accuracy,
             loss=loss,
             seconds=round(now - state["clock"], 4),
-            bytes_up=bytes_up,
-            bytes_down=bytes_down,
-            clients=replies,
-            failures=failures,
+            bytes_up=traffic.bytes_up,
+            bytes_down=traffic.bytes_down,
+            clients=traffic.replies,
+            failures=traffic.failures,
             extra=dict(train_metrics) if server_round else {},
         )
         state["clock"] = now

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from flwr.app import Message, RecordDict
 from flwr.common.serde import recorddict_to_proto
@@ -14,28 +15,34 @@ def payload_bytes(content: RecordDict) -> int:
     return recorddict_to_proto(content).ByteSize()
 
 
+@dataclass
+class Traffic:
+    bytes_down: int = 0  # server -> clients
+    bytes_up: int = 0  # clients -> server
+    replies: int = 0  # replies with content
+    failures: int = 0  # error replies and messages that got no reply in time
+
+
 class MeteredGrid(Grid):
-    """Delegates to a real Grid and adds up payload bytes, replies and failures per round."""
+    """Delegates to a real Grid and adds up payload bytes, replies and failures."""
 
     def __init__(self, grid: Grid):
         self._grid = grid
-        self.reset()
+        self._traffic = Traffic()
 
-    def reset(self) -> tuple[int, int, int, int]:
-        """Return (bytes_down, bytes_up, replies, failures) since the last reset, and zero them."""
-        counts = getattr(self, "_counts", (0, 0, 0, 0))
-        self._counts = (0, 0, 0, 0)
-        return counts
+    def take_traffic(self) -> Traffic:
+        """The traffic since the last call (one round, when called once per round)."""
+        traffic, self._traffic = self._traffic, Traffic()
+        return traffic
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
-        down = sum(payload_bytes(m.content) for m in messages)
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
         ok = [r for r in replies if not r.has_error()]
-        up = sum(payload_bytes(r.content) for r in ok)
-        failures = len(messages) - len(ok)
-        d, u, n, f = self._counts
-        self._counts = (d + down, u + up, n + len(ok), f + failures)
+        self._traffic.bytes_down += sum(payload_bytes(m.content) for m in messages)
+        self._traffic.bytes_up += sum(payload_bytes(r.content) for r in ok)
+        self._traffic.replies += len(ok)
+        self._traffic.failures += len(messages) - len(ok)
         return replies
 
     # Plain delegation for everything else.

@@ -72,9 +72,11 @@ def summary_table(summary: dict) -> Table:
     return table
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+def _size(n: float) -> str:
+    """Human-readable byte count (binary units)."""
+    if n < 1024:
+        return f"{n:.0f}B"
+    for unit in ("KB", "MB", "GB"):
         n /= 1024
-    return f"{n} B"
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f}{unit}"

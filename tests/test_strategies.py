@@ -1,13 +1,13 @@
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
-from flwr.app.message.message import make_message
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import strategy as fl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedlearn import strategies
 from fedlearn.config import STRATEGIES, RunConfig
+from tests.messages import message
 
 
 @pytest.mark.parametrize("name", STRATEGIES)
@@ -37,11 +37,7 @@ def reply(arrays: list[np.ndarray], num_examples: int) -> Message:
             "metrics": MetricRecord({"num-examples": num_examples}),
         }
     )
-    metadata = Metadata(
-        run_id=1, message_id="", src_node_id=2, dst_node_id=1, reply_to_message_id="m",
-        group_id="1", created_at=0.0, ttl=60.0, message_type=MessageType.TRAIN,
-    )
-    return make_message(metadata=metadata, content=content)
+    return message(content)
 
 
 shapes = st.lists(st.tuples(st.integers(1, 4), st.integers(1, 4)), min_size=1, max_size=3)
