@@ -8,7 +8,7 @@ are facts about the node's machine, not about the run.
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedlearn import data, models
@@ -55,6 +55,15 @@ def train_handler(msg: Message, context: Context) -> Message:
         {"num-examples": result.num_examples, "loss": result.loss, "accuracy": result.accuracy}
     )
     return Message(RecordDict({"arrays": ArrayRecord(state), "metrics": metrics}), reply_to=msg)
+
+
+@app.query()
+def query_handler(msg: Message, context: Context) -> Message:
+    """Tell the server which partition this node holds (for seed-stable client sampling)."""
+    answer = ConfigRecord()
+    if "partition-id" in context.node_config:
+        answer["partition-id"] = int(context.node_config["partition-id"])
+    return Message(RecordDict({"config": answer}), reply_to=msg)
 
 
 @app.evaluate()

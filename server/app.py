@@ -1,4 +1,4 @@
-"""Flower ServerApp: composes a strategy, centralized evaluation, metering and the run store.
+"""Flower ServerApp: composes a strategy, centralized evaluation, grid wrappers and the run store.
 
 The server is the authority on configuration: it validates the run config once and sends
 the resolved keys to every client in each round's ConfigRecord, so clients behave the same
@@ -23,7 +23,7 @@ from fedlearn import data, models, strategies
 from fedlearn.config import RunConfig
 from fedlearn.runs import RoundRecord, RunStore
 from fedlearn.training import evaluate, select_device
-from server.metering import MeteredGrid
+from server.grid import MeteredGrid, PartitionOrderedGrid
 
 RoundCallback = Callable[[RoundRecord], None]
 
@@ -66,7 +66,11 @@ def run_federation(
     test = data.load(config.dataset, config.data_dir, config.test_fraction, config.seed).test
     device = select_device(config.device)
     model = global_model(config)  # evaluates every round's global weights on the test split
-    metered = MeteredGrid(grid)
+    ordered = PartitionOrderedGrid(grid)
+    if config.fraction_train < 1 or 0 < config.fraction_evaluate < 1:
+        # Sampling a subset: make it pick the same partitions for the same seed.
+        ordered.discover(config.min_available_clients, config.round_timeout)
+    metered = MeteredGrid(ordered)
     train_metrics: dict[str, float] = {}
 
     def aggregate_train_metrics(replies: list[RecordDict], weight_key: str) -> MetricRecord:

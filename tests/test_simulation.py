@@ -62,3 +62,14 @@ def test_server_aggregate_equals_weighted_mean_by_hand(tmp_path):
     key = next(iter(served))
     unweighted = (sum(s[key] for s in states) / 3).float().numpy()
     assert not np.allclose(served[key], unweighted, rtol=1e-5, atol=1e-6)
+
+
+def test_client_sampling_repeats_for_the_same_seed(tmp_path):
+    """Flower gives nodes random IDs each run; sampling must still pick the same partitions."""
+    config = RunConfig.from_flat(
+        {"num-clients": 6, "fraction-train": 0.34, "num-rounds": 2, "out-dir": str(tmp_path), "partitioner": "dirichlet"}
+    )
+    first, second = simulate.run(config), simulate.run(config)
+    metrics = [json.loads((tmp_path / s["run_id"] / "metrics.json").read_text()) for s in (first, second)]
+    assert [m["clients"] for m in metrics[0][1:]] == [2, 2]
+    assert [(m["accuracy"], m["loss"]) for m in metrics[0]] == [(m["accuracy"], m["loss"]) for m in metrics[1]]

@@ -1,0 +1,113 @@
+"""Grid wrappers: what the server adds around Flower's Grid without touching strategies.
+
+- ``MeteredGrid`` counts what crosses the wire (payload bytes, replies, failures).
+- ``PartitionOrderedGrid`` lists nodes in partition order, so that Flower's node sampling
+  (``random.sample`` over ``get_node_ids()``) picks the same partitions for the same seed,
+  although Flower gives nodes random IDs in every run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.serde import recorddict_to_proto
+from flwr.serverapp import Grid
+
+PARTITION_KEY = "partition-id"
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Serialized size of a message's records (what Flower puts on the wire, minus headers)."""
+    return recorddict_to_proto(content).ByteSize()
+
+
+class GridWrapper(Grid):
+    """Forwards everything to an inner Grid; subclasses override what they add."""
+
+    def __init__(self, grid: Grid):
+        self._grid = grid
+
+    def set_run(self, run) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self):
+        return self._grid.run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+@dataclass
+class Traffic:
+    bytes_down: int = 0  # server -> clients
+    bytes_up: int = 0  # clients -> server
+    replies: int = 0  # replies with content
+    failures: int = 0  # error replies and messages that got no reply in time
+
+
+class MeteredGrid(GridWrapper):
+    """Adds up payload bytes, replies and failures of every exchange."""
+
+    def __init__(self, grid: Grid):
+        super().__init__(grid)
+        self._traffic = Traffic()
+
+    def take_traffic(self) -> Traffic:
+        """The traffic since the last call (one round, when called once per round)."""
+        traffic, self._traffic = self._traffic, Traffic()
+        return traffic
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        ok = [r for r in replies if not r.has_error()]
+        self._traffic.bytes_down += sum(payload_bytes(m.content) for m in messages)
+        self._traffic.bytes_up += sum(payload_bytes(r.content) for r in ok)
+        self._traffic.replies += len(ok)
+        self._traffic.failures += len(messages) - len(ok)
+        return replies
+
+
+class PartitionOrderedGrid(GridWrapper):
+    """Lists node IDs by the partition each node reports; unknown nodes come last."""
+
+    def __init__(self, grid: Grid):
+        super().__init__(grid)
+        self.partitions: dict[int, int] = {}
+
+    def discover(self, min_nodes: int, timeout: float) -> dict[int, int]:
+        """Wait for ``min_nodes`` nodes, ask each for its partition id (one QUERY message)."""
+        deadline = time.monotonic() + timeout
+        while len(nodes := list(self._grid.get_node_ids())) < min_nodes:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {len(nodes)} of {min_nodes} nodes connected within {timeout:.0f} s")
+            time.sleep(0.5)
+        query = RecordDict({"config": ConfigRecord({"ask": PARTITION_KEY})})
+        messages = [Message(query, dst_node_id=node, message_type=MessageType.QUERY) for node in nodes]
+        for reply in self._grid.send_and_receive(messages, timeout=timeout):
+            if reply.has_error() or "config" not in reply.content:
+                continue
+            answer = reply.content["config"]
+            if PARTITION_KEY in answer:
+                self.partitions[reply.metadata.src_node_id] = int(answer[PARTITION_KEY])
+        return self.partitions
+
+    def get_node_ids(self) -> Iterable[int]:
+        unknown = len(self.partitions) + 1
+        return sorted(self._grid.get_node_ids(), key=lambda node: (self.partitions.get(node, unknown), node))

@@ -1,0 +1,84 @@
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+from server.grid import payload_bytes
+
+
+def test_payload_bytes_track_array_size():
+    small = RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros(10, dtype=np.float32))})})
+    large = RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros(10_000, dtype=np.float32))})})
+    assert 40 < payload_bytes(small) < 400
+    assert 40_000 <= payload_bytes(large) < 41_000
+    with_config = RecordDict({"arrays": large["arrays"], "config": ConfigRecord({"lr": 0.1})})
+    assert payload_bytes(with_config) > payload_bytes(large)
+
+
+class EchoGrid:
+    """Replies to every other message with its content; the rest get no reply (a timeout)."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return [m for i, m in enumerate(messages) if i % 2 == 0]
+
+
+def test_metered_grid_counts_each_way_and_resets():
+    from server.grid import MeteredGrid
+    from tests.messages import message
+
+    content = RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros(100, dtype=np.float32))})})
+    messages = [message(content, dst=i + 1) for i in range(5)]
+    grid = MeteredGrid(EchoGrid())
+    assert len(list(grid.send_and_receive(messages, timeout=1))) == 3
+    traffic = grid.take_traffic()
+    size = payload_bytes(content)
+    assert (traffic.bytes_down, traffic.bytes_up, traffic.replies, traffic.failures) == (5 * size, 3 * size, 3, 2)
+    assert grid.take_traffic().bytes_down == 0
+
+
+class PartitionStubGrid:
+    """Nodes 901, 17, 500 hold partitions 2, 0, 1; node 33 joins later and never answered."""
+
+    def __init__(self):
+        self.nodes = [901, 17, 500]
+        self.partitions = {901: 2, 17: 0, 500: 1}
+        self.sent = []
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from flwr.app import ConfigRecord
+
+        from tests.messages import message
+
+        self.sent.extend(messages)
+        return [
+            message(RecordDict({"config": ConfigRecord({"partition-id": self.partitions[m.metadata.dst_node_id]})}),
+                    src=m.metadata.dst_node_id, dst=0)
+            for m in messages
+        ]
+
+
+def test_partition_ordered_grid_lists_nodes_by_partition(monkeypatch):
+    from flwr.app import MessageType
+
+    from server import grid as grid_module
+    from tests.messages import message
+
+    # Messages built inside discover() need a run id, which a running ServerApp provides.
+    monkeypatch.setattr(grid_module, "Message", lambda content, dst_node_id, message_type: message(
+        content, dst=dst_node_id, message_type=message_type))
+    stub = PartitionStubGrid()
+    ordered = grid_module.PartitionOrderedGrid(stub)
+    assert ordered.discover(min_nodes=3, timeout=5) == {17: 0, 500: 1, 901: 2}
+    assert all(m.metadata.message_type == MessageType.QUERY for m in stub.sent)
+    stub.nodes.append(33)
+    assert list(ordered.get_node_ids()) == [17, 500, 901, 33]
+
+
+def test_discover_times_out_with_a_clear_message():
+    import pytest
+
+    from server.grid import PartitionOrderedGrid
+
+    with pytest.raises(TimeoutError, match="only 3 of 5 nodes connected"):
+        PartitionOrderedGrid(PartitionStubGrid()).discover(min_nodes=5, timeout=0.2)
