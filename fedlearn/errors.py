@@ -21,3 +21,7 @@ class ConfigError(FedlearnError):
 
 class DataError(FedlearnError):
     """A dataset file is missing, corrupt or in an unexpected format."""
+
+
+class RoundFailed(FedlearnError):
+    """A round ended with no client update to aggregate; the run stops instead of going on unchanged."""

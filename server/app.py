@@ -21,6 +21,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedlearn import data, models, strategies
 from fedlearn.config import RunConfig
+from fedlearn.errors import RoundFailed
 from fedlearn.runs import RoundRecord, RunStore
 from fedlearn.training import evaluate, select_device
 from server.grid import MeteredGrid, PartitionOrderedGrid
@@ -45,6 +46,13 @@ def log_round(record: RoundRecord) -> None:
         record.clients,
         record.failures,
     )
+
+
+def short_reason(reason: str) -> str:
+    """The message of a client error, without the remote traceback Flower wraps around it."""
+    lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else reason
+    return last.split("Message: ", 1)[-1].strip("'<>")
 
 
 def global_model(config: RunConfig) -> torch.nn.Module:
@@ -103,6 +111,17 @@ def run_federation(
         state["clock"] = now
         store.add_round(record)
         on_round(record)
+        if server_round and traffic.replies == 0:
+            first = (
+                short_reason(traffic.errors[0])
+                if traffic.errors
+                else f"no reply within round-timeout={config.round_timeout:g}s"
+            )
+            raise RoundFailed(
+                f"round {server_round}: no client update to aggregate ({traffic.failures} clients failed; "
+                f"first error: {first}). The run stopped rather than continue with an unchanged model; "
+                f"the rounds so far are in {store.directory}"
+            )
         if server_round and config.target_accuracy and accuracy >= config.target_accuracy:
             raise _TargetReached
         return MetricRecord({"accuracy": accuracy, "loss": loss})

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.serde import recorddict_to_proto
@@ -59,6 +59,7 @@ class Traffic:
     bytes_up: int = 0  # clients -> server
     replies: int = 0  # replies with content
     failures: int = 0  # error replies and messages that got no reply in time
+    errors: list[str] = field(default_factory=list)  # reasons given in error replies
 
 
 class MeteredGrid(GridWrapper):
@@ -81,6 +82,7 @@ class MeteredGrid(GridWrapper):
         self._traffic.bytes_up += sum(payload_bytes(r.content) for r in ok)
         self._traffic.replies += len(ok)
         self._traffic.failures += len(messages) - len(ok)
+        self._traffic.errors += [r.error.reason for r in replies if r.has_error()]
         return replies
 
 

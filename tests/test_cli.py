@@ -96,3 +96,16 @@ def test_flwr_run_uses_the_same_app_and_keys(tmp_path):
         while _port_open(LOCAL_SUPERLINK_PORT) and time.time() < deadline:
             time.sleep(0.2)
     assert not _port_open(LOCAL_SUPERLINK_PORT), "local SuperLink left running"
+
+
+def test_diverged_round_stops_the_run_and_keeps_what_was_written(tmp_path):
+    result = run([*FEDLEARN, "simulate", "--run-config", "lr=1e30 optimizer=sgd num-rounds=3 num-clients=3",
+                  "--out", str(tmp_path)])
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: round 1: no client update to aggregate (3 clients failed")
+    assert "training diverged; lower lr or set clip-grad-norm" in last
+    (run_dir,) = tmp_path.iterdir()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [(m["round"], m["clients"], m["failures"]) for m in metrics] == [(0, 0, 0), (1, 0, 3)]
+    assert not (run_dir / "summary.json").exists()
