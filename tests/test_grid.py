@@ -83,10 +83,3 @@ def test_discover_times_out_with_a_clear_message():
     with pytest.raises(TimeoutError, match="only 3 of 5 nodes connected"):
         PartitionOrderedGrid(PartitionStubGrid()).discover(min_nodes=5, timeout=0.2)
 
-
-def test_short_reason_strips_flowers_remote_traceback():
-    from server.app import short_reason
-
-    reason = ("Traceback (most recent call last):\n  File x\nflwr.ClientAppException: \n"
-              "Exception ClientAppException occurred. Message: weights 'w' contain NaN'>")
-    assert short_reason(reason) == "weights 'w' contain NaN"
