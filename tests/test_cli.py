@@ -109,3 +109,25 @@ def test_diverged_round_stops_the_run_and_keeps_what_was_written(tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert [(m["round"], m["clients"], m["failures"]) for m in metrics] == [(0, 0, 0), (1, 0, 3)]
     assert not (run_dir / "summary.json").exists()
+
+
+def test_ctrl_c_stops_promptly_and_leaves_consistent_files(tmp_path):
+    import signal
+
+    proc = subprocess.Popen([*FEDLEARN, "simulate", "--run-config", "num-rounds=500 num-clients=3", "--out", str(tmp_path)],
+                            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        for line in proc.stdout:  # wait until rounds are running
+            if line.startswith("round   2"):
+                break
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=30)
+        assert proc.returncode == 130 and "interrupted" in stderr
+        (run_dir,) = tmp_path.iterdir()
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert metrics[-1]["round"] >= 2
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+        _stop_processes_mentioning(str(tmp_path))
