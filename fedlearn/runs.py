@@ -28,8 +28,8 @@ class RoundRecord:
     seconds: float  # wall time of this round (training, aggregation, evaluation)
     bytes_up: int  # client -> server payload bytes this round
     bytes_down: int  # server -> client payload bytes this round
-    clients: int = 0  # replies aggregated
-    failures: int = 0  # replies that were errors or missing
+    clients: int = 0  # training updates received
+    failures: int = 0  # training messages answered with an error or not at all
     extra: dict[str, float] = field(default_factory=dict)  # e.g. train_loss, train_accuracy
 
     def to_json(self) -> dict[str, Any]:

@@ -43,7 +43,11 @@ CLASSES = {
 }
 
 
-def build(config: RunConfig, train_metrics_aggr_fn: MetricsAggregator | None = None) -> fl.Strategy:
+def build(
+    config: RunConfig,
+    train_metrics_aggr_fn: MetricsAggregator | None = None,
+    evaluate_metrics_aggr_fn: MetricsAggregator | None = None,
+) -> fl.Strategy:
     """The Flower strategy for ``config.strategy``, sampling as the config says."""
     min_train = min(config.num_clients, max(1, config.min_available_clients))
     return CLASSES[config.strategy](
@@ -53,5 +57,6 @@ def build(config: RunConfig, train_metrics_aggr_fn: MetricsAggregator | None = N
         min_evaluate_nodes=min_train if config.fraction_evaluate > 0 else 0,
         min_available_nodes=config.min_available_clients,
         train_metrics_aggr_fn=train_metrics_aggr_fn,
+        evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
         **_specific(config),
     )

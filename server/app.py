@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from logging import INFO
 
+import flwr
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
@@ -79,15 +80,19 @@ def run_federation(
         # Sampling a subset: make it pick the same partitions for the same seed.
         ordered.discover(config.min_available_clients, config.round_timeout)
     metered = MeteredGrid(ordered)
-    train_metrics: dict[str, float] = {}
+    client_metrics: dict[str, float] = {}  # this round's client-side metrics, for the round record
 
-    def aggregate_train_metrics(replies: list[RecordDict], weight_key: str) -> MetricRecord:
-        metrics = aggregate_metricrecords(replies, weight_key)
-        train_metrics.clear()
-        train_metrics.update({f"train_{k}": float(v) for k, v in metrics.items() if k != weight_key})
-        return metrics
+    def capture(prefix: str) -> strategies.MetricsAggregator:
+        def aggregate(replies: list[RecordDict], weight_key: str) -> MetricRecord:
+            metrics = aggregate_metricrecords(replies, weight_key)
+            client_metrics.update({f"{prefix}_{k}": float(v) for k, v in metrics.items() if k != weight_key})
+            return metrics
 
-    strategy = strategies.build(config, train_metrics_aggr_fn=aggregate_train_metrics)
+        return aggregate
+
+    strategy = strategies.build(
+        config, train_metrics_aggr_fn=capture("train"), evaluate_metrics_aggr_fn=capture("federated")
+    )
     state = {"arrays": ArrayRecord(model.state_dict()), "clock": time.perf_counter()}
     started = state["clock"]
 
@@ -106,8 +111,9 @@ def run_federation(
             bytes_down=traffic.bytes_down,
             clients=traffic.replies,
             failures=traffic.failures,
-            extra=dict(train_metrics) if server_round else {},
+            extra=dict(client_metrics),
         )
+        client_metrics.clear()
         state["clock"] = now
         store.add_round(record)
         on_round(record)
@@ -145,6 +151,7 @@ def run_federation(
         "stopped_at_target": stopped_early,
         "parameters": int(sum(np.asarray(v).size for v in final.values())),
         "torch": torch.__version__,
+        "flwr": flwr.__version__,
     }
     return store.finish(time.perf_counter() - started, extra)
 

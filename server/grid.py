@@ -57,13 +57,13 @@ class GridWrapper(Grid):
 class Traffic:
     bytes_down: int = 0  # server -> clients
     bytes_up: int = 0  # clients -> server
-    replies: int = 0  # replies with content
-    failures: int = 0  # error replies and messages that got no reply in time
-    errors: list[str] = field(default_factory=list)  # reasons given in error replies
+    replies: int = 0  # training replies with an update
+    failures: int = 0  # training messages answered with an error or not at all in time
+    errors: list[str] = field(default_factory=list)  # reasons given in error replies (any type)
 
 
 class MeteredGrid(GridWrapper):
-    """Adds up payload bytes, replies and failures of every exchange."""
+    """Adds up payload bytes of every exchange, and replies and failures of training ones."""
 
     def __init__(self, grid: Grid):
         super().__init__(grid)
@@ -80,9 +80,12 @@ class MeteredGrid(GridWrapper):
         ok = [r for r in replies if not r.has_error()]
         self._traffic.bytes_down += sum(payload_bytes(m.content) for m in messages)
         self._traffic.bytes_up += sum(payload_bytes(r.content) for r in ok)
-        self._traffic.replies += len(ok)
-        self._traffic.failures += len(messages) - len(ok)
         self._traffic.errors += [r.error.reason for r in replies if r.has_error()]
+        training = [m for m in messages if m.metadata.message_type == MessageType.TRAIN]
+        if training:
+            trained = sum(1 for r in ok if r.metadata.message_type == MessageType.TRAIN)
+            self._traffic.replies += trained
+            self._traffic.failures += len(training) - trained
         return replies
 
 

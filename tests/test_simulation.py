@@ -15,7 +15,9 @@ from simulations import simulate
 
 
 def test_federated_accuracy_rises(tmp_path):
-    config = RunConfig.from_flat({"num-clients": 3, "num-rounds": 4, "out-dir": str(tmp_path)})
+    config = RunConfig.from_flat(
+        {"num-clients": 3, "num-rounds": 4, "fraction-evaluate": 1.0, "out-dir": str(tmp_path)}
+    )
     summary = simulate.run(config)
     run_dir = tmp_path / summary["run_id"]
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -24,6 +26,7 @@ def test_federated_accuracy_rises(tmp_path):
     # Stated threshold: 3 clients, 4 rounds of FedAvg on digits reach >= 90% test accuracy.
     assert summary["final_accuracy"] >= 0.90
     assert all(m["clients"] == 3 and m["failures"] == 0 for m in metrics[1:])
+    assert all(0.0 <= m["train_accuracy"] <= 1.0 and 0.0 <= m["federated_accuracy"] <= 1.0 for m in metrics[1:])
     params = models.count_parameters(models.build("mlp", (1, 8, 8), 10))
     # Each round moves 3 models each way: at least 3 * params float32 values.
     assert all(m["bytes_up"] >= 3 * params * 4 and m["bytes_down"] >= 3 * params * 4 for m in metrics[1:])
