@@ -116,6 +116,10 @@ class RunConfig:
         config.validate()
         return config
 
+    def train_sample_size(self) -> int:
+        """Clients sampled per training round with all num-clients connected (as Flower samples)."""
+        return max(int(self.num_clients * self.fraction_train), self.min_available_clients)
+
     def replace(self, **overrides: Any) -> RunConfig:
         return RunConfig.from_flat({_key(k): v for k, v in overrides.items()}, base=self)
 
@@ -183,7 +187,7 @@ class RunConfig:
         elif self.proximal_mu > 0:
             problems.append(f"proximal-mu={self.proximal_mu} only applies to strategy=fedprox")
         if self.strategy == "krum":
-            sampled = max(2, int(self.num_clients * self.fraction_train))
+            sampled = self.train_sample_size()
             need(
                 sampled > 2 * self.krum_malicious + 2,
                 f"strategy=krum with krum-malicious={self.krum_malicious} needs more than "
@@ -202,11 +206,19 @@ class RunConfig:
                 f"but {self.dataset} has only ~{train_size} training examples",
             )
         if self.dataset in DATASETS:
-            train_size = data.spec(self.dataset).approx_train_size(self.test_fraction)
+            spec = data.spec(self.dataset)
+            train_size = spec.approx_train_size(self.test_fraction)
             need(
                 self.num_clients <= train_size,
                 f"num-clients={self.num_clients} exceeds the {train_size} training examples of {self.dataset}",
             )
+            if not spec.fixed_test_split:
+                test_size = spec.train_size - train_size
+                need(
+                    test_size >= spec.num_classes and train_size >= spec.num_classes,
+                    f"test-fraction={self.test_fraction} leaves {test_size} test and {train_size} training "
+                    f"examples of {self.dataset}; each split needs at least one per class ({spec.num_classes})",
+                )
         if problems:
             raise ConfigError(problems)
 

@@ -297,7 +297,14 @@ def partition(
 ) -> list[np.ndarray]:
     """Indices of each client's examples; deterministic for a given seed."""
     labels = np.ascontiguousarray(labels, dtype=np.int64)
-    return list(_partitions_cached(labels.tobytes(), num_partitions, partitioner, alpha, shards, seed))
+    try:
+        return list(_partitions_cached(labels.tobytes(), num_partitions, partitioner, alpha, shards, seed))
+    except ValueError as exc:  # flwr-datasets' own words, e.g. Dirichlet giving up on tiny partitions
+        raise DataError(
+            f"cannot split {len(labels)} examples into {num_partitions} partitions with "
+            f"partitioner={partitioner}: {exc}; use fewer clients"
+            + (" or a larger dirichlet-alpha" if partitioner == "dirichlet" else "")
+        ) from None
 
 
 def client_split(config, partition_id: int, num_partitions: int) -> Split:

@@ -23,5 +23,9 @@ class DataError(FedlearnError):
     """A dataset file is missing, corrupt or in an unexpected format."""
 
 
-class RoundFailed(FedlearnError):
+class FederationError(FedlearnError):
+    """The federation cannot go on: too few nodes, or a round without any usable update."""
+
+
+class RoundFailed(FederationError):
     """A round ended with no client update to aggregate; the run stops instead of going on unchanged."""

@@ -49,12 +49,11 @@ def build(
     evaluate_metrics_aggr_fn: MetricsAggregator | None = None,
 ) -> fl.Strategy:
     """The Flower strategy for ``config.strategy``, sampling as the config says."""
-    min_train = min(config.num_clients, max(1, config.min_available_clients))
     return CLASSES[config.strategy](
         fraction_train=config.fraction_train,
         fraction_evaluate=config.fraction_evaluate,
-        min_train_nodes=min_train,
-        min_evaluate_nodes=min_train if config.fraction_evaluate > 0 else 0,
+        min_train_nodes=config.min_available_clients,
+        min_evaluate_nodes=config.min_available_clients if config.fraction_evaluate > 0 else 0,
         min_available_nodes=config.min_available_clients,
         train_metrics_aggr_fn=train_metrics_aggr_fn,
         evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,

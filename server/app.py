@@ -70,16 +70,18 @@ def run_federation(
     grid: Grid, config: RunConfig, on_round: RoundCallback = log_round, run_id: str | None = None
 ) -> dict:
     """Run every round of ``config`` on ``grid`` and write the run directory. Returns the summary."""
-    random.seed(config.seed)  # Flower samples nodes with the global `random` module
-    store = RunStore.create(config, run_id)
+    # Everything that can fail on bad input fails before the run directory exists.
     test = data.load(config.dataset, config.data_dir, config.test_fraction, config.seed).test
     device = select_device(config.device)
     model = global_model(config)  # evaluates every round's global weights on the test split
     ordered = PartitionOrderedGrid(grid)
+    ordered.wait_for_nodes(config.min_available_clients, config.round_timeout)
     if config.fraction_train < 1 or 0 < config.fraction_evaluate < 1:
         # Sampling a subset: make it pick the same partitions for the same seed.
         ordered.discover(config.min_available_clients, config.round_timeout)
     metered = MeteredGrid(ordered)
+    random.seed(config.seed)  # Flower samples nodes with the global `random` module
+    store = RunStore.create(config, run_id)
     client_metrics: dict[str, float] = {}  # this round's client-side metrics, for the round record
 
     def capture(prefix: str) -> strategies.MetricsAggregator:
@@ -140,6 +142,7 @@ def run_federation(
             num_rounds=config.num_rounds,
             timeout=config.round_timeout,
             train_config=ConfigRecord(config.to_flat()),
+            evaluate_config=ConfigRecord(config.to_flat()),
             evaluate_fn=after_round,
         )
     except _TargetReached:

@@ -1,9 +1,10 @@
 """Grid wrappers: what the server adds around Flower's Grid without touching strategies.
 
 - ``MeteredGrid`` counts what crosses the wire (payload bytes, replies, failures).
-- ``PartitionOrderedGrid`` lists nodes in partition order, so that Flower's node sampling
-  (``random.sample`` over ``get_node_ids()``) picks the same partitions for the same seed,
-  although Flower gives nodes random IDs in every run.
+- ``PartitionOrderedGrid`` lists nodes and replies in partition order, so that Flower's node
+  sampling (``random.sample`` over ``get_node_ids()``) picks the same partitions for the same
+  seed and aggregation adds updates in the same order, although Flower gives nodes random IDs
+  in every run.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid
 
-PARTITION_KEY = "partition-id"
+from fedlearn.errors import FederationError
+from fedlearn.messages import NODE_RECORD, PARTITION_KEY
 
 
 def payload_bytes(content: RecordDict) -> int:
@@ -90,29 +92,49 @@ class MeteredGrid(GridWrapper):
 
 
 class PartitionOrderedGrid(GridWrapper):
-    """Lists node IDs by the partition each node reports; unknown nodes come last."""
+    """Lists node IDs and replies by the partition each node reports; unknown nodes come last."""
 
     def __init__(self, grid: Grid):
         super().__init__(grid)
         self.partitions: dict[int, int] = {}
 
-    def discover(self, min_nodes: int, timeout: float) -> dict[int, int]:
-        """Wait for ``min_nodes`` nodes, ask each for its partition id (one QUERY message)."""
+    def wait_for_nodes(self, min_nodes: int, timeout: float) -> list[int]:
+        """Connected node IDs once there are ``min_nodes``; a clear error after ``timeout``."""
         deadline = time.monotonic() + timeout
         while len(nodes := list(self._grid.get_node_ids())) < min_nodes:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"only {len(nodes)} of {min_nodes} nodes connected within {timeout:.0f} s")
+                raise FederationError(
+                    f"only {len(nodes)} of the {min_nodes} nodes needed (min-available-clients) connected "
+                    f"within {timeout:.0f} s: start more nodes or lower min-available-clients"
+                )
             time.sleep(0.5)
+        return nodes
+
+    def discover(self, min_nodes: int, timeout: float) -> dict[int, int]:
+        """Ask every connected node for its partition id (one QUERY message each)."""
+        nodes = self.wait_for_nodes(min_nodes, timeout)
         query = RecordDict({"config": ConfigRecord({"ask": PARTITION_KEY})})
         messages = [Message(query, dst_node_id=node, message_type=MessageType.QUERY) for node in nodes]
         for reply in self._grid.send_and_receive(messages, timeout=timeout):
-            if reply.has_error() or "config" not in reply.content:
-                continue
-            answer = reply.content["config"]
-            if PARTITION_KEY in answer:
-                self.partitions[reply.metadata.src_node_id] = int(answer[PARTITION_KEY])
+            partition = _reported_partition(reply)
+            if partition is not None:
+                self.partitions[reply.metadata.src_node_id] = partition
         return self.partitions
 
+    def _rank(self, node: int, reported: int | None = None) -> tuple[int, int]:
+        partition = self.partitions.get(node, reported)
+        return (partition if partition is not None else 1 << 62, node)
+
     def get_node_ids(self) -> Iterable[int]:
-        unknown = len(self.partitions) + 1
-        return sorted(self._grid.get_node_ids(), key=lambda node: (self.partitions.get(node, unknown), node))
+        return sorted(self._grid.get_node_ids(), key=self._rank)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        replies = self._grid.send_and_receive(messages, timeout=timeout)
+        return sorted(replies, key=lambda r: self._rank(r.metadata.src_node_id, _reported_partition(r)))
+
+
+def _reported_partition(reply: Message) -> int | None:
+    if reply.has_error() or NODE_RECORD not in reply.content:
+        return None
+    value = reply.content[NODE_RECORD].get(PARTITION_KEY)
+    return int(value) if value is not None else None

@@ -17,6 +17,7 @@ import datetime as dt
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -92,11 +93,17 @@ def simulate_once(run_config: str, timeout: float = 3600) -> dict:
     """Run `fedlearn simulate` in a subprocess; return its summary, metrics and peak RSS."""
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
     with tempfile.TemporaryDirectory() as out:
-        command = [sys.executable, "-m", "fedlearn.cli", "simulate", "--run-config", run_config, "--out", out]
+        command = [sys.executable, "-m", "simulations.cli", "simulate", "--run-config", run_config, "--out", out]
         started = time.perf_counter()
-        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        with TreeMemory(proc.pid) as memory:
-            stdout, stderr = proc.communicate(timeout=timeout)
+        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+        try:
+            with TreeMemory(proc.pid) as memory:
+                stdout, stderr = proc.communicate(timeout=timeout)
+        finally:
+            if proc.poll() is None:  # timed out or interrupted: stop it and its Ray processes
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
         wall = time.perf_counter() - started
         if proc.returncode != 0:
             raise RuntimeError(f"simulate failed ({proc.returncode}) for {run_config!r}:\n{stderr[-3000:]}")
@@ -160,18 +167,19 @@ def fedavg_scale(args: argparse.Namespace) -> list[dict]:
 def mcmahan_2nn(args: argparse.Namespace) -> list[dict]:
     """McMahan et al. 2017, MNIST 2NN, IID, 100 clients, C=0.1, E=1, B=10: rounds to 97%."""
     entries = []
-    for seed in [int(s) for s in args.seeds.split(",")]:
+    grid = [(float(lr), int(seed)) for lr in args.lrs.split(",") for seed in args.seeds.split(",")]
+    for lr, seed in grid:
         cfg = (
             f"dataset=mnist model=mnist-2nn partitioner=iid num-clients=100 fraction-train=0.1 "
-            f"local-epochs=1 batch-size=10 optimizer=sgd lr={args.lr} num-rounds={args.max_rounds} "
+            f"local-epochs=1 batch-size=10 optimizer=sgd lr={lr} num-rounds={args.max_rounds} "
             f"target-accuracy=0.97 seed={seed}"
         )
-        print(f"[mcmahan-2nn] seed {seed}, lr {args.lr} ...", flush=True)
+        print(f"[mcmahan-2nn] lr {lr}, seed {seed} ...", flush=True)
         run = simulate_once(cfg)
         reached = [m["round"] for m in run["metrics"] if m["round"] > 0 and m["accuracy"] >= 0.97]
         figures = {
             "seed": seed,
-            "lr": args.lr,
+            "lr": lr,
             "rounds_to_97": reached[0] if reached else None,
             "max_rounds": args.max_rounds,
             "final_accuracy": run["summary"]["final_accuracy"],
@@ -196,7 +204,7 @@ def _scale_args(p: argparse.ArgumentParser) -> None:
 
 def _mcmahan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", default="42,43,44")
-    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--lrs", default="0.05,0.1,0.2", help="learning rates to try (the paper tuned lr on a grid)")
     p.add_argument("--max-rounds", type=int, default=500)
 
 

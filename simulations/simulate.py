@@ -10,6 +10,7 @@ from clients.app import app as client_app
 from fedlearn import data
 from fedlearn.config import RunConfig
 from fedlearn.runs import RoundRecord
+from fedlearn.training import select_device
 from server.app import make_server_app
 from simulations import engine
 
@@ -17,9 +18,10 @@ from simulations import engine
 def run(config: RunConfig, *, console: Console | None = None, verbose: bool = False) -> dict:
     """Run ``config`` with simulated clients; return the run summary (also in summary.json)."""
     console = console or Console()
-    # Preflight: a missing or corrupt dataset fails here, with its own message, before the
-    # simulation runtime starts (the load is cached, so the server reuses it).
-    data.load(config.dataset, config.data_dir, config.test_fraction, config.seed)
+    # Preflight: a missing or corrupt dataset, an impossible split or a missing GPU fails here,
+    # with its own message, before the simulation runtime starts (loads are cached).
+    select_device(config.device)
+    data.client_split(config, 0, config.num_clients)
     summary: dict = {}
     columns = (
         TextColumn("[bold]{task.description}"),

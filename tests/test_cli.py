@@ -15,7 +15,7 @@ from tests.conftest import REPO
 
 ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
-FEDLEARN = [sys.executable, "-m", "fedlearn.cli"]
+FEDLEARN = [sys.executable, "-m", "simulations.cli"]
 
 
 def run(args, timeout=300, **kwargs):
@@ -54,7 +54,10 @@ def test_list_keys():
     assert result.returncode == 0 and "proximal-mu = 0.0" in result.stdout
 
 
-LOCAL_SUPERLINK_PORT = 39091  # fixed by Flower's `flwr run` local SuperLink
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _port_open(port: int) -> bool:
@@ -72,11 +75,12 @@ def _stop_processes_mentioning(marker: str) -> None:
 
 
 def test_flwr_run_uses_the_same_app_and_keys(tmp_path):
-    if _port_open(LOCAL_SUPERLINK_PORT):
-        pytest.skip(f"a Flower SuperLink already listens on {LOCAL_SUPERLINK_PORT}; not touching it")
     flwr_home = tmp_path / "flwr-home"
     out = tmp_path / "runs"
-    env = {**ENV, "FLWR_HOME": str(flwr_home)}
+    http_port, control_port = _free_port(), _free_port()
+    # `flwr run` starts a local SuperLink in the background; give it ports of its own.
+    env = {**ENV, "FLWR_HOME": str(flwr_home), "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
+           "FLWR_LOCAL_CONTROL_API_PORT": str(control_port)}
     try:
         result = run(
             [str(Path(sys.executable).parent / "flwr"), "run", ".", "--stream",
@@ -93,9 +97,9 @@ def test_flwr_run_uses_the_same_app_and_keys(tmp_path):
     finally:
         _stop_processes_mentioning(str(flwr_home))
         deadline = time.time() + 10
-        while _port_open(LOCAL_SUPERLINK_PORT) and time.time() < deadline:
+        while _port_open(http_port) and time.time() < deadline:
             time.sleep(0.2)
-    assert not _port_open(LOCAL_SUPERLINK_PORT), "local SuperLink left running"
+    assert not _port_open(http_port), "local SuperLink left running"
 
 
 def test_diverged_round_stops_the_run_and_keeps_what_was_written(tmp_path):
@@ -113,17 +117,24 @@ def test_diverged_round_stops_the_run_and_keeps_what_was_written(tmp_path):
 
 def test_ctrl_c_stops_promptly_and_leaves_consistent_files(tmp_path):
     import signal
+    import threading
 
     proc = subprocess.Popen([*FEDLEARN, "simulate", "--run-config", "num-rounds=500 num-clients=3", "--out", str(tmp_path)],
                             cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    try:
-        for line in proc.stdout:  # wait until rounds are running
+    running = threading.Event()
+
+    def watch_rounds():
+        for line in proc.stdout:
             if line.startswith("round   2"):
-                break
+                running.set()
+
+    threading.Thread(target=watch_rounds, daemon=True).start()
+    try:
+        assert running.wait(180), "no round finished within 180 s"
         proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=30)
-        assert proc.returncode == 130 and "interrupted" in stderr
+        assert proc.wait(timeout=30) == 130
+        assert "interrupted" in proc.stderr.read()
         (run_dir,) = tmp_path.iterdir()
         metrics = json.loads((run_dir / "metrics.json").read_text())
         assert metrics[-1]["round"] >= 2

@@ -162,3 +162,9 @@ def test_cifar10_binary_loader(tmp_path):
     (root / "data_batch_3.bin").unlink()
     with pytest.raises(DataError, match="missing file .*data_batch_3.bin"):
         data.load_cifar10(str(tmp_path))
+
+
+def test_impossible_dirichlet_split_is_explained():
+    labels = np.repeat(np.arange(10), 20)
+    with pytest.raises(DataError, match="cannot split 200 examples into 100 partitions.*larger dirichlet-alpha"):
+        data.partition(labels, 100, "dirichlet", alpha=0.01, seed=0)

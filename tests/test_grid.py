@@ -52,9 +52,9 @@ class PartitionStubGrid:
 
         self.sent.extend(messages)
         return [
-            message(RecordDict({"config": ConfigRecord({"partition-id": self.partitions[m.metadata.dst_node_id]})}),
+            message(RecordDict({"node": ConfigRecord({"partition-id": self.partitions[m.metadata.dst_node_id]})}),
                     src=m.metadata.dst_node_id, dst=0)
-            for m in messages
+            for m in reversed(messages)  # replies arrive in any order
         ]
 
 
@@ -73,13 +73,18 @@ def test_partition_ordered_grid_lists_nodes_by_partition(monkeypatch):
     assert all(m.metadata.message_type == MessageType.QUERY for m in stub.sent)
     stub.nodes.append(33)
     assert list(ordered.get_node_ids()) == [17, 500, 901, 33]
+    # Replies come back in partition order too, so aggregation adds them in a fixed order.
+    stub.partitions[33] = 5
+    replies = ordered.send_and_receive([message(RecordDict(), dst=n) for n in (901, 33, 17, 500)])
+    assert [r.metadata.src_node_id for r in replies] == [17, 500, 901, 33]
 
 
-def test_discover_times_out_with_a_clear_message():
+def test_waiting_for_nodes_times_out_with_a_clear_message():
     import pytest
 
+    from fedlearn.errors import FederationError
     from server.grid import PartitionOrderedGrid
 
-    with pytest.raises(TimeoutError, match="only 3 of 5 nodes connected"):
+    with pytest.raises(FederationError, match="only 3 of the 5 nodes needed .* connected within 0 s"):
         PartitionOrderedGrid(PartitionStubGrid()).discover(min_nodes=5, timeout=0.2)
 

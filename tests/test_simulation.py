@@ -67,12 +67,20 @@ def test_server_aggregate_equals_weighted_mean_by_hand(tmp_path):
     assert not np.allclose(served[key], unweighted, rtol=1e-5, atol=1e-6)
 
 
-def test_client_sampling_repeats_for_the_same_seed(tmp_path):
-    """Flower gives nodes random IDs each run; sampling must still pick the same partitions."""
+def test_runs_repeat_bit_for_bit_for_the_same_seed(tmp_path):
+    """Flower gives nodes random IDs and returns replies in arrival order; the same seed must
+    still sample the same partitions, add updates in the same order and give identical models."""
     config = RunConfig.from_flat(
-        {"num-clients": 6, "fraction-train": 0.34, "num-rounds": 2, "out-dir": str(tmp_path), "partitioner": "dirichlet"}
+        {
+            "num-clients": 8, "fraction-train": 0.4, "fraction-evaluate": 0.5, "num-rounds": 2,
+            "model": "logreg", "partitioner": "dirichlet", "out-dir": str(tmp_path),
+        }
     )
     first, second = simulate.run(config), simulate.run(config)
     metrics = [json.loads((tmp_path / s["run_id"] / "metrics.json").read_text()) for s in (first, second)]
-    assert [m["clients"] for m in metrics[0][1:]] == [2, 2]
-    assert [(m["accuracy"], m["loss"]) for m in metrics[0]] == [(m["accuracy"], m["loss"]) for m in metrics[1]]
+    assert [m["clients"] for m in metrics[0][1:]] == [3, 3]
+    assert all("federated_accuracy" in m for m in metrics[0][1:])  # evaluation got the run's config
+    strip = lambda ms: [{k: v for k, v in m.items() if k != "seconds"} for m in ms]  # noqa: E731
+    assert strip(metrics[0]) == strip(metrics[1])
+    weights = [load_model(tmp_path / s["run_id"] / "model.safetensors") for s in (first, second)]
+    assert all(weights[0][k].tobytes() == weights[1][k].tobytes() for k in weights[0])

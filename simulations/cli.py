@@ -1,4 +1,5 @@
-"""The `fedlearn` command. Subcommands import their layer lazily, so `--help` stays fast."""
+"""The `fedlearn` command. It composes every layer, so it lives in `simulations`; subcommands
+import what they need lazily, so `--help` stays fast."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 from fedlearn.config import RunConfig, load_toml, parse_overrides, resolve
 from fedlearn.errors import ConfigError, FedlearnError
 
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "simulations" / "presets"
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 
 
 def preset_names() -> list[str]:

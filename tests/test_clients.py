@@ -1,0 +1,62 @@
+"""The ClientApp's handlers called directly, as Flower would call them on a node."""
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, MessageType, RecordDict
+
+from clients.app import evaluate_handler, node_task, query_handler, train_handler
+from fedlearn.config import RunConfig
+from fedlearn.errors import ConfigError, DataError
+from server.app import initial_arrays
+from tests.messages import message
+
+
+def context(**node_config) -> Context:
+    return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
+
+
+def request(config: RunConfig, message_type=MessageType.TRAIN, server_round=1):
+    content = RecordDict(
+        {"arrays": initial_arrays(config), "config": ConfigRecord({**config.to_flat(), "server-round": server_round})}
+    )
+    return message(content, message_type=message_type)
+
+
+CONFIG = RunConfig.from_flat({"num-clients": 4, "model": "logreg", "partitioner": "dirichlet"})
+
+
+def test_train_reply_carries_update_metrics_and_partition():
+    reply = train_handler(request(CONFIG), context(**{"partition-id": 2, "num-partitions": 4}))
+    assert not reply.has_error()
+    assert reply.content["node"]["partition-id"] == 2
+    metrics = reply.content["metrics"]
+    assert metrics["num-examples"] == len(node_task(request(CONFIG), context(**{"partition-id": 2, "num-partitions": 4})).split)
+    sent, got = initial_arrays(CONFIG), reply.content["arrays"]
+    assert set(sent) == set(got)
+    assert any(not np.array_equal(sent[k].numpy(), got[k].numpy()) for k in sent), "training changed nothing"
+
+
+def test_evaluate_uses_the_run_config_sent_by_the_server():
+    reply = evaluate_handler(request(CONFIG, MessageType.EVALUATE), context(**{"partition-id": 0, "num-partitions": 4}))
+    assert 0.0 <= reply.content["metrics"]["accuracy"] <= 1.0
+
+
+def test_query_reports_partition():
+    reply = query_handler(message(RecordDict(), message_type=MessageType.QUERY), context(**{"partition-id": 3}))
+    assert reply.content["node"]["partition-id"] == 3
+
+
+def test_node_without_partition_is_told_how_to_start():
+    with pytest.raises(ConfigError, match="--node-config 'partition-id=I num-partitions=N'"):
+        train_handler(request(CONFIG), context())
+
+
+def test_partition_count_must_match_num_clients():
+    with pytest.raises(ConfigError, match="num-partitions=2, but the run has num-clients=4.*num-supernodes=4"):
+        train_handler(request(CONFIG), context(**{"partition-id": 0, "num-partitions": 2}))
+
+
+def test_node_overrides_data_dir(tmp_path):
+    config = CONFIG.replace(dataset="mnist", model="mnist-2nn", data_dir="/server/side/path")
+    with pytest.raises(DataError, match=f"missing file {tmp_path / 'mnist'}"):
+        train_handler(request(config), context(**{"partition-id": 0, "num-partitions": 4, "data-dir": str(tmp_path)}))
