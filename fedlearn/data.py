@@ -15,6 +15,7 @@ import shutil
 import tarfile
 import tempfile
 import urllib.request
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -298,7 +299,9 @@ def partition(
     """Indices of each client's examples; deterministic for a given seed."""
     labels = np.ascontiguousarray(labels, dtype=np.int64)
     try:
-        return list(_partitions_cached(labels.tobytes(), num_partitions, partitioner, alpha, shards, seed))
+        with warnings.catch_warnings():  # flwr-datasets warns at every Dirichlet retry; we report failure
+            warnings.simplefilter("ignore", UserWarning)
+            return list(_partitions_cached(labels.tobytes(), num_partitions, partitioner, alpha, shards, seed))
     except ValueError as exc:  # flwr-datasets' own words, e.g. Dirichlet giving up on tiny partitions
         raise DataError(
             f"cannot split {len(labels)} examples into {num_partitions} partitions with "
