@@ -84,3 +84,27 @@ def test_runs_repeat_bit_for_bit_for_the_same_seed(tmp_path):
     assert strip(metrics[0]) == strip(metrics[1])
     weights = [load_model(tmp_path / s["run_id"] / "model.safetensors") for s in (first, second)]
     assert all(weights[0][k].tobytes() == weights[1][k].tobytes() for k in weights[0])
+
+
+STRATEGY_OPTIONS = {
+    "fedavgm": {"server-momentum": 0.5},
+    "fedprox": {"proximal-mu": 0.01},
+    "fedadam": {"server-lr": 0.01},
+    "fedyogi": {"server-lr": 0.01},
+    "fedadagrad": {"server-lr": 0.01},
+    "fedmedian": {},
+    "fedtrimmedavg": {"trimmed-beta": 0.2},
+    "krum": {"krum-malicious": 1},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", sorted(STRATEGY_OPTIONS))
+def test_every_strategy_learns_in_a_real_simulation(tmp_path, strategy):
+    config = RunConfig.from_flat(
+        {"strategy": strategy, "num-clients": 5, "num-rounds": 3, "out-dir": str(tmp_path), **STRATEGY_OPTIONS[strategy]}
+    )
+    summary = simulate.run(config)
+    metrics = json.loads((tmp_path / summary["run_id"] / "metrics.json").read_text())
+    assert metrics[-1]["clients"] == 5
+    assert summary["final_accuracy"] > metrics[0]["accuracy"] + 0.3, metrics
