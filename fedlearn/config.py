@@ -24,7 +24,8 @@ OPTIMIZERS = ("sgd", "momentum", "adam")
 PARTITIONERS = ("iid", "dirichlet", "shards")
 DEVICES = ("auto", "cpu", "cuda")
 PRIVACY_MODES = ("plain",)
-# Strategies that need every update in clear; later privacy modes must refuse them.
+# Names the registries in data, models and strategies implement (tests/test_config.py keeps them
+# in step); listed here so that reading or validating a config imports neither torch nor Flower.
 STRATEGIES = (
     "fedavg",
     "fedavgm",

@@ -104,3 +104,12 @@ def test_replace_validates():
     assert config.replace(num_rounds=2).num_rounds == 2
     with pytest.raises(ConfigError):
         config.replace(num_rounds=0)
+
+
+def test_choices_match_the_registries():
+    from fedlearn import data, models, strategies
+    from fedlearn.config import DATASETS, MODELS, STRATEGIES
+
+    assert set(DATASETS) == set(data.SPECS)
+    assert set(MODELS) == set(models.REGISTRY)
+    assert set(STRATEGIES) == set(strategies.CLASSES)
