@@ -72,7 +72,9 @@ def train(
     n, steps = len(split), 0
     for _ in range(config.local_epochs):
         order = torch.randperm(n, generator=generator).to(device)
-        loss_sum, correct = 0.0, 0
+        # Accumulate on the device: a .item() per step would stall a GPU at every batch.
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), dtype=torch.long, device=device)
         for start in range(0, n, config.batch_size):
             batch = order[start : start + config.batch_size]
             xb, yb = x[batch], y[batch]
@@ -99,9 +101,9 @@ def train(
             else:
                 optimizer.step()
             steps += 1
-            loss_sum += data_loss.item() * len(batch)
-            correct += (logits.argmax(1) == yb).sum().item()
-    return TrainResult(n, loss_sum / max(n, 1), correct / max(n, 1), steps)
+            loss_sum += data_loss.detach().float() * len(batch)
+            correct += (logits.argmax(1) == yb).sum()
+    return TrainResult(n, loss_sum.item() / max(n, 1), correct.item() / max(n, 1), steps)
 
 
 @torch.no_grad()
