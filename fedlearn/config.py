@@ -194,21 +194,19 @@ class RunConfig:
                 f"strategy=krum with krum-malicious={self.krum_malicious} needs more than "
                 f"{2 * self.krum_malicious + 2} sampled clients per round, got {sampled}",
             )
-        if self.dataset in DATASETS and self.model in MODELS:
-            reason = models.incompatibility(self.model, data.spec(self.dataset).shape)
-            if reason:
-                problems.append(f"model={self.model} with dataset={self.dataset}: {reason}")
-        if self.dataset in DATASETS and self.partitioner == "shards":
-            shards = self.num_clients * self.shards_per_client
-            train_size = data.spec(self.dataset).approx_train_size(self.test_fraction)
-            need(
-                shards <= train_size,
-                f"partitioner=shards needs num-clients x shards-per-client = {shards} shards, "
-                f"but {self.dataset} has only ~{train_size} training examples",
-            )
         if self.dataset in DATASETS:
             spec = data.spec(self.dataset)
             train_size = spec.approx_train_size(self.test_fraction)
+            reason = models.incompatibility(self.model, spec.shape) if self.model in MODELS else None
+            if reason:
+                problems.append(f"model={self.model} with dataset={self.dataset}: {reason}")
+            if self.partitioner == "shards":
+                shards = self.num_clients * self.shards_per_client
+                need(
+                    shards <= train_size,
+                    f"partitioner=shards needs num-clients x shards-per-client = {shards} shards, "
+                    f"but {self.dataset} has only ~{train_size} training examples",
+                )
             need(
                 self.num_clients <= train_size,
                 f"num-clients={self.num_clients} exceeds the {train_size} training examples of {self.dataset}",
