@@ -75,10 +75,10 @@ def run_federation(
     device = select_device(config.device)
     model = global_model(config)  # evaluates every round's global weights on the test split
     ordered = PartitionOrderedGrid(grid)
-    ordered.wait_for_nodes(config.min_available_clients, config.round_timeout)
+    nodes = ordered.wait_for_nodes(config.min_available_clients, config.round_timeout)
     if config.fraction_train < 1 or 0 < config.fraction_evaluate < 1:
         # Sampling a subset: make it pick the same partitions for the same seed.
-        ordered.discover(config.min_available_clients, config.round_timeout)
+        ordered.discover(nodes, config.round_timeout)
     metered = MeteredGrid(ordered)
     random.seed(config.seed)  # Flower samples nodes with the global `random` module
     store = RunStore.create(config, run_id)

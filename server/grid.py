@@ -110,9 +110,8 @@ class PartitionOrderedGrid(GridWrapper):
             time.sleep(0.5)
         return nodes
 
-    def discover(self, min_nodes: int, timeout: float) -> dict[int, int]:
-        """Ask every connected node for its partition id (one QUERY message each)."""
-        nodes = self.wait_for_nodes(min_nodes, timeout)
+    def discover(self, nodes: Iterable[int], timeout: float) -> dict[int, int]:
+        """Ask each of ``nodes`` for its partition id (one QUERY message each)."""
         query = RecordDict({"config": ConfigRecord({"ask": PARTITION_KEY})})
         messages = [Message(query, dst_node_id=node, message_type=MessageType.QUERY) for node in nodes]
         for reply in self._grid.send_and_receive(messages, timeout=timeout):

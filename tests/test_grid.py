@@ -69,7 +69,7 @@ def test_partition_ordered_grid_lists_nodes_by_partition(monkeypatch):
         content, dst=dst_node_id, message_type=message_type))
     stub = PartitionStubGrid()
     ordered = grid_module.PartitionOrderedGrid(stub)
-    assert ordered.discover(min_nodes=3, timeout=5) == {17: 0, 500: 1, 901: 2}
+    assert ordered.discover(ordered.wait_for_nodes(min_nodes=3, timeout=5), timeout=5) == {17: 0, 500: 1, 901: 2}
     assert all(m.metadata.message_type == MessageType.QUERY for m in stub.sent)
     stub.nodes.append(33)
     assert list(ordered.get_node_ids()) == [17, 500, 901, 33]
@@ -86,5 +86,5 @@ def test_waiting_for_nodes_times_out_with_a_clear_message():
     from server.grid import PartitionOrderedGrid
 
     with pytest.raises(FederationError, match="only 3 of the 5 nodes needed .* connected within 0 s"):
-        PartitionOrderedGrid(PartitionStubGrid()).discover(min_nodes=5, timeout=0.2)
+        PartitionOrderedGrid(PartitionStubGrid()).wait_for_nodes(min_nodes=5, timeout=0.2)
 
