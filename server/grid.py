@@ -26,6 +26,20 @@ def payload_bytes(content: RecordDict) -> int:
     return recorddict_to_proto(content).ByteSize()
 
 
+def total_payload_bytes(messages: Iterable[Message]) -> int:
+    """Sum of payload sizes, serializing each distinct content once: a strategy sends the same
+    RecordDict (the global model) to every sampled node, and a 1000-node round should not
+    serialize it 1000 times just to count it."""
+    sizes: dict[int, int] = {}
+    total = 0
+    for message in messages:
+        key = id(message.content)
+        if key not in sizes:
+            sizes[key] = payload_bytes(message.content)
+        total += sizes[key]
+    return total
+
+
 class GridWrapper(Grid):
     """Forwards everything to an inner Grid; subclasses override what they add."""
 
@@ -80,8 +94,8 @@ class MeteredGrid(GridWrapper):
         messages = list(messages)
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
         ok = [r for r in replies if not r.has_error()]
-        self._traffic.bytes_down += sum(payload_bytes(m.content) for m in messages)
-        self._traffic.bytes_up += sum(payload_bytes(r.content) for r in ok)
+        self._traffic.bytes_down += total_payload_bytes(messages)
+        self._traffic.bytes_up += total_payload_bytes(ok)
         self._traffic.errors += [r.error.reason for r in replies if r.has_error()]
         training = [m for m in messages if m.metadata.message_type == MessageType.TRAIN]
         if training:

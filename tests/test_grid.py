@@ -88,3 +88,13 @@ def test_waiting_for_nodes_times_out_with_a_clear_message():
     with pytest.raises(FederationError, match="only 3 of the 5 nodes needed .* connected within 0 s"):
         PartitionOrderedGrid(PartitionStubGrid()).wait_for_nodes(min_nodes=5, timeout=0.2)
 
+
+
+def test_total_payload_bytes_counts_shared_and_distinct_contents():
+    from server.grid import total_payload_bytes
+    from tests.messages import message
+
+    small = RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros(10, dtype=np.float32))})})
+    large = RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros(1000, dtype=np.float32))})})
+    messages = [message(small, dst=1), message(large, dst=2), message(small, dst=3)]
+    assert total_payload_bytes(messages) == 2 * payload_bytes(small) + payload_bytes(large)
