@@ -6,19 +6,28 @@ Which data a node trains on comes from its node config (``partition-id``,
 are facts about the node's machine, not about the run. Every reply carries the node's
 partition id, so the server can order replies (and sampling) independently of Flower's
 random node IDs.
+
+When a request carries the server's challenge (the ``auth`` record), the reply is signed with
+the node's Ed25519 key: ``node-key`` in the node config (a deployed SuperNode), else
+``<node-keys-dir>/node-<partition-id>.key`` (simulation, where the server provisions keys).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from crypto import signing
 from fedlearn import data, models
+from fedlearn.access import NODE_KEY_NAME, update_statement
 from fedlearn.config import RunConfig
 from fedlearn.errors import ConfigError
-from fedlearn.messages import NODE_RECORD, PARTITION_KEY
+from fedlearn.messages import AUTH_RECORD, NODE_RECORD, PARTITION_KEY, payload_digest
 from fedlearn.training import check_finite, client_seed, evaluate, select_device, train
 
 NODE_OVERRIDES = ("data-dir", "device")
@@ -61,9 +70,60 @@ def node_task(msg: Message, context: Context) -> NodeTask:
     return NodeTask(config, int(sent.get("server-round", 0)), partition_id, split)
 
 
-def reply(msg: Message, partition_id: int, **records) -> Message:
-    node = ConfigRecord({PARTITION_KEY: partition_id})
-    return Message(RecordDict({**records, NODE_RECORD: node}), reply_to=msg)
+def key_path(context: Context, config: RunConfig, partition_id: int) -> Path:
+    if "node-key" in context.node_config:
+        return Path(str(context.node_config["node-key"])).expanduser()
+    if config.node_keys_dir:
+        return Path(config.node_keys_dir) / f"{NODE_KEY_NAME.format(partition_id)}.key"
+    raise ConfigError(
+        [
+            "this node has no signing key: create one with `fedlearn keys generate --out keys --name NAME`, "
+            "have the operator enroll keys/NAME.pub (`fedlearn keys enroll`), and start the node with "
+            "--node-config 'node-key=keys/NAME.key partition-id=I num-partitions=N'"
+        ]
+    )
+
+
+@lru_cache(maxsize=64)
+def _load_key(path: Path):
+    try:
+        return signing.load_private(path)
+    except signing.KeyFileError as exc:
+        raise ConfigError([f"node-key: {exc}"]) from None
+
+
+def signed(msg: Message, content: RecordDict, key) -> RecordDict:
+    """Add the node's signature over the server's challenge and the digest of ``content``."""
+    started = time.perf_counter()
+    challenge = msg.content[AUTH_RECORD]
+    run_id, server_round, nonce = str(challenge["run-id"]), int(challenge["round"]), str(challenge["nonce"])
+    statement = update_statement(run_id, server_round, nonce, msg.metadata.message_type, payload_digest(content))
+    content[AUTH_RECORD] = ConfigRecord(
+        {
+            "run-id": run_id,
+            "round": server_round,
+            "nonce": nonce,
+            "key": signing.public_b64(key.public_key()),
+            "sig": signing.sign(key, statement),
+            "sign-seconds": time.perf_counter() - started,  # outside the signed digest; for benchmarks
+        }
+    )
+    return content
+
+
+def signing_key(msg: Message, context: Context, task: NodeTask):
+    """The node's key when the server sent a challenge to sign, else None."""
+    if AUTH_RECORD not in msg.content:
+        return None
+    return _load_key(key_path(context, task.config, task.partition_id))
+
+
+def reply(msg: Message, partition_id: int, key=None, **records) -> Message:
+    """The reply to ``msg``: ``records`` plus the node record, signed with ``key`` if given."""
+    content = RecordDict({**records, NODE_RECORD: ConfigRecord({PARTITION_KEY: partition_id})})
+    if key is not None:
+        content = signed(msg, content, key)
+    return Message(content, reply_to=msg)
 
 
 def received_model(msg: Message, config: RunConfig):
@@ -76,13 +136,14 @@ def received_model(msg: Message, config: RunConfig):
 @app.train()
 def train_handler(msg: Message, context: Context) -> Message:
     task = node_task(msg, context)
+    key = signing_key(msg, context, task)  # a missing key fails before training, not after
     model = received_model(msg, task.config)
     seed = client_seed(task.config.seed, task.server_round, task.partition_id)
     result = train(model, task.split, task.config, task.server_round, seed=seed)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     check_finite(state)
     metrics = MetricRecord({"num-examples": result.num_examples, "loss": result.loss, "accuracy": result.accuracy})
-    return reply(msg, task.partition_id, arrays=ArrayRecord(state), metrics=metrics)
+    return reply(msg, task.partition_id, key, arrays=ArrayRecord(state), metrics=metrics)
 
 
 @app.evaluate()
@@ -91,7 +152,7 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     task = node_task(msg, context)
     loss, accuracy = evaluate(received_model(msg, task.config), task.split, select_device(task.config.device))
     metrics = MetricRecord({"num-examples": len(task.split), "loss": loss, "accuracy": accuracy})
-    return reply(msg, task.partition_id, metrics=metrics)
+    return reply(msg, task.partition_id, signing_key(msg, context, task), metrics=metrics)
 
 
 @app.query()

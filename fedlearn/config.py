@@ -81,6 +81,10 @@ class RunConfig:
     round_timeout: float = 600.0
     target_accuracy: float = 0.0
     out_dir: str = "runs"
+    access_policy: str = ""  # policy TOML; empty: a per-run policy and keys are generated (simulation)
+    run_signature: str = ""  # operator's signature of this config's digest (fedlearn keys authorize)
+    audit_key: str = ""  # server's audit signing key; empty: generated in the run directory
+    node_keys_dir: str = ""  # where nodes without a node-key find node-<partition-id>.key
 
     # -- conversions ---------------------------------------------------------------
     @classmethod
@@ -124,9 +128,10 @@ class RunConfig:
     def replace(self, **overrides: Any) -> RunConfig:
         return RunConfig.from_flat({_key(k): v for k, v in overrides.items()}, base=self)
 
-    def digest(self) -> str:
+    def digest(self, exclude: tuple[str, ...] = ()) -> str:
         """SHA-256 of the canonical JSON of the resolved config (for records and audit)."""
-        canonical = json.dumps(self.to_flat(), sort_keys=True, separators=(",", ":"))
+        flat = {k: v for k, v in self.to_flat().items() if k not in exclude}
+        canonical = json.dumps(flat, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def to_toml(self) -> str:
@@ -175,6 +180,10 @@ class RunConfig:
                 f"privacy={self.privacy!r}: only 'plain' is available in this version "
                 "(he and secagg are planned)"
             )
+        need(
+            not self.run_signature or bool(self.access_policy),
+            "run-signature is set but access-policy is not: give the policy that lists the signing operator",
+        )
         need(0.0 <= self.trimmed_beta < 0.5, f"trimmed-beta={self.trimmed_beta}: must be in [0, 0.5)")
 
         # Combinations.

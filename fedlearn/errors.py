@@ -29,3 +29,7 @@ class FederationError(FedlearnError):
 
 class RoundFailed(FederationError):
     """A round ended with no client update to aggregate; the run stops instead of going on unchanged."""
+
+
+class AccessDenied(FedlearnError):
+    """The access policy refuses a run (no valid operator signature) or a policy change."""

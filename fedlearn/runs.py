@@ -1,7 +1,8 @@
 """The run directory: everything a run leaves behind, written so that a crash loses nothing.
 
 Layout of ``<out-dir>/<run-id>/``: ``config.toml`` (resolved config), ``metrics.json`` (one
-record per round), ``summary.json``, ``model.safetensors`` and ``accuracy.png``. JSON and
+record per round), ``summary.json``, ``model.safetensors``, ``accuracy.png``, ``audit.jsonl``
+with ``audit.pub`` (and ``audit.key``, ``policy.toml`` and ``keys/`` when generated). JSON and
 model files are written to a temporary name and renamed, so a reader never sees half a file.
 """
 
@@ -28,8 +29,9 @@ class RoundRecord:
     seconds: float  # wall time of this round (training, aggregation, evaluation)
     bytes_up: int  # client -> server payload bytes this round
     bytes_down: int  # server -> client payload bytes this round
-    clients: int = 0  # training updates received
-    failures: int = 0  # training messages answered with an error or not at all
+    clients: int = 0  # training updates accepted
+    failures: int = 0  # training messages answered with an error, not at all, or rejected
+    rejected: int = 0  # of the failures: replies refused by access control
     extra: dict[str, float] = field(default_factory=dict)  # e.g. train_loss, train_accuracy
 
     def to_json(self) -> dict[str, Any]:
@@ -69,6 +71,11 @@ class RunStore:
         store = cls(directory, config, run_id)
         atomic_write(directory / "config.toml", config.to_toml().encode())
         return store
+
+    def update_config(self, config: RunConfig) -> None:
+        """Record the config as run (e.g. with the generated access policy filled in)."""
+        self.config = config
+        atomic_write(self.directory / "config.toml", config.to_toml().encode())
 
     def add_round(self, record: RoundRecord) -> None:
         self.rounds.append(record)

@@ -1,4 +1,5 @@
-"""Flower ServerApp: composes a strategy, centralized evaluation, grid wrappers and the run store.
+"""Flower ServerApp: composes a strategy, centralized evaluation, access control, the audit log
+and the run store.
 
 The server is the authority on configuration: it validates the run config once and sends
 the resolved keys to every client in each round's ConfigRecord, so clients behave the same
@@ -20,11 +21,14 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
+from crypto.digest import arrays_digest
 from fedlearn import data, models, strategies
 from fedlearn.config import RunConfig
 from fedlearn.errors import RoundFailed
 from fedlearn.runs import RoundRecord, RunStore
 from fedlearn.training import evaluate, select_device
+from fedlearn.audit import AuditLog
+from server.access import AccessGrid, RoundAccess, load_credentials, open_audited_run
 from server.grid import MeteredGrid, PartitionOrderedGrid
 
 RoundCallback = Callable[[RoundRecord], None]
@@ -66,6 +70,34 @@ def initial_arrays(config: RunConfig) -> ArrayRecord:
     return ArrayRecord(global_model(config).state_dict())
 
 
+def software_versions() -> dict[str, str]:
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "flwr": flwr.__version__}
+    for package in ("fedlearn", "numpy", "cryptography"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = "unknown"
+    return versions
+
+
+def numpy_arrays(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    return {name: array.numpy() for name, array in arrays.items()}
+
+
+def audit_round(audit: AuditLog, server_round: int, arrays: ArrayRecord, seen: RoundAccess, results: dict) -> None:
+    """The round's closing records: what was aggregated from whom, then the results."""
+    audit.append("aggregate", server_round, {
+        "digest": arrays_digest(numpy_arrays(arrays)),
+        "updates": seen.accepted,
+        "examples": seen.examples,
+        "update_digests": seen.update_digests,
+    }, sync=False)
+    audit.append("round_end", server_round, results)
+
+
 def run_federation(
     grid: Grid, config: RunConfig, on_round: RoundCallback = log_round, run_id: str | None = None
 ) -> dict:
@@ -73,15 +105,23 @@ def run_federation(
     # Everything that can fail on bad input fails before the run directory exists.
     test = data.load(config.dataset, config.data_dir, config.test_fraction, config.seed).test
     device = select_device(config.device)
+    policy, audit_key = load_credentials(config)
     model = global_model(config)  # evaluates every round's global weights on the test split
     ordered = PartitionOrderedGrid(grid)
     nodes = ordered.wait_for_nodes(config.min_available_clients, config.round_timeout)
     if config.fraction_train < 1 or 0 < config.fraction_evaluate < 1:
         # Sampling a subset: make it pick the same partitions for the same seed.
         ordered.discover(nodes, config.round_timeout)
-    metered = MeteredGrid(ordered)
     random.seed(config.seed)  # Flower samples nodes with the global `random` module
     store = RunStore.create(config, run_id)
+    initial = ArrayRecord(model.state_dict())
+    run = open_audited_run(
+        config, store, policy, audit_key,
+        {"versions": software_versions(), "initial_model": arrays_digest(numpy_arrays(initial)), "nodes_connected": len(nodes)},
+    )
+    config, audit = run.config, run.audit
+    access = AccessGrid(ordered, run.policy, audit, store.run_id)
+    metered = MeteredGrid(access)
     client_metrics: dict[str, float] = {}  # this round's client-side metrics, for the round record
 
     def capture(prefix: str) -> strategies.MetricsAggregator:
@@ -95,7 +135,7 @@ def run_federation(
     strategy = strategies.build(
         config, train_metrics_aggr_fn=capture("train"), evaluate_metrics_aggr_fn=capture("federated")
     )
-    state = {"arrays": ArrayRecord(model.state_dict()), "clock": time.perf_counter()}
+    state = {"arrays": initial, "clock": time.perf_counter(), "audit_seconds": 0.0}
     started = state["clock"]
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -104,6 +144,20 @@ def run_federation(
         loss, accuracy = evaluate(model, test, device)
         now = time.perf_counter()
         traffic = metered.take_traffic()
+        seen = access.take_round()
+        exchange_audit = audit.seconds - state["audit_seconds"]  # appends while replies came in
+        audit_started = time.perf_counter()
+        if server_round:
+            audit_round(audit, server_round, arrays, seen, {
+                "accuracy": accuracy, "loss": loss, "clients": traffic.replies, "failures": traffic.failures,
+                "rejected": seen.rejected, "client_metrics": dict(client_metrics), "privacy": {"mode": config.privacy},
+            })
+        state["audit_seconds"] = audit.seconds
+        timings = {
+            "verify_seconds": seen.verify_seconds,
+            "sign_seconds": seen.sign_seconds,
+            "audit_seconds": exchange_audit + time.perf_counter() - audit_started,
+        }
         record = RoundRecord(
             round=server_round,
             accuracy=accuracy,
@@ -113,7 +167,8 @@ def run_federation(
             bytes_down=traffic.bytes_down,
             clients=traffic.replies,
             failures=traffic.failures,
-            extra=dict(client_metrics),
+            rejected=seen.rejected,
+            extra={**client_metrics, **{k: round(v, 6) for k, v in timings.items()}},
         )
         client_metrics.clear()
         state["clock"] = now
@@ -138,7 +193,7 @@ def run_federation(
     try:
         strategy.start(
             grid=metered,
-            initial_arrays=state["arrays"],
+            initial_arrays=initial,
             num_rounds=config.num_rounds,
             timeout=config.round_timeout,
             train_config=ConfigRecord(config.to_flat()),
@@ -147,12 +202,27 @@ def run_federation(
         )
     except _TargetReached:
         stopped_early = True
-    final = {k: v.numpy() for k, v in state["arrays"].to_torch_state_dict().items()}
+    except BaseException as exc:
+        last_round = store.rounds[-1].round if store.rounds else 0
+        audit.append("run_end", last_round, {"status": "failed", "reason": short_reason(str(exc))[:1000]})
+        audit.close()
+        raise
+    final = numpy_arrays(state["arrays"])
     store.save_model(final)
+    audit.append("run_end", store.rounds[-1].round, {
+        "status": "stopped at target accuracy" if stopped_early else "completed",
+        "final_model": arrays_digest(final),
+        "model_file": "model.safetensors",
+    })
+    audit.close()
     extra = {
         "run_dir": str(store.directory),
         "stopped_at_target": stopped_early,
         "parameters": int(sum(np.asarray(v).size for v in final.values())),
+        "operator": run.operator.name,
+        "audit_log": str(audit.path),
+        "audit_key": audit.key_fingerprint,
+        "audit_head": audit.head,
         "torch": torch.__version__,
         "flwr": flwr.__version__,
     }

@@ -1,0 +1,277 @@
+"""Who may take part: the access policy, and the statements nodes and operators sign.
+
+A policy is a TOML file the operator keeps (``fedlearn keys enroll`` / ``revoke`` edit it)::
+
+    [[node]]
+    name = "hospital-a"
+    key = "<base64 Ed25519 public key>"
+    fingerprint = "<sha256 of the key, hex>"   # written for readers, checked on load
+    roles = ["trainer", "evaluator"]
+    revoked = ""                               # a reason once revoked; revoked keys stay listed
+
+    [[operator]]
+    name = "alice"
+    key = "..."
+    fingerprint = "..."
+
+Signatures are over canonical JSON statements with a purpose tag, so a signature made for one
+purpose (authorising a run) can never be presented as another (an update).
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from crypto import signing
+from crypto.digest import canonical_json, sha256_hex
+from fedlearn.config import RunConfig
+from fedlearn.errors import AccessDenied, ConfigError
+
+ROLES = ("trainer", "evaluator")
+ROLE_FOR_MESSAGE = {"train": "trainer", "evaluate": "evaluator"}
+UPDATE_PURPOSE = "fedlearn-update-v1"
+RUN_PURPOSE = "fedlearn-run-v1"
+# Config keys left out of the digest an operator signs: the signature cannot sign itself.
+UNSIGNED_KEYS = ("run-signature",)
+
+
+@dataclass(frozen=True)
+class Member:
+    name: str
+    key: str  # base64 of the raw 32-byte Ed25519 public key
+    roles: tuple[str, ...] = ()
+    revoked: str = ""
+
+    @cached_property
+    def public_key(self):
+        return signing.public_from_b64(self.key)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        return signing.fingerprint(self.public_key)
+
+    def to_toml(self, with_roles: bool) -> dict[str, Any]:
+        table: dict[str, Any] = {"name": self.name, "key": self.key, "fingerprint": self.fingerprint}
+        if with_roles:
+            table["roles"] = list(self.roles)
+            table["revoked"] = self.revoked
+        return table
+
+
+@dataclass
+class AccessPolicy:
+    """Edit through enroll/revoke, which keep the fingerprint index (a lookup per reply) current."""
+
+    nodes: list[Member] = field(default_factory=list)
+    operators: list[Member] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._reindex()
+
+    def _reindex(self) -> None:
+        self._by_fingerprint = {m.fingerprint: m for m in self.nodes if m.key}
+
+    # -- files ---------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: Path) -> AccessPolicy:
+        import tomllib
+
+        path = Path(path)
+        try:
+            table = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(
+                [f"access policy {path} does not exist: create it with `fedlearn keys enroll --policy {path} ...`"]
+            ) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError([f"access policy {path} is not valid TOML: {exc}"]) from None
+        problems: list[str] = []
+        unknown = set(table) - {"node", "operator"}
+        if unknown:
+            problems.append(f"{path}: unknown table(s) {', '.join(sorted(unknown))}; a policy has [[node]] and [[operator]]")
+        policy = cls(
+            nodes=[_member(path, "node", i, t, problems) for i, t in enumerate(table.get("node", []))],
+            operators=[_member(path, "operator", i, t, problems) for i, t in enumerate(table.get("operator", []))],
+        )
+        problems += policy._conflicts(path)
+        if problems:
+            raise ConfigError(problems)
+        return policy
+
+    def save(self, path: Path) -> None:
+        from fedlearn.runs import atomic_write
+
+        table = {
+            "node": [m.to_toml(with_roles=True) for m in self.nodes],
+            "operator": [m.to_toml(with_roles=False) for m in self.operators],
+        }
+        header = b"# fedlearn access policy: edit with `fedlearn keys enroll` / `fedlearn keys revoke`\n"
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(Path(path), header + tomli_w.dumps(table).encode())
+
+    def digest(self) -> str:
+        """SHA-256 of the policy's content (not its formatting), for the audit log."""
+        content = {
+            "node": [m.to_toml(with_roles=True) for m in self.nodes],
+            "operator": [m.to_toml(with_roles=False) for m in self.operators],
+        }
+        return sha256_hex(canonical_json(content))
+
+    # -- edits ---------------------------------------------------------------------
+    def enroll(self, name: str, public_key, roles: tuple[str, ...] = (), *, operator: bool = False) -> Member:
+        member = Member(name=name, key=base64.b64encode(signing.public_raw(public_key)).decode(), roles=tuple(roles))
+        problems = [f"unknown role {r!r}: choose from {', '.join(ROLES)}" for r in roles if r not in ROLES]
+        if not operator and not roles:
+            problems.append(f"node {name!r} needs at least one role ({', '.join(ROLES)})")
+        for other in self.nodes + self.operators:
+            if other.name == name:
+                problems.append(f"the name {name!r} is already enrolled: pick another name")
+            if other.key == member.key:
+                problems.append(f"this key is already enrolled as {other.name!r} (fingerprint {member.fingerprint})")
+        if problems:
+            raise AccessDenied("cannot enroll: " + "; ".join(problems))
+        (self.operators if operator else self.nodes).append(member)
+        self._reindex()
+        return member
+
+    def revoke(self, who: str, reason: str) -> Member:
+        """Revoke a node by name or fingerprint (or a unique fingerprint prefix of 8+ characters)."""
+        matches = [
+            i for i, m in enumerate(self.nodes)
+            if who == m.name or (len(who) >= 8 and m.fingerprint.startswith(who.lower()))
+        ]
+        if len(matches) != 1:
+            known = ", ".join(m.name for m in self.nodes) or "none"
+            what = "no enrolled node" if not matches else f"{len(matches)} nodes"
+            raise AccessDenied(f"cannot revoke {who!r}: {what} match (enrolled nodes: {known})")
+        index = matches[0]
+        self.nodes[index] = replace(self.nodes[index], revoked=reason or "revoked")
+        self._reindex()
+        return self.nodes[index]
+
+    # -- decisions -----------------------------------------------------------------
+    def node(self, fingerprint: str) -> Member | None:
+        return self._by_fingerprint.get(fingerprint)
+
+    def refusal(self, fingerprint: str, role: str) -> str | None:
+        """Why the key may not act in ``role``, or None when it may."""
+        member = self.node(fingerprint)
+        if member is None:
+            return f"unknown key {fingerprint[:16]}: not enrolled in the access policy"
+        if member.revoked:
+            return f"revoked key of {member.name!r} ({member.revoked})"
+        if role not in member.roles:
+            return f"role: {member.name!r} may not act as {role} (roles: {', '.join(member.roles) or 'none'})"
+        return None
+
+    def authorising_operator(self, config: RunConfig, signature_b64: str) -> Member:
+        """The operator whose key signed ``config``'s digest; AccessDenied says why none did."""
+        if not self.operators:
+            raise AccessDenied("the access policy lists no operator keys: enroll one with `fedlearn keys enroll --operator`")
+        if not signature_b64:
+            raise AccessDenied(
+                "the run has no run-signature: an operator signs the config with "
+                "`fedlearn keys authorize --key OPERATOR.key --run-config ...` and passes run-signature=..."
+            )
+        try:
+            signature = base64.b64decode(signature_b64, validate=True)
+        except ValueError:
+            raise AccessDenied("run-signature is not base64: copy it exactly as `fedlearn keys authorize` printed it") from None
+        statement = run_statement(config)
+        for operator in self.operators:
+            if signing.verify(operator.public_key, signature, statement):
+                return operator
+        raise AccessDenied(
+            f"run-signature does not verify for config digest {run_digest(config)[:16]} under any of the "
+            f"{len(self.operators)} operator keys: the config was changed after signing, or the signer is not an "
+            "enrolled operator"
+        )
+
+    def _conflicts(self, path: Path) -> list[str]:
+        problems = []
+        members = self.nodes + self.operators
+        for attr in ("name", "key"):
+            values = [getattr(m, attr) for m in members]
+            for value in sorted({v for v in values if values.count(v) > 1}):
+                shown = value if attr == "name" else f"with fingerprint {signing.fingerprint(signing.public_from_b64(value))[:16]}"
+                problems.append(f"{path}: {attr} {shown} appears more than once")
+        return problems
+
+
+def _member(path: Path, kind: str, index: int, table: Any, problems: list[str]) -> Member:
+    where = f"{path}: [[{kind}]] #{index + 1}"
+    allowed = {"name", "key", "fingerprint"} | ({"roles", "revoked"} if kind == "node" else set())
+    if not isinstance(table, dict):
+        problems.append(f"{where} is not a table")
+        return Member(name="?", key="")
+    name = table.get("name", "")
+    if not isinstance(name, str) or not name:
+        problems.append(f"{where} has no name")
+    unknown = set(table) - allowed
+    if unknown:
+        problems.append(f"{where} ({name}): unknown field(s) {', '.join(sorted(unknown))}")
+    roles = table.get("roles", [])
+    if not isinstance(roles, list) or any(r not in ROLES for r in roles):
+        problems.append(f"{where} ({name}): roles must be a list from {', '.join(ROLES)}, got {roles!r}")
+        roles = []
+    member = Member(name=str(name), key=str(table.get("key", "")), roles=tuple(roles), revoked=str(table.get("revoked", "")))
+    try:
+        fingerprint = member.fingerprint
+    except signing.KeyFileError as exc:
+        problems.append(f"{where} ({name}): key {exc}")
+        return replace(member, key="")
+    written = table.get("fingerprint")
+    if written is not None and written != fingerprint:
+        problems.append(f"{where} ({name}): fingerprint does not match its key (was the key edited?)")
+    return member
+
+
+# -- signed statements ---------------------------------------------------------------
+def run_digest(config: RunConfig) -> str:
+    return config.digest(exclude=UNSIGNED_KEYS)
+
+
+def run_statement(config: RunConfig) -> bytes:
+    return canonical_json({"purpose": RUN_PURPOSE, "config": run_digest(config)})
+
+
+def sign_run(config: RunConfig, operator_key) -> str:
+    """The run-signature value that authorises ``config`` (base64)."""
+    return base64.b64encode(signing.sign(operator_key, run_statement(config))).decode()
+
+
+def update_statement(run_id: str, server_round: int, nonce: str, kind: str, payload: str) -> bytes:
+    return canonical_json(
+        {"purpose": UPDATE_PURPOSE, "run": run_id, "round": server_round, "nonce": nonce, "kind": kind, "payload": payload}
+    )
+
+
+# -- simulation ----------------------------------------------------------------------
+NODE_KEY_NAME = "node-{}"  # node-keys-dir holds node-<partition-id>.key
+
+
+def provision_simulation(directory: Path, config: RunConfig) -> tuple[Path, RunConfig]:
+    """Keys and a policy for a simulated federation, so the default job stays one command.
+
+    Writes ``keys/node-<i>.key`` for every partition and an operator key under ``directory``,
+    enrolls the nodes as trainer+evaluator, and returns the policy path and ``config``
+    pointing at it and signed by that operator (the same checks as a deployment then apply).
+    """
+    keys = directory / "keys"
+    policy = AccessPolicy()
+    for partition in range(config.num_clients):
+        name = NODE_KEY_NAME.format(partition)
+        _, _, key = signing.write_keypair(keys, name)
+        policy.enroll(name, key.public_key(), ROLES)
+    _, _, operator = signing.write_keypair(keys, "operator")
+    policy.enroll("simulation-operator", operator.public_key(), operator=True)
+    policy_path = directory / "policy.toml"
+    policy.save(policy_path)
+    config = config.replace(access_policy=str(policy_path), node_keys_dir=str(keys))
+    return policy_path, config.replace(run_signature=sign_run(config, operator))

@@ -1,0 +1,241 @@
+"""Access control on the wire: challenge every request, verify every reply, audit both.
+
+``AccessGrid`` sits between the strategy and Flower's Grid. Each training or evaluation
+request gets a fresh nonce in an ``auth`` record; each reply must carry a signature, by a key
+the policy lets act in that role, over (run id, round, nonce, kind, digest of the reply). A
+reply that fails any check is turned into an error reply, so Flower's strategies drop it
+exactly as they drop a failed node: it never reaches aggregation.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType
+
+from crypto import signing
+from fedlearn.access import (
+    ROLE_FOR_MESSAGE,
+    AccessPolicy,
+    Member,
+    provision_simulation,
+    run_digest,
+    update_statement,
+)
+from fedlearn.audit import AuditLog
+from fedlearn.config import RunConfig
+from fedlearn.errors import AccessDenied, ConfigError
+from fedlearn.runs import RunStore
+from fedlearn.messages import AUTH_RECORD, NODE_RECORD, PARTITION_KEY, payload_digest
+from server.grid import GridWrapper
+
+REJECTED = 403  # error code of a reply the server refused (Flower's own codes are small integers)
+
+
+def load_credentials(config: RunConfig):
+    """The access policy and audit key the config names (None where it names none).
+
+    Called before the run directory exists, so a missing or broken file costs nothing."""
+    policy = AccessPolicy.load(config.access_policy) if config.access_policy else None
+    audit_key = None
+    if config.audit_key:
+        try:
+            audit_key = signing.load_private(config.audit_key)
+        except signing.KeyFileError as exc:
+            raise ConfigError([f"audit-key: {exc}"]) from None
+    return policy, audit_key
+
+
+@dataclass
+class AuditedRun:
+    config: RunConfig  # as run: in simulation, pointing at the generated policy and keys
+    policy: AccessPolicy
+    audit: AuditLog
+    operator: Member
+
+
+def open_audited_run(
+    config: RunConfig, store: RunStore, policy: AccessPolicy | None, audit_key, start_facts: dict
+) -> AuditedRun:
+    """Open the run's audit log and check that an enrolled operator signed this config.
+
+    Without a policy (simulation), generate per-run node keys, an operator and a policy in
+    the run directory first, so the same checks run. A refused run is audited, then raised."""
+    mode = "policy"
+    if policy is None:
+        policy_path, config = provision_simulation(store.directory, config)
+        policy = AccessPolicy.load(policy_path)
+        store.update_config(config)
+        mode = "simulation: per-run policy and keys generated in the run directory"
+    if audit_key is None:
+        _, _, audit_key = signing.write_keypair(store.directory, "audit")
+    else:
+        signing.write_public(audit_key, store.directory / "audit.pub")
+    audit = AuditLog(store.directory / "audit.jsonl", audit_key, store.run_id)
+    facts = {
+        "config_digest": run_digest(config),
+        "policy_digest": policy.digest(),
+        "policy": config.access_policy,
+        "audit_key": audit.key_fingerprint,
+        "mode": mode,
+    }
+    try:
+        operator = policy.authorising_operator(config, config.run_signature)
+    except AccessDenied as exc:
+        audit.append("run_refused", 0, {**facts, "reason": str(exc)})
+        audit.close()
+        raise AccessDenied(f"run refused: {exc} (audited in {audit.path})") from None
+    facts["operator"] = {"name": operator.name, "fingerprint": operator.fingerprint}
+    audit.append("run_start", 0, {**facts, "config": config.to_flat(), **start_facts})
+    return AuditedRun(config, policy, audit, operator)
+
+
+class Rejected(Exception):
+    """A reply failed a check; the message is the audited reason."""
+
+
+@dataclass
+class RoundAccess:
+    """What access control saw in one round (for the round record and the audit)."""
+
+    accepted: int = 0
+    rejected: int = 0
+    examples: int = 0
+    update_digests: list[str] = field(default_factory=list)
+    verify_seconds: float = 0.0  # server time spent checking replies
+    sign_seconds: float = 0.0  # largest time a node reported spending to sign
+
+
+class AccessGrid(GridWrapper):
+    def __init__(self, grid, policy: AccessPolicy, audit: AuditLog, run_id: str):
+        super().__init__(grid)
+        self.policy = policy
+        self.audit = audit
+        self.run_id = run_id
+        self._seen: set[tuple[str, str]] = set()  # (key fingerprint, nonce) already accepted
+        self._round = RoundAccess()
+
+    def take_round(self) -> RoundAccess:
+        taken, self._round = self._round, RoundAccess()
+        return taken
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        kinds = {m.metadata.message_type for m in messages}
+        if not messages or not kinds <= set(ROLE_FOR_MESSAGE):
+            return self._grid.send_and_receive(messages, timeout=timeout)
+        kind = kinds.pop() if len(kinds) == 1 else "mixed"
+        server_round = int(messages[0].content["config"]["server-round"])
+        nonce = secrets.token_hex(16)
+        challenge = ConfigRecord({"run-id": self.run_id, "round": server_round, "nonce": nonce})
+        for content in {id(m.content): m.content for m in messages}.values():
+            content[AUTH_RECORD] = challenge
+        if kind == MessageType.TRAIN:
+            sampled = [m.metadata.dst_node_id for m in messages]
+            self.audit.append("round_start", server_round, {"nonce": nonce, "sampled": sampled}, sync=False)
+        sent = {m.metadata.dst_node_id: m for m in messages}
+        checked = []
+        for reply in self._grid.send_and_receive(messages, timeout=timeout):
+            checked.append(self._check(reply, sent.get(reply.metadata.src_node_id), server_round, nonce))
+        self.audit.sync()  # every verdict is on disk before the strategy aggregates
+        return checked
+
+    def _check(self, reply: Message, request: Message | None, server_round: int, nonce: str) -> Message:
+        node_id, kind = reply.metadata.src_node_id, reply.metadata.message_type
+        if reply.has_error():
+            self.audit.append(
+                "node_failed", server_round, {"node_id": node_id, "kind": kind, "reason": reply.error.reason[-500:]}, sync=False
+            )
+            return reply
+        started = time.perf_counter()
+        facts: dict = {"node_id": node_id, "kind": kind}
+        try:
+            self._verify(reply, request, server_round, nonce, facts)
+        except Rejected as exc:
+            self._round.verify_seconds += time.perf_counter() - started
+            self._round.rejected += 1
+            self.audit.append("update_rejected", server_round, {**facts, "reason": str(exc)}, sync=False)
+            return Message(Error(code=REJECTED, reason=f"update rejected by access control: {exc}"), metadata=reply.metadata)
+        self._round.verify_seconds += time.perf_counter() - started
+        if kind == MessageType.TRAIN:
+            self._round.accepted += 1
+            self._round.examples += facts.get("num_examples", 0)
+            self._round.update_digests.append(facts["payload"])
+        self.audit.append("update_accepted", server_round, facts, sync=False)
+        return reply
+
+    def _verify(self, reply: Message, request: Message | None, server_round: int, nonce: str, facts: dict) -> None:
+        """Raise Rejected with the reason; fill ``facts`` with what the audit records."""
+        content = reply.content
+        if NODE_RECORD in content and PARTITION_KEY in content[NODE_RECORD]:
+            facts["partition"] = int(content[NODE_RECORD][PARTITION_KEY])
+        if "metrics" in content and "num-examples" in content["metrics"]:
+            facts["num_examples"] = int(content["metrics"]["num-examples"])
+        if AUTH_RECORD not in content:
+            raise Rejected("unsigned reply: the node sent no auth record (is it running fedlearn's ClientApp?)")
+        auth = content[AUTH_RECORD]
+        try:
+            public_key = signing.public_from_b64(str(auth["key"]))
+            signature = bytes(auth["sig"])
+            claimed = str(auth["run-id"]), int(auth["round"]), str(auth["nonce"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise Rejected(f"malformed auth record ({exc})") from None
+        fingerprint = signing.fingerprint(public_key)
+        facts["fingerprint"] = fingerprint
+        member = self.policy.node(fingerprint)
+        if member is not None:
+            facts["node"] = member.name
+        refusal = self.policy.refusal(fingerprint, ROLE_FOR_MESSAGE[reply.metadata.message_type])
+        if refusal:
+            raise Rejected(refusal)
+        facts["payload"] = payload_digest(content)
+        statement = update_statement(*claimed, reply.metadata.message_type, facts["payload"])
+        if not signing.verify(public_key, signature, statement):
+            raise Rejected("bad signature: the reply was not signed by this key, or was altered after signing")
+        run_id, signed_round, signed_nonce = claimed
+        if run_id != self.run_id:
+            raise Rejected(f"wrong run: signed for run {run_id}, this is run {self.run_id}")
+        if signed_round != server_round:
+            raise Rejected(f"wrong round: signed for round {signed_round}, this is round {server_round} (replay)")
+        if signed_nonce != nonce or (fingerprint, nonce) in self._seen:
+            raise Rejected("replayed nonce: this signed reply answers another request")
+        if "sign-seconds" in auth:
+            self._round.sign_seconds = max(self._round.sign_seconds, float(auth["sign-seconds"]))
+        if reply.metadata.message_type == MessageType.TRAIN and request is not None:
+            _check_update(content, request.content["arrays"])
+        self._seen.add((fingerprint, nonce))
+
+
+def _check_update(content, sent: ArrayRecord) -> None:
+    """The update must have the global model's arrays, shapes and dtypes, all finite."""
+    got = content["arrays"] if "arrays" in content else None
+    if not isinstance(got, ArrayRecord):
+        raise Rejected("malformed update: no arrays record")
+    if list(got) != list(sent):
+        raise Rejected(f"malformed update: arrays {sorted(got)} instead of the model's {sorted(sent)}")
+    for name, theirs in got.items():
+        mine = sent[name]
+        if list(theirs.shape) != list(mine.shape) or theirs.dtype != mine.dtype or theirs.stype != mine.stype:
+            raise Rejected(
+                f"malformed update: {name} is {theirs.dtype}{list(theirs.shape)}, the model's is {mine.dtype}{list(mine.shape)}"
+            )
+        if not np.isfinite(_values(theirs)).all():
+            raise Rejected(f"non-finite update: {name} contains NaN or Inf")
+
+
+def _values(array) -> np.ndarray:
+    """The values of a serialized numpy array, in storage order (enough to check finiteness),
+    read in place from the end of its bytes instead of parsing the .npy header."""
+    try:
+        dtype = np.dtype(array.dtype)
+    except TypeError:
+        raise Rejected(f"malformed update: unknown dtype {array.dtype!r}") from None
+    count = int(np.prod(array.shape))
+    offset = len(array.data) - count * dtype.itemsize
+    if offset < 0:
+        raise Rejected(f"malformed update: {count} values of {dtype} do not fit in {len(array.data)} bytes")
+    return np.frombuffer(array.data, dtype=dtype, count=count, offset=offset)

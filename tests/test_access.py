@@ -1,0 +1,119 @@
+"""fedlearn.access: the policy file, enrolment, revocation and run authorisation."""
+
+import pytest
+
+from crypto import signing
+from fedlearn.access import AccessPolicy, provision_simulation, run_digest, sign_run
+from fedlearn.config import RunConfig
+from fedlearn.errors import AccessDenied, ConfigError
+
+
+@pytest.fixture
+def keys():
+    return {name: signing.generate() for name in ("alice", "a", "b", "c")}
+
+
+def policy_with(keys) -> AccessPolicy:
+    policy = AccessPolicy()
+    policy.enroll("alice", keys["alice"].public_key(), operator=True)
+    policy.enroll("a", keys["a"].public_key(), ("trainer", "evaluator"))
+    policy.enroll("b", keys["b"].public_key(), ("evaluator",))
+    return policy
+
+
+def test_policy_roundtrips_through_toml_and_digest_ignores_formatting(tmp_path, keys):
+    policy = policy_with(keys)
+    policy.revoke("b", "left the consortium")
+    path = tmp_path / "policy.toml"
+    policy.save(path)
+    loaded = AccessPolicy.load(path)
+    assert loaded == policy and loaded.digest() == policy.digest()
+    path.write_text(path.read_text().replace("\n\n", "\n\n\n"))
+    assert AccessPolicy.load(path).digest() == policy.digest()
+
+
+def test_refusal_reasons(keys):
+    policy = policy_with(keys)
+    fp = {name: signing.fingerprint(key) for name, key in keys.items()}
+    assert policy.refusal(fp["a"], "trainer") is None
+    assert "unknown key" in policy.refusal(fp["c"], "trainer")
+    assert "role: 'b' may not act as trainer" in policy.refusal(fp["b"], "trainer")
+    assert "unknown key" in policy.refusal(fp["alice"], "trainer"), "operators are not nodes"
+    policy.revoke(fp["a"][:10], "key leaked")
+    assert policy.refusal(fp["a"], "trainer") == "revoked key of 'a' (key leaked)"
+
+
+def test_enroll_and_revoke_refuse_ambiguity(keys):
+    policy = policy_with(keys)
+    with pytest.raises(AccessDenied, match="name 'a' is already enrolled"):
+        policy.enroll("a", keys["c"].public_key(), ("trainer",))
+    with pytest.raises(AccessDenied, match="already enrolled as 'a'"):
+        policy.enroll("a2", keys["a"].public_key(), ("trainer",))
+    with pytest.raises(AccessDenied, match="unknown role 'admin'"):
+        policy.enroll("c", keys["c"].public_key(), ("admin",))
+    with pytest.raises(AccessDenied, match="needs at least one role"):
+        policy.enroll("c", keys["c"].public_key(), ())
+    with pytest.raises(AccessDenied, match="no enrolled node match.*enrolled nodes: a, b"):
+        policy.revoke("zed", "")
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda t: t.replace('"trainer"', '"admin"', 1), "roles must be a list from trainer, evaluator"),
+        (lambda t: t.replace('revoked = ""', 'revoked = ""\ncolour = "red"', 1), r"unknown field\(s\) colour"),
+        (lambda t: t.replace('key = "', 'key = "AAAA', 1), "key"),
+        (lambda t: t.replace('fingerprint = "', 'fingerprint = "00', 1), "fingerprint does not match its key"),
+        (lambda t: t + "\n[extra]\nx = 1\n", r"unknown table\(s\) extra"),
+        (lambda t: t + "[[node", "not valid TOML"),
+    ],
+)
+def test_malformed_policy_is_refused_with_the_place_and_problem(tmp_path, keys, edit, message):
+    path = tmp_path / "policy.toml"
+    policy_with(keys).save(path)
+    path.write_text(edit(path.read_text()))
+    with pytest.raises(ConfigError, match=message) as info:
+        AccessPolicy.load(path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_policy_says_how_to_create_it(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist: create it with `fedlearn keys enroll"):
+        AccessPolicy.load(tmp_path / "nope.toml")
+
+
+def test_run_authorisation_binds_the_whole_config(keys):
+    policy = policy_with(keys)
+    config = RunConfig.from_flat({"num-rounds": 3, "access-policy": "p.toml"})
+    signature = sign_run(config, keys["alice"])
+    signed = config.replace(run_signature=signature)
+    assert run_digest(signed) == run_digest(config), "the signature is not part of what it signs"
+    assert policy.authorising_operator(signed, signature).name == "alice"
+    changed = signed.replace(num_rounds=4)
+    with pytest.raises(AccessDenied, match="does not verify for config digest"):
+        policy.authorising_operator(changed, signature)
+    with pytest.raises(AccessDenied, match="does not verify"):
+        policy.authorising_operator(config, sign_run(config, keys["a"]))  # a node is not an operator
+    with pytest.raises(AccessDenied, match="no run-signature"):
+        policy.authorising_operator(config, "")
+    with pytest.raises(AccessDenied, match="not base64"):
+        policy.authorising_operator(config, "%%%")
+    with pytest.raises(AccessDenied, match="lists no operator keys"):
+        AccessPolicy().authorising_operator(config, signature)
+
+
+def test_run_signature_needs_a_policy():
+    with pytest.raises(ConfigError, match="run-signature is set but access-policy is not"):
+        RunConfig.from_flat({"run-signature": "abc"})
+
+
+def test_simulation_provisioning_writes_keys_policy_and_a_signed_config(tmp_path):
+    config = RunConfig.from_flat({"num-clients": 3})
+    policy_path, signed = provision_simulation(tmp_path, config)
+    policy = AccessPolicy.load(policy_path)
+    assert [m.name for m in policy.nodes] == ["node-0", "node-1", "node-2"]
+    for i, member in enumerate(policy.nodes):
+        key = signing.load_private(tmp_path / "keys" / f"node-{i}.key")
+        assert signing.fingerprint(key) == member.fingerprint
+    assert signed.access_policy == str(policy_path) and signed.node_keys_dir == str(tmp_path / "keys")
+    assert policy.authorising_operator(signed, signed.run_signature).name == "simulation-operator"
