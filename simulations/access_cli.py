@@ -178,7 +178,7 @@ def _show(args: argparse.Namespace) -> int:
         raise ConfigError([f"audit log {args.log} does not exist"])
     records = audit.read(args.log)
     start = next((r for r in records if r.get("event") in ("run_start", "run_refused")), None)
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)
     if start:
         data = start["data"]
         operator = data.get("operator", {})

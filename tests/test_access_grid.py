@@ -1,0 +1,154 @@
+"""server.access.AccessGrid: every kind of bad reply is turned into an audited error reply."""
+
+import json
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from clients.app import reply
+from crypto import signing
+from fedlearn.access import AccessPolicy
+from fedlearn.audit import AuditLog, read
+from fedlearn.config import RunConfig
+from server.access import AccessGrid
+from server.app import initial_arrays
+from tests.messages import message
+
+CONFIG = RunConfig.from_flat({"num-clients": 4, "model": "logreg"})
+
+
+class ScriptedGrid:
+    """The Grid below AccessGrid: answers each message with what the test scripted for its node."""
+
+    def __init__(self, script):
+        self.script = script
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return [r for m in messages for r in self.script[m.metadata.dst_node_id](m)]
+
+
+def update(msg, scale=1.0):
+    sent = msg.content["arrays"]
+    return {k: (v.numpy() * scale + 0.01).astype(v.numpy().dtype) for k, v in sent.items()}
+
+
+def record(arrays) -> ArrayRecord:
+    return ArrayRecord({k: Array(v) for k, v in arrays.items()})
+
+
+def honest(key, partition=0):
+    def answer(msg):
+        return [reply(msg, partition, key, arrays=record(update(msg)), metrics=MetricRecord({"num-examples": 7}))]
+    return answer
+
+
+@pytest.fixture
+def setup(tmp_path):
+    names = ["good", "nan", "shape", "revoked", "evaluator", "unknown"]
+    keys = {n: signing.generate() for n in names}
+    policy = AccessPolicy()
+    for name in ("good", "nan", "shape"):
+        policy.enroll(name, keys[name].public_key(), ("trainer", "evaluator"))
+    policy.enroll("revoked", keys["revoked"].public_key(), ("trainer",))
+    policy.enroll("evaluator", keys["evaluator"].public_key(), ("evaluator",))
+    policy.revoke("revoked", "compromised")
+    audit = AuditLog(tmp_path / "audit.jsonl", signing.generate(), "run-A")
+    return keys, policy, audit
+
+
+def exchange(setup, script, server_round=2):
+    keys, policy, audit = setup
+    content = RecordDict({"arrays": initial_arrays(CONFIG), "config": ConfigRecord({"server-round": server_round})})
+    messages = [message(content, src=1, dst=node) for node in script]
+    grid = AccessGrid(ScriptedGrid(script), policy, audit, "run-A")
+    replies = list(grid.send_and_receive(messages))
+    return replies, grid.take_round(), read(audit.path)
+
+
+def tampered_challenge(key, **change):
+    def answer(msg):
+        challenge = dict(msg.content["auth"])
+        msg.content["auth"] = ConfigRecord({**challenge, **change})
+        out = honest(key)(msg)
+        msg.content["auth"] = ConfigRecord(challenge)
+        return out
+    return answer
+
+
+def forged(key):
+    def answer(msg):
+        (signed,) = honest(key)(msg)
+        signed.content["arrays"] = record(update(msg, scale=100.0))  # altered after signing
+        return [signed]
+    return answer
+
+
+def signed_arrays(key, arrays_of):
+    def answer(msg):
+        return [reply(msg, 0, key, arrays=record(arrays_of(msg)), metrics=MetricRecord({"num-examples": 7}))]
+    return answer
+
+
+def test_each_bad_reply_is_rejected_with_its_reason_and_audited(setup):
+    keys = setup[0]
+    nan = lambda msg: {k: np.full_like(v, np.nan) for k, v in update(msg).items()}  # noqa: E731
+    wrong_shape = lambda msg: {k: np.zeros((2, 2), np.float32) for k in update(msg)}  # noqa: E731
+    script = {
+        101: honest(keys["good"]),
+        102: honest(keys["unknown"]),
+        103: honest(keys["revoked"]),
+        104: honest(keys["evaluator"]),
+        105: forged(keys["good"]),
+        106: tampered_challenge(keys["good"], **{"run-id": "run-B"}),
+        107: tampered_challenge(keys["good"], round=1),
+        108: tampered_challenge(keys["good"], nonce="0" * 32),
+        109: lambda msg: [reply(msg, 0, None, arrays=record(update(msg)))],
+        110: signed_arrays(keys["nan"], nan),
+        111: signed_arrays(keys["shape"], wrong_shape),
+    }
+    replies, seen, records = exchange(setup, script)
+    by_node = {r.metadata.src_node_id: r for r in replies}
+    assert not by_node[101].has_error()
+    expected = {
+        102: "unknown key",
+        103: "revoked key of 'revoked' (compromised)",
+        104: "role: 'evaluator' may not act as trainer",
+        105: "bad signature",
+        106: "wrong run: signed for run run-B, this is run run-A",
+        107: "wrong round: signed for round 1, this is round 2 (replay)",
+        108: "replayed nonce",
+        109: "unsigned reply",
+        110: "non-finite update",
+        111: "malformed update",
+    }
+    for node, reason in expected.items():
+        assert by_node[node].has_error() and reason in by_node[node].error.reason, (node, by_node[node].error)
+    assert (seen.accepted, seen.rejected, seen.examples) == (1, len(expected), 7)
+    rejected = {r["data"]["node_id"]: r["data"]["reason"] for r in records if r["event"] == "update_rejected"}
+    assert set(rejected) == set(expected) and all(reason in rejected[n] for n, reason in expected.items())
+    (accepted,) = [r for r in records if r["event"] == "update_accepted"]
+    assert accepted["data"]["node"] == "good" and accepted["data"]["fingerprint"] == signing.fingerprint(keys["good"])
+    (start,) = [r for r in records if r["event"] == "round_start"]
+    assert start["round"] == 2 and sorted(start["data"]["sampled"]) == sorted(script)
+
+
+def test_a_second_reply_to_the_same_request_is_a_replay(setup):
+    keys = setup[0]
+    replies, seen, _ = exchange(setup, {101: lambda msg: honest(keys["good"])(msg) * 2})
+    assert [r.has_error() for r in replies] == [False, True]
+    assert "replayed nonce" in replies[1].error.reason
+
+
+def test_each_request_gets_a_fresh_nonce_bound_to_run_and_round(setup):
+    keys, policy, audit = setup
+    content = RecordDict({"arrays": initial_arrays(CONFIG), "config": ConfigRecord({"server-round": 1})})
+    grid = AccessGrid(ScriptedGrid({101: honest(keys["good"])}), policy, audit, "run-A")
+    challenges = []
+    for _ in range(2):
+        fresh = RecordDict(dict(content))
+        grid.send_and_receive([message(fresh, src=1, dst=101)])
+        challenges.append(dict(fresh["auth"]))
+    assert challenges[0]["nonce"] != challenges[1]["nonce"] and len(challenges[0]["nonce"]) == 32
+    assert challenges[0]["run-id"] == "run-A" and challenges[0]["round"] == 1
+    assert json.dumps(challenges)  # plain values only

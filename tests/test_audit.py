@@ -1,0 +1,192 @@
+"""The audit log: an untouched log verifies; every way of altering it is caught at the right record."""
+
+import base64
+import json
+import subprocess
+import sys
+
+import pytest
+
+from crypto import signing
+from crypto.digest import canonical_json, sha256_hex
+from fedlearn import audit
+from tests.conftest import REPO
+
+
+@pytest.fixture
+def log(tmp_path):
+    """A complete 3-round log and its key files."""
+    _, public, key = signing.write_keypair(tmp_path, "audit")
+    writer = audit.AuditLog(tmp_path / "audit.jsonl", key, "run-1")
+    writer.append("run_start", 0, {"audit_key": writer.key_fingerprint, "config": {"privacy": "plain"}})
+    for r in (1, 2, 3):
+        writer.append("round_start", r, {"sampled": [11, 12], "nonce": f"n{r}"}, sync=False)
+        writer.append("update_accepted", r, {"node": "a", "kind": "train", "num_examples": 10, "payload": "p" * 64}, sync=False)
+        writer.append("update_rejected", r, {"node": "b", "kind": "train", "reason": "bad signature"})
+        writer.append("aggregate", r, {"digest": f"{r}" * 64})
+        writer.append("round_end", r, {"accuracy": 0.5 + r / 10, "loss": float("nan")})
+    writer.append("run_end", 3, {"status": "completed"})
+    writer.close()
+    return tmp_path / "audit.jsonl", public, key
+
+
+def lines(path):
+    return path.read_bytes().split(b"\n")[:-1]
+
+
+def write(path, records_or_lines):
+    out = [r if isinstance(r, bytes) else canonical_json(r) for r in records_or_lines]
+    path.write_bytes(b"\n".join(out) + b"\n")
+
+
+def resign(record, key):
+    body = {k: v for k, v in record.items() if k != "sig"}
+    return {**body, "sig": base64.b64encode(signing.sign(key, canonical_json(body))).decode()}
+
+
+def rechain(records, key=None):
+    """Recompute every prev (and, given a key, every signature) as an attacker would."""
+    prev = "0" * 64
+    out = []
+    for record in records:
+        record = {**record, "prev": prev}
+        if key is not None:
+            record = resign(record, key)
+        out.append(record)
+        prev = sha256_hex(canonical_json(record))
+    return out
+
+
+def test_untouched_log_verifies(log):
+    path, public, _ = log
+    verdict = audit.verify(path, signing.load_public(public))
+    assert verdict.ok, verdict.reason
+    assert verdict.records == 17 and verdict.run_id == "run-1"
+    assert verdict.summary().startswith("OK: 17 records of run run-1, 3 rounds")
+    assert json.loads(lines(path)[-2])["data"]["loss"] == "nan", "NaN metrics are recorded as text, not dropped"
+
+
+def records_of(path):
+    return [json.loads(line) for line in lines(path)]
+
+
+ATTACKS = {
+    "change a value": lambda rs, k: [*rs[:7], {**rs[7], "data": {**rs[7]["data"], "num_examples": 1000}}, *rs[8:]],
+    "delete a record": lambda rs, k: rs[:7] + rs[8:],
+    "insert a record": lambda rs, k: [*rs[:7], {**rs[7], "data": {"node": "mallory"}}, *rs[7:]],
+    "reorder two records": lambda rs, k: [*rs[:7], rs[8], rs[7], *rs[9:]],
+    "edit then recompute the chain without the key": lambda rs, k: rechain(
+        [*rs[:7], {**rs[7], "data": {**rs[7]["data"], "num_examples": 1000}}, *rs[8:]]
+    ),
+    "delete then renumber and rechain without the key": lambda rs, k: rechain(
+        [{**r, "seq": i} for i, r in enumerate(rs[:7] + rs[8:])]
+    ),
+}
+
+
+@pytest.mark.parametrize("attack, reason", [
+    ("change a value", "bad signature"),
+    ("delete a record", "gap: seq 7 is missing"),
+    ("insert a record", "bad signature"),
+    ("reorder two records", "reorder: found seq 8 where seq 7 belongs"),
+    ("edit then recompute the chain without the key", "bad signature"),
+    ("delete then renumber and rechain without the key", "bad signature"),
+])
+def test_every_alteration_is_caught_at_the_altered_record(log, attack, reason):
+    path, public, key = log
+    write(path, ATTACKS[attack](records_of(path), key))
+    verdict = audit.verify(path, signing.load_public(public))
+    assert not verdict.ok
+    assert verdict.seq == 7, verdict.summary()
+    assert reason in verdict.reason
+
+
+def test_resigning_with_another_key_is_caught_at_the_first_record(log, tmp_path):
+    path, public, _ = log
+    forger = signing.generate()
+    write(path, rechain(records_of(path), forger))
+    verdict = audit.verify(path, signing.load_public(public))
+    assert (verdict.ok, verdict.seq) == (False, 0)
+    assert verdict.reason.startswith("bad signature")
+    # ...also when the forger names their own key in run_start.
+    forged = records_of(path)
+    forged[0]["data"]["audit_key"] = signing.fingerprint(forger)
+    write(path, rechain(forged, forger))
+    verdict = audit.verify(path, signing.load_public(public))
+    assert (verdict.seq, verdict.reason[:9]) == (0, "wrong key")
+    assert audit.verify(path, forger.public_key()).ok, "it is a valid log of the forger's key"
+
+
+def test_verifying_with_the_wrong_key_says_so(log):
+    path, _, _ = log
+    verdict = audit.verify(path, signing.generate().public_key())
+    assert (verdict.ok, verdict.seq) == (False, 0)
+    assert verdict.reason.startswith("wrong key: the log says it is signed by audit key")
+
+
+def test_truncation_at_a_record_boundary_is_reported_as_incomplete(log):
+    path, public, _ = log
+    write(path, lines(path)[:10])
+    verdict = audit.verify(path, signing.load_public(public))
+    assert (verdict.ok, verdict.seq) == (False, 10)
+    assert verdict.reason.startswith("incomplete: the log ends after seq 9 without run_end")
+    assert audit.verify(path, signing.load_public(public), allow_incomplete=True).ok
+
+
+def test_torn_last_line_is_reported_not_dropped(log):
+    path, public, _ = log
+    data = path.read_bytes()
+    path.write_bytes(data[: data.rindex(b"\n", 0, len(data) - 1) + 30])
+    verdict = audit.verify(path, signing.load_public(public), allow_incomplete=True)
+    assert (verdict.ok, verdict.seq) == (False, 16)
+    assert verdict.reason.startswith("torn line")
+    assert len(audit.read(path)) == 16, "readers skip only the torn line"
+
+
+def test_whitespace_edits_and_garbage_are_caught(log):
+    path, public, _ = log
+    original = lines(path)
+    write(path, [*original[:3], original[3].replace(b'","', b'", "', 1), *original[4:]])
+    assert "not in canonical form" in audit.verify(path, signing.load_public(public)).reason
+    write(path, [*original[:3], b"not json", *original[4:]])
+    verdict = audit.verify(path, signing.load_public(public))
+    assert (verdict.seq, verdict.reason) == (3, "unparseable record: the line is not valid JSON")
+    path.write_bytes(b"")
+    assert audit.verify(path, signing.load_public(public)).reason == "the log is empty"
+
+
+def test_writer_never_overwrites_an_existing_log(log):
+    path, _, key = log
+    before = path.read_bytes()
+    with pytest.raises(FileExistsError):
+        audit.AuditLog(path, key, "run-2")
+    assert path.read_bytes() == before
+
+
+def test_rounds_view(log):
+    path, _, _ = log
+    views = audit.rounds(audit.read(path))
+    assert [v.round for v in views] == [1, 2, 3]
+    assert views[0].accepted == ["a"] and views[0].rejected == ["b: bad signature"] and views[0].examples == 10
+    assert views[2].accuracy == pytest.approx(0.8)
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "simulations.cli", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_verify_exit_codes(log, tmp_path):
+    path, public, key = log
+    ok = cli("audit", "verify", path, "--key", public)
+    assert ok.returncode == 0 and ok.stdout.startswith("OK: 17 records"), ok.stdout + ok.stderr
+    shown = cli("audit", "show", path)
+    assert shown.returncode == 0 and "bad signature" in shown.stdout and "not verified" in shown.stdout
+    write(path, ATTACKS["delete a record"](records_of(path), key))
+    bad = cli("audit", "verify", path, "--key", public)
+    assert bad.returncode == 1 and bad.stdout.startswith("FAILED at seq 7: gap")
+    for usage in (["audit", "verify", path], ["audit", "verify", tmp_path / "none.jsonl", "--key", public],
+                  ["audit", "verify", path, "--key", tmp_path / "audit.key"]):
+        result = cli(*usage)
+        assert result.returncode == 2, (usage, result.stdout, result.stderr)
+        assert "Traceback" not in result.stderr
