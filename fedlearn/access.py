@@ -183,14 +183,14 @@ class AccessPolicy:
             signature = base64.b64decode(signature_b64, validate=True)
         except ValueError:
             raise AccessDenied("run-signature is not base64: copy it exactly as `fedlearn keys authorize` printed it") from None
-        statement = run_statement(config)
+        statement = run_statement(config, self)
         for operator in self.operators:
             if signing.verify(operator.public_key, signature, statement):
                 return operator
         raise AccessDenied(
             f"run-signature does not verify for config digest {run_digest(config)[:16]} under any of the "
-            f"{len(self.operators)} operator keys: the config was changed after signing, or the signer is not an "
-            "enrolled operator"
+            f"{len(self.operators)} operator keys: the config or the policy (digest {self.digest()[:16]}) changed "
+            "after signing, or the signer is not an enrolled operator"
         )
 
     def _conflicts(self, path: Path) -> list[str]:
@@ -237,13 +237,15 @@ def run_digest(config: RunConfig) -> str:
     return config.digest(exclude=UNSIGNED_KEYS)
 
 
-def run_statement(config: RunConfig) -> bytes:
-    return canonical_json({"purpose": RUN_PURPOSE, "config": run_digest(config)})
+def run_statement(config: RunConfig, policy: AccessPolicy) -> bytes:
+    """What an operator signs: this config, under this policy (a policy edited afterwards, e.g.
+    a node enrolled by someone else, voids the authorisation)."""
+    return canonical_json({"purpose": RUN_PURPOSE, "config": run_digest(config), "policy": policy.digest()})
 
 
-def sign_run(config: RunConfig, operator_key) -> str:
-    """The run-signature value that authorises ``config`` (base64)."""
-    return base64.b64encode(signing.sign(operator_key, run_statement(config))).decode()
+def sign_run(config: RunConfig, policy: AccessPolicy, operator_key) -> str:
+    """The run-signature value that authorises ``config`` under ``policy`` (base64)."""
+    return base64.b64encode(signing.sign(operator_key, run_statement(config, policy))).decode()
 
 
 def update_statement(run_id: str, server_round: int, nonce: str, kind: str, payload: str) -> bytes:
@@ -274,4 +276,4 @@ def provision_simulation(directory: Path, config: RunConfig) -> tuple[Path, RunC
     policy_path = directory / "policy.toml"
     policy.save(policy_path)
     config = config.replace(access_policy=str(policy_path), node_keys_dir=str(keys))
-    return policy_path, config.replace(run_signature=sign_run(config, operator))
+    return policy_path, config.replace(run_signature=sign_run(config, policy, operator))

@@ -127,7 +127,7 @@ def _authorize(args: argparse.Namespace, config_from_args) -> int:
             f"{args.key} (fingerprint {signing.fingerprint(key)[:16]}) is not an operator in {config.access_policy}: "
             "enroll its .pub with `fedlearn keys enroll --operator`"
         ])
-    signature = sign_run(config, key)
+    signature = sign_run(config, policy, key)
     operator = policy.authorising_operator(config.replace(run_signature=signature), signature)
     print(f"config digest {run_digest(config)} signed by operator {operator.name}", file=sys.stderr)
     print(f"run-signature={signature}")

@@ -85,7 +85,7 @@ def test_missing_policy_says_how_to_create_it(tmp_path):
 def test_run_authorisation_binds_the_whole_config(keys):
     policy = policy_with(keys)
     config = RunConfig.from_flat({"num-rounds": 3, "access-policy": "p.toml"})
-    signature = sign_run(config, keys["alice"])
+    signature = sign_run(config, policy, keys["alice"])
     signed = config.replace(run_signature=signature)
     assert run_digest(signed) == run_digest(config), "the signature is not part of what it signs"
     assert policy.authorising_operator(signed, signature).name == "alice"
@@ -93,7 +93,10 @@ def test_run_authorisation_binds_the_whole_config(keys):
     with pytest.raises(AccessDenied, match="does not verify for config digest"):
         policy.authorising_operator(changed, signature)
     with pytest.raises(AccessDenied, match="does not verify"):
-        policy.authorising_operator(config, sign_run(config, keys["a"]))  # a node is not an operator
+        policy.authorising_operator(config, sign_run(config, policy, keys["a"]))  # a node is not an operator
+    policy.enroll("c", keys["c"].public_key(), ("trainer",))
+    with pytest.raises(AccessDenied, match="or the policy .* changed after signing"):
+        policy.authorising_operator(signed, signature)  # a node enrolled after the operator signed
     with pytest.raises(AccessDenied, match="no run-signature"):
         policy.authorising_operator(config, "")
     with pytest.raises(AccessDenied, match="not base64"):

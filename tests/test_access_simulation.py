@@ -35,7 +35,7 @@ def keys_and_policy(tmp_path, num_clients=8):
     _, _, operator = signing.write_keypair(keys, "operator")
     policy.enroll("operator", operator.public_key(), operator=True)
     policy.save(tmp_path / "policy.toml")
-    return keys, operator
+    return keys, operator, policy
 
 
 def poisoned(msg: Message, reply: Message) -> Message:
@@ -86,7 +86,7 @@ def run(config: RunConfig, app: ClientApp) -> dict:
 
 
 def test_misbehaving_nodes_are_rejected_audited_and_leave_the_model_untouched(tmp_path):
-    keys, operator = keys_and_policy(tmp_path)
+    keys, operator, policy = keys_and_policy(tmp_path)
     base = RunConfig.from_flat({
         "num-clients": 8, "num-rounds": 3, "min-available-clients": 8,
         "access-policy": str(tmp_path / "policy.toml"), "node-keys-dir": str(keys),
@@ -94,7 +94,7 @@ def test_misbehaving_nodes_are_rejected_audited_and_leave_the_model_untouched(tm
     results = {}
     for name, reference in (("attacked", False), ("reference", True)):
         config = base.replace(out_dir=str(tmp_path / name))
-        results[name] = run(config.replace(run_signature=sign_run(config, operator)), client_app(keys, reference))
+        results[name] = run(config.replace(run_signature=sign_run(config, policy, operator)), client_app(keys, reference))
 
     attacked, reference = results["attacked"], results["reference"]
     model = load_model(tmp_path / "attacked" / attacked["run_id"] / "model.safetensors")
@@ -137,11 +137,11 @@ class NodesOnly:
 
 @pytest.mark.parametrize("signature", ["", "forged"])
 def test_unauthorised_run_is_refused_before_round_one_and_audited(tmp_path, signature):
-    keys, operator = keys_and_policy(tmp_path, num_clients=2)
+    keys, operator, policy = keys_and_policy(tmp_path, num_clients=2)
     config = RunConfig.from_flat({"num-clients": 2, "access-policy": str(tmp_path / "policy.toml"),
                                   "out-dir": str(tmp_path / "runs")})
     if signature == "forged":
-        signature = sign_run(config.replace(num_rounds=99), operator)  # signed a different config
+        signature = sign_run(config.replace(num_rounds=99), policy, operator)  # signed a different config
     config = config.replace(run_signature=signature)
     with pytest.raises(AccessDenied, match="run refused: .*audited in"):
         run_federation(NodesOnly(), config, on_round=lambda r: None)

@@ -31,6 +31,19 @@ def test_simulate_command_prints_run_dir_last(tmp_path):
     assert run_dir.parent == tmp_path and (run_dir / "summary.json").is_file()
     assert "round   2" in result.stdout and "final accuracy" in result.stdout
     assert "DEPRECATED" not in result.stdout + result.stderr
+    # The run's audit log verifies, and names the saved model as the final aggregate.
+    verified = run([*FEDLEARN, "audit", "verify", run_dir / "audit.jsonl", "--key", run_dir / "audit.pub",
+                    "--model", run_dir / "model.safetensors"], timeout=60)
+    assert verified.returncode == 0 and verified.stdout.startswith("OK: "), verified.stdout + verified.stderr
+    assert "2 rounds" in verified.stdout
+    digest = run([*FEDLEARN, "audit", "digest", run_dir / "model.safetensors"], timeout=60).stdout.strip()
+    final = json.loads((run_dir / "audit.jsonl").read_text().splitlines()[-1])
+    assert final["event"] == "run_end" and final["data"]["final_model"] == digest
+
+
+def audit_verdict(run_dir, *extra):
+    return run([*FEDLEARN, "audit", "verify", run_dir / "audit.jsonl", "--key", run_dir / "audit.pub", *extra],
+               timeout=60)
 
 
 @pytest.mark.parametrize(
@@ -94,6 +107,7 @@ def test_flwr_run_uses_the_same_app_and_keys(tmp_path):
         metrics = json.loads((runs[0] / "metrics.json").read_text())
         assert [m["round"] for m in metrics] == [0, 1, 2] and metrics[-1]["clients"] == 3
         assert json.loads((runs[0] / "summary.json").read_text())["final_accuracy"] > 0.5
+        assert audit_verdict(runs[0]).returncode == 0
     finally:
         _stop_processes_mentioning(str(flwr_home))
         deadline = time.time() + 10
@@ -113,6 +127,11 @@ def test_diverged_round_stops_the_run_and_keeps_what_was_written(tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert [(m["round"], m["clients"], m["failures"]) for m in metrics] == [(0, 0, 0), (1, 0, 3)]
     assert not (run_dir / "summary.json").exists()
+    verdict = audit_verdict(run_dir)
+    assert verdict.returncode == 0, verdict.stdout
+    final = json.loads((run_dir / "audit.jsonl").read_text().splitlines()[-1])
+    assert final["event"] == "run_end" and final["data"]["status"] == "failed"
+    assert "training diverged" in final["data"]["reason"]
 
 
 def test_ctrl_c_stops_promptly_and_leaves_consistent_files(tmp_path):
@@ -138,6 +157,10 @@ def test_ctrl_c_stops_promptly_and_leaves_consistent_files(tmp_path):
         (run_dir,) = tmp_path.iterdir()
         metrics = json.loads((run_dir / "metrics.json").read_text())
         assert metrics[-1]["round"] >= 2
+        # No run_end: verify says the log is incomplete, and that what is there is intact.
+        cut = audit_verdict(run_dir)
+        assert cut.returncode == 1 and "incomplete: the log ends after seq" in cut.stdout, cut.stdout
+        assert audit_verdict(run_dir, "--allow-incomplete").returncode == 0
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, 9)

@@ -12,7 +12,7 @@ def test_run_directory_contents(tmp_path):
     store = RunStore.create(config, "run-a")
     assert (tmp_path / "run-a" / "config.toml").is_file()
     for r in range(3):
-        store.add_round(RoundRecord(r, 0.1 + 0.3 * r, 2.0 - r, 0.5, 100 * r, 110 * r, 3, 0, {"train_loss": 1.0}))
+        store.add_round(RoundRecord(r, 0.1 + 0.3 * r, 2.0 - r, 0.5, 100 * r, 110 * r, 3, 0, extra={"train_loss": 1.0}))
     metrics = json.loads((store.directory / "metrics.json").read_text())
     assert [m["round"] for m in metrics] == [0, 1, 2]
     assert {"round", "accuracy", "loss", "seconds", "bytes_up", "bytes_down", "train_loss"} <= set(metrics[1])
