@@ -39,7 +39,8 @@ def run(config: RunConfig, *, console: Console | None = None, verbose: bool = Fa
                 progress.console.print(
                     f"round {record.round:>3}  acc={record.accuracy:.4f} loss={record.loss:.4f} "
                     f"t={record.seconds:.2f}s clients={record.clients} "
-                    f"up={_size(record.bytes_up)} down={_size(record.bytes_down)}",
+                    + (f"rejected={record.rejected} " if record.rejected else "")
+                    + f"up={_size(record.bytes_up)} down={_size(record.bytes_down)}",
                     no_wrap=True, overflow="ellipsis",
                 )
             progress.update(task, completed=record.round, status=status)
