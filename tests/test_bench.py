@@ -40,3 +40,26 @@ def test_scale_scenario_appends_a_record(results_dir):
 
 def test_report_without_results(results_dir):
     assert "no results recorded" in bench.report("fedavg-scale")
+
+
+def test_access_overhead_baseline_switch_is_scoped(tmp_path):
+    """The benchmark's baseline arm passes messages through unsigned and writes no audit
+    records, and everything is back in force when it ends."""
+    from crypto import signing
+    from fedlearn.audit import AuditLog
+    from server.access import AccessGrid
+
+    class Echo:
+        def send_and_receive(self, messages, *, timeout=None):
+            return list(messages)
+
+    original = AccessGrid.send_and_receive, AuditLog.append, AuditLog.sync
+    log = AuditLog(tmp_path / "audit.jsonl", signing.generate(), "run")
+    grid = AccessGrid(Echo(), policy=None, audit=log, run_id="run")
+    with bench.without_access_control():
+        assert grid.send_and_receive(["untouched"]) == ["untouched"]
+        log.append("run_start", 0, {})
+    assert (tmp_path / "audit.jsonl").read_bytes() == b""
+    assert (AccessGrid.send_and_receive, AuditLog.append, AuditLog.sync) == original
+    log.append("run_start", 0, {})
+    assert (tmp_path / "audit.jsonl").read_bytes().count(b"\n") == 1
