@@ -29,8 +29,8 @@ from fedlearn.access import (
 from fedlearn.audit import AuditLog
 from fedlearn.config import RunConfig
 from fedlearn.errors import AccessDenied, ConfigError
-from fedlearn.runs import RunStore
 from fedlearn.messages import AUTH_RECORD, NODE_RECORD, PARTITION_KEY, payload_digest
+from fedlearn.runs import RunStore
 from server.grid import GridWrapper
 
 REJECTED = 403  # error code of a reply the server refused (Flower's own codes are small integers)
@@ -138,9 +138,16 @@ class AccessGrid(GridWrapper):
             sampled = [m.metadata.dst_node_id for m in messages]
             self.audit.append("round_start", server_round, {"nonce": nonce, "sampled": sampled}, sync=False)
         sent = {m.metadata.dst_node_id: m for m in messages}
-        checked = []
+        checked, replied = [], set()
         for reply in self._grid.send_and_receive(messages, timeout=timeout):
+            replied.add(reply.metadata.src_node_id)
             checked.append(self._check(reply, sent.get(reply.metadata.src_node_id), server_round, nonce))
+        for node_id, request in sent.items():
+            if node_id in replied:
+                continue
+            reason = f"no reply within round-timeout={timeout:g}s" if timeout else "no reply"
+            facts = {"node_id": node_id, "kind": request.metadata.message_type, "reason": reason}
+            self.audit.append("node_failed", server_round, facts, sync=False)
         self.audit.sync()  # every verdict is on disk before the strategy aggregates
         return checked
 
@@ -205,7 +212,9 @@ class AccessGrid(GridWrapper):
             raise Rejected("replayed nonce: this signed reply answers another request")
         if "sign-seconds" in auth:
             self._round.sign_seconds = max(self._round.sign_seconds, float(auth["sign-seconds"]))
-        if reply.metadata.message_type == MessageType.TRAIN and request is not None:
+        if reply.metadata.message_type == MessageType.TRAIN:
+            if request is None:
+                raise Rejected(f"unrequested reply: node {reply.metadata.src_node_id} was not asked to train")
             _check_update(content, request.content["arrays"])
         self._seen.add((fingerprint, nonce))
 

@@ -152,3 +152,11 @@ def test_each_request_gets_a_fresh_nonce_bound_to_run_and_round(setup):
     assert challenges[0]["nonce"] != challenges[1]["nonce"] and len(challenges[0]["nonce"]) == 32
     assert challenges[0]["run-id"] == "run-A" and challenges[0]["round"] == 1
     assert json.dumps(challenges)  # plain values only
+
+
+def test_a_node_that_never_answers_is_audited(setup):
+    keys = setup[0]
+    replies, seen, records = exchange(setup, {101: honest(keys["good"]), 102: lambda msg: []})
+    assert len(replies) == 1 and seen.accepted == 1
+    (failed,) = [r["data"] for r in records if r["event"] == "node_failed"]
+    assert failed["node_id"] == 102 and failed["reason"] == "no reply"
