@@ -111,8 +111,12 @@ class RoundAccess:
 
 
 class AccessGrid(GridWrapper):
-    def __init__(self, grid, policy: AccessPolicy, audit: AuditLog, run_id: str):
+    """``model`` gives the names, shapes and dtypes an update must have: the model's own, not
+    those of the arrays sent (some strategies, e.g. Flower's FedAdam, send float64 globals)."""
+
+    def __init__(self, grid, policy: AccessPolicy, audit: AuditLog, run_id: str, model: ArrayRecord):
         super().__init__(grid)
+        self.model = model
         self.policy = policy
         self.audit = audit
         self.run_id = run_id
@@ -215,7 +219,7 @@ class AccessGrid(GridWrapper):
         if reply.metadata.message_type == MessageType.TRAIN:
             if request is None:
                 raise Rejected(f"unrequested reply: node {reply.metadata.src_node_id} was not asked to train")
-            _check_update(content, request.content["arrays"])
+            _check_update(content, self.model)
         self._seen.add((fingerprint, nonce))
 
 

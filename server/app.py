@@ -120,7 +120,7 @@ def run_federation(
         {"versions": software_versions(), "initial_model": arrays_digest(numpy_arrays(initial)), "nodes_connected": len(nodes)},
     )
     config, audit = run.config, run.audit
-    access = AccessGrid(ordered, run.policy, audit, store.run_id)
+    access = AccessGrid(ordered, run.policy, audit, store.run_id, model=initial)
     metered = MeteredGrid(access)
     client_metrics: dict[str, float] = {}  # this round's client-side metrics, for the round record
 

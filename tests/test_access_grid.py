@@ -61,7 +61,7 @@ def exchange(setup, script, server_round=2):
     keys, policy, audit = setup
     content = RecordDict({"arrays": initial_arrays(CONFIG), "config": ConfigRecord({"server-round": server_round})})
     messages = [message(content, src=1, dst=node) for node in script]
-    grid = AccessGrid(ScriptedGrid(script), policy, audit, "run-A")
+    grid = AccessGrid(ScriptedGrid(script), policy, audit, "run-A", model=initial_arrays(CONFIG))
     replies = list(grid.send_and_receive(messages))
     return replies, grid.take_round(), read(audit.path)
 
@@ -143,7 +143,7 @@ def test_a_second_reply_to_the_same_request_is_a_replay(setup):
 def test_each_request_gets_a_fresh_nonce_bound_to_run_and_round(setup):
     keys, policy, audit = setup
     content = RecordDict({"arrays": initial_arrays(CONFIG), "config": ConfigRecord({"server-round": 1})})
-    grid = AccessGrid(ScriptedGrid({101: honest(keys["good"])}), policy, audit, "run-A")
+    grid = AccessGrid(ScriptedGrid({101: honest(keys["good"])}), policy, audit, "run-A", model=initial_arrays(CONFIG))
     challenges = []
     for _ in range(2):
         fresh = RecordDict(dict(content))
@@ -160,3 +160,14 @@ def test_a_node_that_never_answers_is_audited(setup):
     assert len(replies) == 1 and seen.accepted == 1
     (failed,) = [r["data"] for r in records if r["event"] == "node_failed"]
     assert failed["node_id"] == 102 and failed["reason"] == "no reply"
+
+
+def test_updates_are_checked_against_the_model_not_the_dtype_a_strategy_sent(setup):
+    """Flower's FedAdam sends float64 globals; nodes answer with the model's float32 arrays."""
+    keys, policy, audit = setup
+    as64 = ArrayRecord({k: Array(v.numpy().astype(np.float64)) for k, v in initial_arrays(CONFIG).items()})
+    content = RecordDict({"arrays": as64, "config": ConfigRecord({"server-round": 2})})
+    float32 = signed_arrays(keys["good"], lambda msg: {k: v.astype(np.float32) for k, v in update(msg).items()})
+    grid = AccessGrid(ScriptedGrid({101: float32}), policy, audit, "run-A", model=initial_arrays(CONFIG))
+    (answer,) = grid.send_and_receive([message(content, src=1, dst=101)])
+    assert not answer.has_error(), answer.error

@@ -55,7 +55,7 @@ def test_access_overhead_baseline_switch_is_scoped(tmp_path):
 
     original = AccessGrid.send_and_receive, AuditLog.append, AuditLog.sync
     log = AuditLog(tmp_path / "audit.jsonl", signing.generate(), "run")
-    grid = AccessGrid(Echo(), policy=None, audit=log, run_id="run")
+    grid = AccessGrid(Echo(), policy=None, audit=log, run_id="run", model=None)
     with bench.without_access_control():
         assert grid.send_and_receive(["untouched"]) == ["untouched"]
         log.append("run_start", 0, {})
