@@ -125,7 +125,7 @@ class AccessPolicy:
 
     # -- edits ---------------------------------------------------------------------
     def enroll(self, name: str, public_key, roles: tuple[str, ...] = (), *, operator: bool = False) -> Member:
-        member = Member(name=name, key=base64.b64encode(signing.public_raw(public_key)).decode(), roles=tuple(roles))
+        member = Member(name=name, key=signing.public_b64(public_key), roles=tuple(roles))
         problems = [f"unknown role {r!r}: choose from {', '.join(ROLES)}" for r in roles if r not in ROLES]
         if not operator and not roles:
             problems.append(f"node {name!r} needs at least one role ({', '.join(ROLES)})")
