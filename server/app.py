@@ -112,7 +112,6 @@ def run_federation(
     if config.fraction_train < 1 or 0 < config.fraction_evaluate < 1:
         # Sampling a subset: make it pick the same partitions for the same seed.
         ordered.discover(nodes, config.round_timeout)
-    random.seed(config.seed)  # Flower samples nodes with the global `random` module
     store = RunStore.create(config, run_id)
     initial = ArrayRecord(model.state_dict())
     run = open_audited_run(
@@ -190,6 +189,9 @@ def run_federation(
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
     stopped_early = False
+    # Flower samples nodes with the global `random` module: seed it last, right before the
+    # rounds, so nothing else (key generation, file writes, other threads) runs in between.
+    random.seed(config.seed)
     try:
         strategy.start(
             grid=metered,
