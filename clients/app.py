@@ -19,18 +19,21 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from crypto import signing
-from fedlearn import data, models
+from crypto.he import HEKey, HEKeyError
+from fedlearn import data, he, models
 from fedlearn.access import NODE_KEY_NAME, update_statement
 from fedlearn.config import RunConfig
 from fedlearn.errors import ConfigError
-from fedlearn.messages import AUTH_RECORD, NODE_RECORD, PARTITION_KEY, payload_digest
+from fedlearn.messages import AUTH_RECORD, HE_RECORD, NODE_RECORD, NUM_EXAMPLES_KEY, PARTITION_KEY, payload_digest
 from fedlearn.training import check_finite, client_seed, evaluate, select_device, train
 
-NODE_OVERRIDES = ("data-dir", "device")
+NODE_OVERRIDES = ("data-dir", "device", "he-secret")
 
 app = ClientApp()
 
@@ -120,42 +123,130 @@ def signing_key(msg: Message, context: Context, task: NodeTask):
 
 def reply(msg: Message, partition_id: int, key=None, **records) -> Message:
     """The reply to ``msg``: ``records`` plus the node record, signed with ``key`` if given."""
-    content = RecordDict({**records, NODE_RECORD: ConfigRecord({PARTITION_KEY: partition_id})})
+    content = RecordDict({NODE_RECORD: ConfigRecord({PARTITION_KEY: partition_id}), **records})
     if key is not None:
         content = signed(msg, content, key)
     return Message(content, reply_to=msg)
 
 
-def received_model(msg: Message, config: RunConfig):
+def empty_model(config: RunConfig):
     spec = data.spec(config.dataset)
-    model = models.build(config.model, spec.shape, spec.num_classes)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    return model
+    return models.build(config.model, spec.shape, spec.num_classes)
+
+
+@lru_cache(maxsize=8)
+def _load_he_key(path: str) -> HEKey:
+    try:
+        return HEKey.load(path, secret=True)
+    except HEKeyError as exc:
+        raise ConfigError([f"he-secret: {exc}"]) from None
+
+
+def he_codec(msg: Message, config: RunConfig, template: dict) -> he.ModelCodec:
+    """The node's secret HE context (he-secret of its node config, else of the run config)."""
+    if not config.he_secret:
+        raise ConfigError(
+            ["privacy=he but this node has no secret HE context: start it with --node-config 'he-secret=PATH' "
+             "(the he.secret written by `fedlearn keys he-generate`)"]
+        )
+    key = _load_he_key(config.he_secret)
+    wanted = str(msg.content[HE_RECORD]["context-id"])
+    if key.info.context_id != wanted:
+        raise ConfigError([f"he-secret {config.he_secret} belongs to another HE key pair than the server's public context"])
+    return he.ModelCodec(key, template, config.he_bits, config.he_range)
+
+
+@dataclass
+class GlobalModel:
+    model: object  # the torch module loaded with the global weights
+    arrays: dict  # the same weights as numpy arrays
+    previous: dict | None = None  # fedavgm under he: the global model of the round before
+    codec: he.ModelCodec | None = None
+
+
+def received_model(msg: Message, config: RunConfig) -> GlobalModel:
+    """The global model of ``msg``: clear arrays, or under privacy=he the decrypted aggregate."""
+    model = empty_model(config)
+    template = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    record = msg.content["arrays"]
+    if config.privacy != "he":
+        arrays = {k: v.numpy() for k, v in record.items()}
+        model.load_state_dict(record.to_torch_state_dict())
+        return GlobalModel(model, arrays)
+    codec = he_codec(msg, config, template)
+    state = msg.content[HE_RECORD]
+    if state["encrypted"]:
+        arrays = codec.decrypt(_chunks(record), he.StateMeta.from_record(state))
+    else:
+        arrays = {k: v.numpy() for k, v in record.items()}
+    previous = None
+    if he.PREVIOUS_RECORD in msg.content:
+        previous = codec.decrypt(_chunks(msg.content[he.PREVIOUS_RECORD]), he.StateMeta.from_record(state, "previous-"))
+    elif state["encrypted"]:  # round 2: the model before the first aggregate is the public initial one
+        spec = data.spec(config.dataset)
+        initial = models.build(config.model, spec.shape, spec.num_classes, seed=config.seed)
+        previous = {k: v.detach().numpy() for k, v in initial.state_dict().items()}
+    model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    return GlobalModel(model, arrays, previous, codec)
+
+
+def _chunks(record: ArrayRecord) -> tuple[bytes, ...]:
+    return he.arrays_to_chunks({name: array.numpy() for name, array in record.items()})
+
+
+def encrypted_update(msg: Message, task: NodeTask, received: GlobalModel, local: dict, num_examples: int) -> dict:
+    """The records of an encrypted training reply (privacy=he)."""
+    plan = msg.content[HE_RECORD]
+    cap, max_terms = int(plan["weight-cap"]), int(plan["max-terms"])
+    if num_examples > cap:
+        raise ConfigError([f"this node trained on {num_examples} examples but told the server {cap} at most"])
+    config = task.config
+    if config.strategy == "fedavgm":
+        values = he.contribution_values(local, received.arrays, received.previous, config.server_lr, config.server_momentum)
+    else:
+        values = he.flatten(local)
+    codec = received.codec
+    exponents = codec.exponents_for(received.arrays)
+    encrypted = codec.encrypt(values, num_examples / cap, max_terms, exponents)
+    arrays = ArrayRecord({name: Array(a) for name, a in he.chunks_to_arrays(encrypted.chunks).items()})
+    meta = ConfigRecord({"weight": encrypted.weight, "range-exp": list(exponents), "clipped": encrypted.clipped})
+    return {"arrays": arrays, HE_RECORD: meta}
 
 
 @app.train()
 def train_handler(msg: Message, context: Context) -> Message:
     task = node_task(msg, context)
     key = signing_key(msg, context, task)  # a missing key fails before training, not after
-    model = received_model(msg, task.config)
+    received = received_model(msg, task.config)
+    model = received.model
     seed = client_seed(task.config.seed, task.server_round, task.partition_id)
     result = train(model, task.split, task.config, task.server_round, seed=seed)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     check_finite(state)
     metrics = MetricRecord({"num-examples": result.num_examples, "loss": result.loss, "accuracy": result.accuracy})
-    return reply(msg, task.partition_id, key, arrays=ArrayRecord(state), metrics=metrics)
+    if task.config.privacy == "he":
+        local = {k: v.numpy() for k, v in state.items()}
+        records = encrypted_update(msg, task, received, local, result.num_examples)
+    else:
+        records = {"arrays": ArrayRecord(state)}
+    return reply(msg, task.partition_id, key, metrics=metrics, **records)
 
 
 @app.evaluate()
 def evaluate_handler(msg: Message, context: Context) -> Message:
-    """Evaluate the global model on this node's own (training) partition."""
+    """Evaluate the global model on this node's share of the test split."""
     task = node_task(msg, context)
-    loss, accuracy = evaluate(received_model(msg, task.config), task.split, select_device(task.config.device))
-    metrics = MetricRecord({"num-examples": len(task.split), "loss": loss, "accuracy": accuracy})
+    test = data.client_test_split(task.config, task.partition_id, task.config.num_clients)
+    loss, accuracy = evaluate(received_model(msg, task.config).model, test, select_device(task.config.device))
+    metrics = MetricRecord({"num-examples": len(test), "loss": loss, "accuracy": accuracy})
     return reply(msg, task.partition_id, signing_key(msg, context, task), metrics=metrics)
 
 
 @app.query()
 def query_handler(msg: Message, context: Context) -> Message:
-    """Tell the server which partition this node holds (for seed-stable client sampling)."""
+    """Tell the server which partition this node holds (for seed-stable client sampling) and, when
+    asked (privacy=he), how many training examples: both also travel in clear in every reply."""
+    if msg.content["config"].get("ask") == NUM_EXAMPLES_KEY:
+        task = node_task(msg, context)
+        return reply(msg, task.partition_id, **{NODE_RECORD: ConfigRecord({PARTITION_KEY: task.partition_id, NUM_EXAMPLES_KEY: len(task.split)})})
     return reply(msg, partition_of(context))

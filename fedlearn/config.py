@@ -23,7 +23,12 @@ from fedlearn.errors import ConfigError
 OPTIMIZERS = ("sgd", "momentum", "adam")
 PARTITIONERS = ("iid", "dirichlet", "shards")
 DEVICES = ("auto", "cpu", "cuda")
-PRIVACY_MODES = ("plain",)
+PRIVACY_MODES = ("plain", "he")
+HE_SCHEMES = ("bfv", "ckks")
+EVALUATE_ON = ("auto", "server", "clients")
+# Strategies whose aggregate is a weighted sum of the updates: the only ones HE can run, since
+# the server adds ciphertexts and never sees an update (or the model) in clear.
+SUM_STRATEGIES = ("fedavg", "fedavgm", "fedprox")
 # Names the registries in data, models and strategies implement (tests/test_config.py keeps them
 # in step); listed here so that reading or validating a config imports neither torch nor Flower.
 STRATEGIES = (
@@ -41,7 +46,7 @@ DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "synthetic32")
 MODELS = ("logreg", "mlp", "mnist-2nn", "mnist-cnn", "vision-cnn")
 
 # Keys Flower adds to the ConfigRecord it sends to clients; not user configuration.
-TRANSPORT_KEYS = frozenset({"server-round"})
+TRANSPORT_KEYS = frozenset({"server-round", "ask"})
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,12 @@ class RunConfig:
     run_signature: str = ""  # operator's signature of this config's digest (fedlearn keys authorize)
     audit_key: str = ""  # server's audit signing key; empty: generated in the run directory
     node_keys_dir: str = ""  # where nodes without a node-key find node-<partition-id>.key
+    evaluate_on: str = "auto"  # server (test split), clients (their test shards) or auto (server unless he)
+    he_scheme: str = "bfv"  # bfv: quantized and packed (default); ckks: approximate floats
+    he_bits: int = 16  # bfv: fixed-point bits per parameter per client (headroom is added per round)
+    he_range: float = 4.0  # bfv: clip each tensor to he-range x its largest global value, as a power of 2
+    he_public: str = ""  # server: public HE context file; empty: a key pair is generated per run (simulation)
+    he_secret: str = ""  # clients: secret HE context file (a node may set its own in --node-config)
 
     # -- conversions ---------------------------------------------------------------
     @classmethod
@@ -138,7 +149,30 @@ class RunConfig:
         lines = [f"{k} = {_toml_value(v)}" for k, v in self.to_flat().items()]
         return "\n".join(lines) + "\n"
 
+    def evaluates_on_clients(self) -> bool:
+        return self.evaluate_on == "clients" or (self.evaluate_on == "auto" and self.privacy == "he")
+
+    def evaluation_fraction(self) -> float:
+        """Fraction of clients sampled to evaluate: all of them when clients are the only evaluators
+        and fraction-evaluate is 0."""
+        if self.evaluates_on_clients() and self.fraction_evaluate == 0:
+            return 1.0
+        return self.fraction_evaluate
+
     # -- validation ----------------------------------------------------------------
+    def _he_problems(self) -> list[str]:
+        why = "the server only adds ciphertexts and never sees an update or the model in clear"
+        problems = []
+        if self.strategy not in SUM_STRATEGIES:
+            problems.append(
+                f"strategy={self.strategy} cannot run with privacy=he: it needs "
+                + ("each update in clear" if self.strategy in ("fedmedian", "fedtrimmedavg", "krum") else "a non-linear step on the clear aggregate")
+                + f", but {why}; use one of {', '.join(SUM_STRATEGIES)}"
+            )
+        if self.evaluate_on == "server":
+            problems.append(f"evaluate-on=server cannot work with privacy=he: {why}; use evaluate-on=clients (or auto)")
+        return problems
+
     def validate(self) -> None:
         from fedlearn import data, models  # registries know their own constraints
 
@@ -175,11 +209,16 @@ class RunConfig:
         choice("strategy", self.strategy, STRATEGIES)
         choice("dataset", self.dataset, DATASETS)
         choice("model", self.model, MODELS)
-        if self.privacy not in PRIVACY_MODES:
-            problems.append(
-                f"privacy={self.privacy!r}: only 'plain' is available in this version "
-                "(he and secagg are planned)"
-            )
+        choice("privacy", self.privacy, PRIVACY_MODES)
+        choice("evaluate-on", self.evaluate_on, EVALUATE_ON)
+        choice("he-scheme", self.he_scheme, HE_SCHEMES)
+        need(2 <= self.he_bits <= 30, f"he-bits={self.he_bits}: must be between 2 and 30 (16 is the default, 8 halves the bytes)")
+        need(self.he_range > 0, f"he-range={self.he_range}: must be > 0 (a multiple of each tensor's largest value)")
+        if self.privacy == "he":
+            problems += self._he_problems()
+        else:
+            for key in ("he-public", "he-secret"):
+                need(not getattr(self, key.replace("-", "_")), f"{key} only applies to privacy=he")
         need(
             not self.run_signature or bool(self.access_policy),
             "run-signature is set but access-policy is not: give the policy that lists the signing operator",

@@ -326,6 +326,17 @@ def client_split(config, partition_id: int, num_partitions: int) -> Split:
     return Split(dataset.train.x[indices], dataset.train.y[indices])
 
 
+def client_test_split(config, partition_id: int, num_partitions: int) -> Split:
+    """One client's share of the test split (a seeded, near-equal IID slice), for federated
+    evaluation: the example-weighted mean of all shares' accuracies is the test accuracy."""
+    if not 0 <= partition_id < num_partitions:
+        raise DataError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
+    test = load(config.dataset, config.data_dir, config.test_fraction, config.seed).test
+    order = np.random.default_rng(config.seed).permutation(len(test))
+    indices = np.sort(np.array_split(order, num_partitions)[partition_id])
+    return Split(test.x[indices], test.y[indices])
+
+
 # ---------------------------------------------------------------------------------------
 # Explicit download for users with a network (never called implicitly).
 

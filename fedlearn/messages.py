@@ -18,6 +18,8 @@ from crypto.digest import canonical_json
 NODE_RECORD = "node"
 PARTITION_KEY = "partition-id"
 AUTH_RECORD = "auth"
+HE_RECORD = "he"  # privacy=he: how to read the encrypted model (request) or contribution (reply)
+NUM_EXAMPLES_KEY = "num-examples"
 
 
 def payload_digest(content: RecordDict) -> str:

@@ -82,11 +82,12 @@ class RunStore:
         payload = json.dumps([r.to_json() for r in self.rounds], indent=1)
         atomic_write(self.directory / "metrics.json", payload.encode())
 
-    def save_model(self, state: dict[str, np.ndarray]) -> Path:
+    def save_model(self, state: dict[str, np.ndarray], name: str = "model.safetensors", metadata: dict[str, str] | None = None) -> Path:
+        """Save arrays (the model, or under privacy=he its ciphertexts) with safetensors."""
         from safetensors.numpy import save
 
-        path = self.directory / "model.safetensors"
-        metadata = {"run_id": self.run_id, "model": self.config.model, "dataset": self.config.dataset}
+        path = self.directory / name
+        metadata = {"run_id": self.run_id, "model": self.config.model, "dataset": self.config.dataset, **(metadata or {})}
         arrays = {name: np.ascontiguousarray(value) for name, value in state.items()}
         atomic_write(path, save(arrays, metadata=metadata))
         return path

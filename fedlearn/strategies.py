@@ -48,14 +48,20 @@ def build(
     train_metrics_aggr_fn: MetricsAggregator | None = None,
     evaluate_metrics_aggr_fn: MetricsAggregator | None = None,
 ) -> fl.Strategy:
-    """The Flower strategy for ``config.strategy``, sampling as the config says."""
-    return CLASSES[config.strategy](
+    """The Flower strategy for ``config.strategy``, sampling as the config says.
+
+    Under privacy=he the server only adds ciphertexts: every sum strategy is FedAvg's sampling
+    and sum there (FedProx differs only on clients; FedAvgM's momentum is folded into what
+    clients encrypt, see fedlearn.he), wrapped by server.he.HEStrategy."""
+    name = "fedavg" if config.privacy == "he" else config.strategy
+    fraction_evaluate = config.evaluation_fraction()
+    return CLASSES[name](
         fraction_train=config.fraction_train,
-        fraction_evaluate=config.fraction_evaluate,
+        fraction_evaluate=fraction_evaluate,
         min_train_nodes=config.min_available_clients,
-        min_evaluate_nodes=config.min_available_clients if config.fraction_evaluate > 0 else 0,
+        min_evaluate_nodes=config.min_available_clients if fraction_evaluate > 0 else 0,
         min_available_nodes=config.min_available_clients,
         train_metrics_aggr_fn=train_metrics_aggr_fn,
         evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
-        **_specific(config),
+        **(_specific(config) if name == config.strategy else {}),
     )

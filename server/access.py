@@ -112,11 +112,14 @@ class RoundAccess:
 
 class AccessGrid(GridWrapper):
     """``model`` gives the names, shapes and dtypes an update must have: the model's own, not
-    those of the arrays sent (some strategies, e.g. Flower's FedAdam, send float64 globals)."""
+    those of the arrays sent (some strategies, e.g. Flower's FedAdam, send float64 globals).
+    ``check_update`` replaces that check where updates are not plain arrays (privacy=he): it
+    raises ValueError with the reason."""
 
-    def __init__(self, grid, policy: AccessPolicy, audit: AuditLog, run_id: str, model: ArrayRecord):
+    def __init__(self, grid, policy: AccessPolicy, audit: AuditLog, run_id: str, model: ArrayRecord, check_update=None):
         super().__init__(grid)
         self.model = model
+        self.check_update = check_update  # privacy modes whose updates are not the model's arrays
         self.policy = policy
         self.audit = audit
         self.run_id = run_id
@@ -219,7 +222,13 @@ class AccessGrid(GridWrapper):
         if reply.metadata.message_type == MessageType.TRAIN:
             if request is None:
                 raise Rejected(f"unrequested reply: node {reply.metadata.src_node_id} was not asked to train")
-            _check_update(content, self.model)
+            if self.check_update is None:
+                _check_update(content, self.model)
+            else:
+                try:
+                    self.check_update(content)
+                except ValueError as exc:
+                    raise Rejected(f"malformed update: {exc}") from None
         self._seen.add((fingerprint, nonce))
 
 

@@ -30,6 +30,7 @@ from fedlearn.training import evaluate, select_device
 from fedlearn.audit import AuditLog
 from server.access import AccessGrid, RoundAccess, load_credentials, open_audited_run
 from server.grid import MeteredGrid, PartitionOrderedGrid
+from server.he import HEStrategy, load_public_key, provision_he
 
 RoundCallback = Callable[[RoundRecord], None]
 
@@ -106,22 +107,25 @@ def run_federation(
     test = data.load(config.dataset, config.data_dir, config.test_fraction, config.seed).test
     device = select_device(config.device)
     policy, audit_key = load_credentials(config)
-    model = global_model(config)  # evaluates every round's global weights on the test split
+    he_key = load_public_key(config)
+    model = global_model(config)  # the initial weights; evaluates each round's model when the server does
     ordered = PartitionOrderedGrid(grid)
     nodes = ordered.wait_for_nodes(config.min_available_clients, config.round_timeout)
     if config.fraction_train < 1 or 0 < config.fraction_evaluate < 1:
         # Sampling a subset: make it pick the same partitions for the same seed.
         ordered.discover(nodes, config.round_timeout)
     store = RunStore.create(config, run_id)
+    if config.privacy == "he" and he_key is None:
+        config = provision_he(store.directory, config)
+        store.update_config(config)
+        he_key = load_public_key(config)  # the server reads back the public context only
     initial = ArrayRecord(model.state_dict())
+    client_metrics: dict[str, float] = {}  # this round's client-side metrics, for the round record
     run = open_audited_run(
         config, store, policy, audit_key,
         {"versions": software_versions(), "initial_model": arrays_digest(numpy_arrays(initial)), "nodes_connected": len(nodes)},
     )
     config, audit = run.config, run.audit
-    access = AccessGrid(ordered, run.policy, audit, store.run_id, model=initial)
-    metered = MeteredGrid(access)
-    client_metrics: dict[str, float] = {}  # this round's client-side metrics, for the round record
 
     def capture(prefix: str) -> strategies.MetricsAggregator:
         def aggregate(replies: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -134,13 +138,26 @@ def run_federation(
     strategy = strategies.build(
         config, train_metrics_aggr_fn=capture("train"), evaluate_metrics_aggr_fn=capture("federated")
     )
+    if he_key is not None:
+        template = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+        strategy = HEStrategy(strategy, config, he_key, template)
+    check = strategy.check_reply if isinstance(strategy, HEStrategy) else None
+    access = AccessGrid(ordered, run.policy, audit, store.run_id, model=initial, check_update=check)
+    metered = MeteredGrid(access)
+
     state = {"arrays": initial, "clock": time.perf_counter(), "audit_seconds": 0.0}
     started = state["clock"]
 
-    def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         state["arrays"] = arrays
-        model.load_state_dict(arrays.to_torch_state_dict())
-        loss, accuracy = evaluate(model, test, device)
+        if not config.evaluates_on_clients():
+            model.load_state_dict(arrays.to_torch_state_dict())
+            loss, accuracy = evaluate(model, test, device)
+        elif server_round == 0:
+            return None  # clients evaluate after each round; the initial model is not sent to them
+        else:
+            loss = client_metrics.get("federated_loss", float("nan"))
+            accuracy = client_metrics.get("federated_accuracy", float("nan"))
         now = time.perf_counter()
         traffic = metered.take_traffic()
         seen = access.take_round()
@@ -149,7 +166,7 @@ def run_federation(
         if server_round:
             audit_round(audit, server_round, arrays, seen, {
                 "accuracy": accuracy, "loss": loss, "clients": traffic.replies, "failures": traffic.failures,
-                "rejected": seen.rejected, "client_metrics": dict(client_metrics), "privacy": {"mode": config.privacy},
+                "rejected": seen.rejected, "client_metrics": dict(client_metrics), "privacy": privacy_facts(seen),
             })
         state["audit_seconds"] = audit.seconds
         timings = {
@@ -188,6 +205,11 @@ def run_federation(
             raise _TargetReached
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
+    def privacy_facts(seen: RoundAccess) -> dict:
+        if not isinstance(strategy, HEStrategy):
+            return {"mode": config.privacy}
+        return {**strategy.last, "update_digests": seen.update_digests}
+
     stopped_early = False
     # Flower samples nodes with the global `random` module: seed it last, right before the
     # rounds, so nothing else (key generation, file writes, other threads) runs in between.
@@ -210,11 +232,14 @@ def run_federation(
         audit.close()
         raise
     final = numpy_arrays(state["arrays"])
-    store.save_model(final)
+    if isinstance(strategy, HEStrategy):
+        model_file = store.save_model(final, name="model.he.safetensors", metadata=strategy.state_metadata())
+    else:
+        model_file = store.save_model(final)
     audit.append("run_end", store.rounds[-1].round, {
         "status": "stopped at target accuracy" if stopped_early else "completed",
         "final_model": arrays_digest(final),
-        "model_file": "model.safetensors",
+        "model_file": model_file.name,
     })
     audit.close()
     extra = {

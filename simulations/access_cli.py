@@ -10,7 +10,7 @@ from crypto import signing
 from fedlearn.errors import ConfigError
 
 
-def add_commands(sub, config_from_args) -> None:
+def add_commands(sub, config_from_args):
     keys = sub.add_parser("keys", help="Ed25519 identities and the access policy")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
 
@@ -63,6 +63,7 @@ def add_commands(sub, config_from_args) -> None:
     digest = audit_sub.add_parser("digest", help="print the digest of a saved model, as the audit log records it")
     digest.add_argument("model", type=Path, help="model.safetensors")
     digest.set_defaults(func=_digest)
+    return keys_sub
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -8,10 +8,11 @@ import os
 import sys
 from pathlib import Path
 
+from crypto.he import HEKeyError
 from crypto.signing import KeyFileError
 from fedlearn.config import RunConfig, load_toml, parse_overrides, resolve
 from fedlearn.errors import ConfigError, FedlearnError
-from simulations import access_cli
+from simulations import access_cli, he_cli
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 
@@ -84,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--data-dir", required=True, help="where to put it (then use data-dir=... or FEDLEARN_DATA_DIR)")
     download.set_defaults(func=_cmd_data_download)
 
-    access_cli.add_commands(sub, config_from_args)
+    keys_sub = access_cli.add_commands(sub, config_from_args)
+    he_cli.add_commands(sub, keys_sub)
 
     bench = sub.add_parser("bench", help="run a benchmark scenario (same as python -m simulations.bench)")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="scenario and its options")
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FedlearnError, KeyFileError) as exc:
+    except (FedlearnError, KeyFileError, HEKeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,0 +1,153 @@
+"""The ``he`` privacy mode between model arrays and ciphertexts (crypto.he does the cryptography).
+
+What travels (record names in fedlearn.messages):
+
+- Server -> client: ``arrays`` holds the global model, in clear in round 1 (the seeded initial
+  model is public) and afterwards as the encrypted aggregate of the last round: ciphertext
+  chunks ``ct-00000``... as uint8 arrays. The ``he`` ConfigRecord says how to read it (number
+  of terms, total weight, layout, per-tensor ranges) and, in training requests, the round's
+  ``max-terms`` (clients sampled) and ``weight-cap`` (the largest example count among them).
+- Client -> server: ``arrays`` holds the client's encrypted contribution, ``he`` its weight
+  (example count / weight-cap, in clear), its ranges and how many values it clipped.
+
+Clients decrypt the state, divide by the total weight, train, and encrypt
+``(num_examples / weight_cap) * model``: the server's sum divided by the total weight is the
+example-weighted average, exactly FedAvg. FedAvgM's server momentum is linear, so clients fold it
+into what they encrypt (see ``contribution_values``): the server still only adds ciphertexts.
+
+bfv ranges: each tensor is clipped to +-2**e, e = ceil(log2(he-range * max|global tensor|)),
+the same on every client because all decrypt the same global model. The exponents travel in
+clear: the server learns the order of magnitude of each tensor of the global model, nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from crypto.he import Encrypted, HEKey, HEKeyError, HESum, Layout
+
+CHUNK_PREFIX = "ct-"
+PREVIOUS_RECORD = "he-previous"  # fedavgm: the state before the current one
+RANGE_FLOOR = 1e-3  # a tensor of zeros still gets a usable range
+
+
+def flatten(arrays: dict[str, np.ndarray]) -> np.ndarray:
+    return np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays.values()])
+
+
+def unflatten(vector: np.ndarray, template: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out, start = {}, 0
+    for name, array in template.items():
+        size = int(np.prod(array.shape))
+        out[name] = vector[start : start + size].reshape(array.shape).astype(array.dtype)
+        start += size
+    return out
+
+
+def range_exponents(arrays: dict[str, np.ndarray], factor: float) -> list[int]:
+    """Per-tensor power-of-two clipping ranges for the bfv encoding."""
+    return [
+        math.ceil(math.log2(factor * max(float(np.abs(a).max(initial=0.0)), RANGE_FLOOR)))
+        for a in arrays.values()
+    ]
+
+
+def expand_ranges(exponents: list[int], template: dict[str, np.ndarray]) -> np.ndarray:
+    return np.concatenate([np.full(int(np.prod(a.shape)), 2.0**e) for e, a in zip(exponents, template.values())])
+
+
+@dataclass(frozen=True)
+class StateMeta:
+    """How to read an encrypted state (what the ``he`` record says about it)."""
+
+    terms: int
+    weight: float
+    max_terms: int
+    exponents: tuple[int, ...]
+
+    def to_record(self, prefix: str = "") -> dict:
+        return {f"{prefix}terms": self.terms, f"{prefix}weight": self.weight,
+                f"{prefix}max-terms": self.max_terms, f"{prefix}range-exp": list(self.exponents)}
+
+    @classmethod
+    def from_record(cls, record, prefix: str = "") -> StateMeta:
+        return cls(int(record[f"{prefix}terms"]), float(record[f"{prefix}weight"]),
+                   int(record[f"{prefix}max-terms"]), tuple(int(e) for e in record[f"{prefix}range-exp"]))
+
+
+def chunks_to_arrays(chunks) -> dict[str, np.ndarray]:
+    return {f"{CHUNK_PREFIX}{i:05d}": np.frombuffer(c, dtype=np.uint8) for i, c in enumerate(chunks)}
+
+
+def arrays_to_chunks(arrays: dict[str, np.ndarray]) -> tuple[bytes, ...]:
+    names = sorted(arrays)
+    if names != [f"{CHUNK_PREFIX}{i:05d}" for i in range(len(names))]:
+        raise ValueError(f"expected ciphertext arrays {CHUNK_PREFIX}00000..., got {names[:3]}...")
+    return tuple(np.asarray(arrays[n], dtype=np.uint8).tobytes() for n in names)
+
+
+class ModelCodec:
+    """Encrypts and decrypts one model architecture's arrays under one HE key and config."""
+
+    def __init__(self, key: HEKey, template: dict[str, np.ndarray], bits: int, range_factor: float):
+        self.key, self.template = key, template
+        self.length = sum(int(np.prod(a.shape)) for a in template.values())
+        self.bits, self.range_factor = bits, range_factor
+
+    def layout(self, max_terms: int) -> Layout:
+        return Layout(self.key.info.scheme, self.length, max_terms, self.bits)
+
+    def summer(self, max_terms: int, exponents) -> HESum:
+        ranges = expand_ranges(list(exponents), self.template) if self.key.info.scheme == "bfv" else None
+        return HESum(self.key, self.layout(max_terms), ranges)
+
+    def exponents_for(self, global_arrays: dict[str, np.ndarray]) -> tuple[int, ...]:
+        return tuple(range_exponents(global_arrays, self.range_factor)) if self.key.info.scheme == "bfv" else ()
+
+    def decrypt(self, chunks, meta: StateMeta) -> dict[str, np.ndarray]:
+        """The model an encrypted state stands for (weighted sum / total weight)."""
+        total = Encrypted(tuple(chunks), meta.weight, meta.terms)
+        weighted, weight = self.summer(meta.max_terms, meta.exponents).decode(total)
+        return unflatten(weighted / weight, self.template)
+
+    def encrypt(self, values: np.ndarray, weight: float, max_terms: int, exponents) -> Encrypted:
+        return self.summer(max_terms, exponents).encode(values, weight)
+
+
+def contribution_values(
+    local: dict[str, np.ndarray],
+    current: dict[str, np.ndarray],
+    previous: dict[str, np.ndarray] | None,
+    server_lr: float = 1.0,
+    server_momentum: float = 0.0,
+) -> np.ndarray:
+    """What a client encrypts so that the weighted average of all contributions is the next
+    global model. FedAvg: the local model. FedAvgM (Flower's rule: m = beta*m + (G - avg),
+    G' = G - lr*m): G - lr*(beta*m_prev + G - local), with m_prev = (G_prev - G)/lr recovered
+    from the two last global models (zero in round 1)."""
+    local_v, current_v = flatten(local), flatten(current)
+    if server_lr == 1.0 and server_momentum == 0.0:
+        return local_v
+    momentum = (flatten(previous) - current_v) / server_lr if previous is not None else 0.0
+    return current_v - server_lr * (server_momentum * momentum + current_v - local_v)
+
+
+def decrypt_saved_model(path, key: HEKey, template: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The clear model of a run's ``model.he.safetensors`` (written by the server under he)."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    with safe_open(str(path), framework="numpy") as f:
+        meta = f.metadata() or {}
+    arrays = load_file(str(path))
+    if meta.get("encrypted") == "false":
+        return arrays  # the run ended before any aggregate: the public initial model
+    if meta.get("context_id") != key.info.context_id:
+        raise HEKeyError(f"{path} was encrypted under another HE key pair than this secret context")
+    state = StateMeta(int(meta["terms"]), float(meta["weight"]), int(meta["max_terms"]),
+                      tuple(int(e) for e in meta["range_exp"].split(",") if e))
+    codec = ModelCodec(key, template, int(meta["bits"]), 1.0)
+    return codec.decrypt(arrays_to_chunks(arrays), state)
