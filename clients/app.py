@@ -153,7 +153,7 @@ def he_codec(msg: Message, config: RunConfig, template: dict) -> he.ModelCodec:
     wanted = str(msg.content[HE_RECORD]["context-id"])
     if key.info.context_id != wanted:
         raise ConfigError([f"he-secret {config.he_secret} belongs to another HE key pair than the server's public context"])
-    return he.ModelCodec(key, template, config.he_bits, config.he_range)
+    return he.ModelCodec(key, template, config.he_bits, config.he_range_factor())
 
 
 @dataclass
@@ -246,7 +246,7 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
 def query_handler(msg: Message, context: Context) -> Message:
     """Tell the server which partition this node holds (for seed-stable client sampling) and, when
     asked (privacy=he), how many training examples: both also travel in clear in every reply."""
-    if msg.content["config"].get("ask") == NUM_EXAMPLES_KEY:
+    if "config" in msg.content and msg.content["config"].get("ask") == NUM_EXAMPLES_KEY:
         task = node_task(msg, context)
         return reply(msg, task.partition_id, **{NODE_RECORD: ConfigRecord({PARTITION_KEY: task.partition_id, NUM_EXAMPLES_KEY: len(task.split)})})
     return reply(msg, partition_of(context))

@@ -23,7 +23,7 @@ decrypt it (threshold decryption removes that; see the he-threshold mode).
 from __future__ import annotations
 
 import functools
-import hashlib
+import secrets
 import json
 import math
 import os
@@ -54,7 +54,7 @@ class KeyInfo:
     scheme: str
     max_terms: int  # most ciphertexts one sum may add (noise budget)
     plain_modulus_bits: int  # bfv only (0 for ckks)
-    context_id: str = ""  # SHA-256 of the keyless context: identifies the key pair
+    context_id: str = ""  # random, shared by the secret and public files of one key pair
     secret: bool = False
 
     def parameters(self) -> dict:
@@ -91,16 +91,22 @@ class HEKey:
             bits = plain_modulus_bits(max_terms)
             if bits < 20:
                 raise HEKeyError(f"{max_terms} clients per round exceed what one bfv sum can add; use fewer")
-            modulus = _batching_prime(bits)
-            context = ts.context(ts.SCHEME_TYPE.BFV, POLY_DEGREE, modulus, list(COEFF_BITS), symmetric, n_threads=1)
+            while True:  # SEAL's 49-bit batching prime is also its 49-bit coefficient prime: skip such clashes
+                try:
+                    context = ts.context(ts.SCHEME_TYPE.BFV, POLY_DEGREE, _batching_prime(bits), list(COEFF_BITS), symmetric, n_threads=1)
+                    break
+                except ValueError:
+                    if bits <= 20:
+                        raise
+                    bits -= 1
         else:
             bits = 0
             if max_terms > 1 << 18:
                 raise HEKeyError(f"{max_terms} clients per round exceed what one ckks sum can add; use fewer")
             context = ts.context(ts.SCHEME_TYPE.CKKS, POLY_DEGREE, None, list(COEFF_BITS), symmetric, n_threads=1)
             context.global_scale = 2.0**CKKS_SCALE_BITS
-        public = _keyless(context)
-        info = KeyInfo(scheme, max_terms, bits, hashlib.sha256(public).hexdigest(), secret=True)
+        # Random, so that two key pairs with the same parameters never share an id.
+        info = KeyInfo(scheme, max_terms, bits, secrets.token_hex(32), secret=True)
         return cls(info, context)
 
     @property
@@ -134,8 +140,6 @@ class HEKey:
             raise HEKeyError(f"{source} is corrupted ({exc}); generate a new key pair") from None
         if info.secret != context.has_secret_key():
             raise HEKeyError(f"{source} is corrupted: its header and its key material disagree")
-        if hashlib.sha256(_keyless(context)).hexdigest() != info.context_id:
-            raise HEKeyError(f"{source} is corrupted: its parameters do not match its context id")
         return cls(info, context)
 
     def save(self, path: Path) -> Path:

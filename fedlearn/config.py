@@ -93,7 +93,7 @@ class RunConfig:
     evaluate_on: str = "auto"  # server (test split), clients (their test shards) or auto (server unless he)
     he_scheme: str = "bfv"  # bfv: quantized and packed (default); ckks: approximate floats
     he_bits: int = 16  # bfv: fixed-point bits per parameter per client (headroom is added per round)
-    he_range: float = 4.0  # bfv: clip each tensor to he-range x its largest global value, as a power of 2
+    he_range: float = 0.0  # bfv: clip each tensor to he-range x its largest global value (0: 2**(he-bits/4))
     he_public: str = ""  # server: public HE context file; empty: a key pair is generated per run (simulation)
     he_secret: str = ""  # clients: secret HE context file (a node may set its own in --node-config)
 
@@ -148,6 +148,11 @@ class RunConfig:
     def to_toml(self) -> str:
         lines = [f"{k} = {_toml_value(v)}" for k, v in self.to_flat().items()]
         return "\n".join(lines) + "\n"
+
+    def he_range_factor(self) -> float:
+        """Room for local models to outgrow the global one before clipping: by default a quarter of
+        the bits (x16 at 16 bits, x4 at 8), so precision and headroom shrink together."""
+        return self.he_range or float(2 ** (self.he_bits // 4))
 
     def evaluates_on_clients(self) -> bool:
         return self.evaluate_on == "clients" or (self.evaluate_on == "auto" and self.privacy == "he")
@@ -213,7 +218,7 @@ class RunConfig:
         choice("evaluate-on", self.evaluate_on, EVALUATE_ON)
         choice("he-scheme", self.he_scheme, HE_SCHEMES)
         need(2 <= self.he_bits <= 30, f"he-bits={self.he_bits}: must be between 2 and 30 (16 is the default, 8 halves the bytes)")
-        need(self.he_range > 0, f"he-range={self.he_range}: must be > 0 (a multiple of each tensor's largest value)")
+        need(self.he_range >= 0, f"he-range={self.he_range}: must be > 0 (a multiple of each tensor's largest value), or 0 for auto")
         if self.privacy == "he":
             problems += self._he_problems()
         else:

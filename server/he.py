@@ -48,7 +48,7 @@ class HEStrategy(Strategy):
         if key.secret:
             raise ValueError("the server must hold the public HE context only")
         self.base, self.config, self.key = base, config, key
-        self.codec = ModelCodec(key, template, config.he_bits, config.he_range)
+        self.codec = ModelCodec(key, template, config.he_bits, config.he_range_factor())
         self.momentum = config.strategy == "fedavgm"
         self.meta: StateMeta | None = None  # None while the global model is the clear initial one
         self._current: ArrayRecord | None = None  # the encrypted global model

@@ -258,6 +258,113 @@ def access_overhead(args: argparse.Namespace) -> list[dict]:
     return [record("access-overhead", figures, {"config": config.to_toml()})]
 
 
+HE_SETTINGS = {"bfv-16": ("bfv", 16), "bfv-8": ("bfv", 8), "ckks": ("ckks", 16)}
+
+
+def he_ops(args: argparse.Namespace) -> list[dict]:
+    """Per-client encrypt, server add, client decrypt seconds and upload bytes per parameter, for a
+    100k-parameter vector and the McMahan MNIST CNN (1.66M), against the plain fp32 payload."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    from flwr.app import RecordDict
+
+    from crypto.he import HEKey
+    from fedlearn import he, models
+    from server.grid import payload_bytes
+    from server.he import encrypted_record
+
+    cnn = {k: v.numpy() for k, v in models.build("mnist-cnn", (1, 28, 28), 10, seed=0).state_dict().items()}
+    shapes = {"vector-100k": {"w": np.zeros(100_000, np.float32)}, "mnist-cnn": cnn}
+    rng = np.random.default_rng(0)
+    entries = []
+    for name, template in shapes.items():
+        params = sum(a.size for a in template.values())
+        clear = {k: rng.normal(0, 0.05, a.shape).astype(np.float32) for k, a in template.items()}
+        plain_bytes = payload_bytes(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in clear.items()})}))
+        for setting in args.settings.split(","):
+            scheme, bits = HE_SETTINGS[setting]
+            key = HEKey.generate(scheme, args.clients)
+            client = he.ModelCodec(key, template, bits, 16.0)
+            server = he.ModelCodec(key.public(), template, bits, 16.0)
+            exponents = client.exponents_for(clear)
+            locals_ = [{k: v + rng.normal(0, 0.01, v.shape).astype(np.float32) for k, v in clear.items()}
+                       for _ in range(args.clients)]
+            started = time.perf_counter()
+            parts = [client.encrypt(he.flatten(m), 1.0, args.clients, exponents) for m in locals_]
+            encrypt = (time.perf_counter() - started) / args.clients
+            upload = payload_bytes(RecordDict({"arrays": encrypted_record(parts[0].chunks)}))
+            summer = server.summer(args.clients, exponents)
+            started = time.perf_counter()
+            for part in parts:
+                summer.check(part)  # what access control does on arrival (deserialises each ciphertext)
+            check = time.perf_counter() - started
+            started = time.perf_counter()
+            total = summer.add(parts)
+            add = time.perf_counter() - started
+            started = time.perf_counter()
+            model = client.decrypt(total.chunks, he.StateMeta(total.terms, total.weight, args.clients, exponents))
+            decrypt = time.perf_counter() - started
+            mean = {k: np.mean([m[k] for m in locals_], axis=0) for k in clear}
+            error = max(float(np.abs(model[k] - mean[k]).max()) for k in clear)
+            figures = {
+                "model": name, "parameters": params, "setting": setting, "clients": args.clients,
+                "encrypt_s_per_client": round(encrypt, 4), "server_check_s": round(check, 4),
+                "server_add_s": round(add, 4), "decrypt_s": round(decrypt, 4),
+                "upload_bytes_per_param": round(upload / params, 3),
+                "plain_bytes_per_param": round(plain_bytes / params, 3),
+                "size_vs_plain": round(upload / plain_bytes, 3),
+                "max_abs_error": float(f"{error:.3g}"),
+                "server_context_bytes": len(key.public().to_bytes()),
+            }
+            print(f"    {json.dumps(figures)}", flush=True)
+            entries.append(record("he-ops", figures, {"config": f"settings={args.settings} clients={args.clients}"}))
+    return entries
+
+
+def he_round(args: argparse.Namespace) -> list[dict]:
+    """Full rounds of the MNIST CNN job with 10 clients, he vs plain, alternating runs in this
+    process: round time ratio, upload per round, accuracy."""
+    import statistics
+
+    from rich.console import Console
+
+    from fedlearn.config import RunConfig
+    from simulations import simulate
+
+    arms = {"plain": {"privacy": "plain"}, **{s: {"privacy": "he", "he-scheme": HE_SETTINGS[s][0], "he-bits": HE_SETTINGS[s][1]}
+                                               for s in args.settings.split(",")}}
+    rounds: dict[str, list[dict]] = {arm: [] for arm in arms}
+    accuracy: dict[str, list[float]] = {arm: [] for arm in arms}
+    with tempfile.TemporaryDirectory() as out:
+        base = {"dataset": "mnist", "model": "mnist-cnn", "num-clients": args.clients, "local-epochs": 1,
+                "batch-size": 32, "optimizer": "sgd", "lr": 0.05, "num-rounds": args.rounds,
+                "evaluate-on": "clients", "out-dir": out, "data-dir": args.data_dir}
+        for repeat in range(args.repeats):
+            for arm, overrides in arms.items():
+                config = RunConfig.from_flat({**base, **overrides})
+                print(f"[he-round] run {repeat + 1}/{args.repeats}, {arm} ...", flush=True)
+                with open(os.devnull, "w") as quiet:
+                    summary = simulate.run(config, console=Console(file=quiet))
+                metrics = json.loads((Path(summary["run_dir"]) / "metrics.json").read_text())
+                rounds[arm] += [m for m in metrics if m["round"] >= 2]  # round 1 includes Ray start-up
+                accuracy[arm].append(summary["final_accuracy"])
+    plain = statistics.median(m["seconds"] for m in rounds["plain"])
+    params = 1_663_370
+    entries = []
+    for arm in arms:
+        median = statistics.median(m["seconds"] for m in rounds[arm])
+        figures = {
+            "arm": arm, "clients": args.clients, "rounds_measured": len(rounds[arm]),
+            "median_round_s": round(median, 3), "round_time_ratio_vs_plain": round(median / plain, 3),
+            "upload_bytes_per_param": round(statistics.median(m["bytes_up"] for m in rounds[arm]) / args.clients / params, 3),
+            "final_accuracy": [round(a, 4) for a in accuracy[arm]],
+        }
+        print(f"    {json.dumps(figures)}", flush=True)
+        entries.append(record("he-round", figures, {"config": json.dumps(base)}))
+    return entries
+
+
 SCENARIOS: dict[str, tuple[Callable[[argparse.Namespace], list[dict]], Callable[[argparse.ArgumentParser], None]]] = {}
 
 
@@ -278,7 +385,22 @@ def _overhead_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=2, help="alternating with/without pairs")
 
 
+def _he_ops_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--settings", default="bfv-16,bfv-8,ckks", help=f"comma-separated: {', '.join(HE_SETTINGS)}")
+    p.add_argument("--clients", type=int, default=10)
+
+
+def _he_round_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--settings", default="bfv-16,bfv-8", help=f"he arms besides plain: {', '.join(HE_SETTINGS)}")
+    p.add_argument("--clients", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--data-dir", default=os.environ.get("FEDLEARN_DATA_DIR", str(REPO.parent / "shared" / "data")))
+
+
 SCENARIOS["fedavg-scale"] = (fedavg_scale, _scale_args)
+SCENARIOS["he-ops"] = (he_ops, _he_ops_args)
+SCENARIOS["he-round"] = (he_round, _he_round_args)
 SCENARIOS["access-overhead"] = (access_overhead, _overhead_args)
 SCENARIOS["mcmahan-2nn"] = (mcmahan_2nn, _mcmahan_args)
 

@@ -1,0 +1,140 @@
+"""privacy=he in real Flower simulations: same model as plain within the stated bound, the server
+never holds a secret key, and what clients send carries none."""
+
+from __future__ import annotations
+
+
+import numpy as np
+import pytest
+from flwr.app import MessageType
+from flwr.common.serde import recorddict_to_proto
+from flwr.serverapp import ServerApp
+
+from clients.app import app as client_app
+from crypto import signing
+from crypto.he import HEKey
+from fedlearn import he, models
+from fedlearn.audit import read, verify
+from fedlearn.config import RunConfig
+from fedlearn.errors import ConfigError
+from fedlearn.runs import load_model
+from server.app import run_federation
+from server.grid import GridWrapper
+from simulations import engine
+from simulations.cli import main as cli
+
+
+class RecordingGrid(GridWrapper):
+    """Keeps the serialized payload of every reply the server receives."""
+
+    def __init__(self, grid):
+        super().__init__(grid)
+        self.replies: list[tuple[str, bytes]] = []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        for r in replies:
+            if not r.has_error():
+                self.replies.append((r.metadata.message_type, recorddict_to_proto(r.content).SerializeToString()))
+        return replies
+
+
+def run(config: RunConfig, record: bool = False):
+    summary, recorders = {}, []
+
+    app = ServerApp()
+
+    @app.main()
+    def main(grid, context):
+        recorder = RecordingGrid(grid) if record else grid
+        recorders.append(recorder)
+        summary.update(run_federation(recorder, config, on_round=lambda r: None))
+
+    engine.simulate(app, client_app, config.num_clients)
+    assert summary, "the simulation ended without a result"
+    return summary, (recorders[0] if record else None)
+
+
+def base(tmp_path, **overrides) -> RunConfig:
+    flat = {"num-clients": 3, "num-rounds": 1, "evaluate-on": "clients", "out-dir": str(tmp_path), "seed": 3}
+    flat.update(overrides)
+    return RunConfig.from_flat(flat)
+
+
+def decrypted(summary) -> dict[str, np.ndarray]:
+    run_dir = summary["run_dir"]
+    assert cli(["decrypt-model", run_dir, "--key", f"{run_dir}/he/he.secret"]) == 0
+    return load_model(f"{run_dir}/model.safetensors")
+
+
+def max_diff(a, b) -> float:
+    return max(float(np.abs(a[k].astype(np.float64) - b[k]).max()) for k in a)
+
+
+def test_he_rounds_equal_plain_within_the_bound_and_leak_no_key(tmp_path):
+    plain, _ = run(base(tmp_path / "plain"))
+    bfv, recorder = run(base(tmp_path / "bfv", privacy="he"), record=True)
+    ckks, _ = run(base(tmp_path / "ckks", privacy="he", **{"he-scheme": "ckks"}))
+    reference = load_model(f"{plain['run_dir']}/model.safetensors")
+
+    # bfv: the round's aggregate is off by at most the bound the audit log states (one round,
+    # same inputs); float32 storage adds at most one ulp of the largest weight.
+    records = read(f"{bfv['run_dir']}/audit.jsonl")
+    privacy = next(r for r in records if r["event"] == "round_end")["data"]["privacy"]
+    assert privacy["scheme"] == "bfv" and privacy["bits"] == 16 and privacy["lanes"] == 2
+    assert len(privacy["update_digests"]) == 3 and privacy["clipped"] == 0
+    assert max_diff(decrypted(bfv), reference) <= privacy["error_bound"] + 1e-6
+    assert max_diff(decrypted(ckks), reference) <= 1e-4
+    for summary in (bfv, ckks):
+        assert abs(summary["final_accuracy"] - plain["final_accuracy"]) <= 0.005
+        assert verify(f"{summary['run_dir']}/audit.jsonl", signing.load_public(f"{summary['run_dir']}/audit.pub")).ok
+
+    # 16-bit bfv: ~8 bytes per parameter per client (one ciphertext minimum per update).
+    params = models.count_parameters(models.build("mlp", (1, 8, 8), 10))
+    trained = [payload for kind, payload in recorder.replies if kind == MessageType.TRAIN]
+    assert len(trained) == 3 and all(len(p) < 20 * params for p in trained)
+
+    # No secret key material in anything the server received: not the secret context file, not
+    # the serialized secret key, not any 32-byte window of either.
+    secret = HEKey.load(f"{bfv['run_dir']}/he/he.secret", secret=True)
+    key_file = secret.to_bytes()
+    sk_path = tmp_path / "sk.bin"
+    secret.context.secret_key().data.save(str(sk_path))
+    windows = [blob[i : i + 32] for blob in (key_file[200:], sk_path.read_bytes()) for i in range(0, len(blob) - 32, 997)]
+    everything = b"".join(payload for _, payload in recorder.replies)
+    assert not any(w in everything for w in windows)
+    # The server's copy of the keys holds none: the run directory's public context cannot decrypt.
+    public = HEKey.load(f"{bfv['run_dir']}/he/he.public", secret=False)
+    assert not public.context.has_secret_key()
+    state = load_model(f"{bfv['run_dir']}/model.he.safetensors")
+    import tenseal as ts
+
+    with pytest.raises(ValueError, match="secret"):
+        ts.bfv_vector_from(public.context, he.arrays_to_chunks(state)[0]).decrypt()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [
+    {"strategy": "fedavgm", "server-momentum": 0.5},
+    {"he-bits": 8},
+    {"strategy": "fedprox", "proximal-mu": 0.01},
+])
+def test_he_reaches_plain_accuracy_over_rounds(tmp_path, overrides):
+    plain, _ = run(base(tmp_path / "plain", **{"num-rounds": 5, "num-clients": 5, **overrides}))
+    encrypted, _ = run(base(tmp_path / "he", privacy="he", **{"num-rounds": 5, "num-clients": 5, **overrides}))
+    assert abs(encrypted["final_accuracy"] - plain["final_accuracy"]) <= 0.005
+    reference = load_model(f"{plain['run_dir']}/model.safetensors")
+    assert max_diff(decrypted(encrypted), reference) <= (0.05 if overrides.get("he-bits") == 8 else 2e-3)
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    ({"strategy": "krum"}, "each update in clear"),
+    ({"strategy": "fedmedian"}, "each update in clear"),
+    ({"strategy": "fedadam"}, "non-linear step"),
+    ({"strategy": "fedyogi"}, "non-linear step"),
+    ({"evaluate-on": "server"}, "evaluate-on=clients"),
+])
+def test_what_he_cannot_do_is_a_config_error_that_says_why(overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment) as info:
+        RunConfig.from_flat({"privacy": "he", **overrides})
+    assert "never sees" in str(info.value)
