@@ -153,7 +153,7 @@ def he_codec(msg: Message, config: RunConfig, template: dict) -> he.ModelCodec:
     wanted = str(msg.content[HE_RECORD]["context-id"])
     if key.info.context_id != wanted:
         raise ConfigError([f"he-secret {config.he_secret} belongs to another HE key pair than the server's public context"])
-    return he.ModelCodec(key, template, config.he_bits, config.he_range_factor())
+    return he.ModelCodec(key, template, config.he_bits, config.he_range_factor(), config.he_workers)
 
 
 @dataclass

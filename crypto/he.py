@@ -22,11 +22,12 @@ decrypt it (threshold decryption removes that; see the he-threshold mode).
 
 from __future__ import annotations
 
+import atexit
 import functools
-import secrets
 import json
 import math
 import os
+import secrets
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -185,6 +186,48 @@ def generate_pair(directory: Path, scheme: str, max_terms: int) -> tuple[Path, P
     return key.save(directory / "he.secret"), key.public().save(directory / "he.public")
 
 
+# -- encryption workers -------------------------------------------------------------
+# TenSEAL holds the GIL while it encrypts, so threads do not help: a pool of processes, each
+# with its own copy of the secret context, encrypts chunks in parallel on multi-core nodes.
+
+_POOLS: dict[tuple[str, int], object] = {}
+_WORKER: dict = {}
+
+
+def _encrypt_piece(context: ts.Context, scheme: str, piece: np.ndarray) -> bytes:
+    vector = ts.bfv_vector if scheme == "bfv" else ts.ckks_vector
+    return vector(context, piece.tolist()).serialize()
+
+
+def _init_worker(key_bytes: bytes) -> None:
+    key = HEKey.from_bytes(key_bytes)
+    _WORKER.update(context=key.context, scheme=key.info.scheme)
+
+
+def _encrypt_in_worker(piece: np.ndarray) -> bytes:
+    return _encrypt_piece(_WORKER["context"], _WORKER["scheme"], piece)
+
+
+def _shutdown_pools() -> None:
+    while _POOLS:
+        _POOLS.popitem()[1].shutdown(wait=True, cancel_futures=True)
+
+
+def _pool(key: HEKey, workers: int):
+    """A process pool for ``key``, started once per process and reused across rounds."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    slot = (key.info.context_id, workers)
+    if not _POOLS:
+        atexit.register(_shutdown_pools)
+    if slot not in _POOLS:
+        context = multiprocessing.get_context("spawn")  # no fork of a process with threads (Ray, Flower)
+        _POOLS[slot] = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                           initargs=(key.to_bytes(),))
+    return _POOLS[slot]
+
+
 # -- sums ------------------------------------------------------------------------------
 
 
@@ -229,7 +272,7 @@ class HESum:
     """The SecureSum of ``he`` (see DESIGN.md section 3): encode and decode need the secret key,
     add needs none. ``ranges`` (bfv) are the per-value clipping ranges all clients share."""
 
-    def __init__(self, key: HEKey, layout: Layout, ranges: np.ndarray | float | None = None):
+    def __init__(self, key: HEKey, layout: Layout, ranges: np.ndarray | float | None = None, workers: int = 1):
         if layout.scheme != key.info.scheme:
             raise HEKeyError(f"the run uses he-scheme={layout.scheme} but the HE key is {key.info.scheme}")
         if layout.max_terms > key.info.max_terms:
@@ -237,7 +280,7 @@ class HESum:
                 f"{layout.max_terms} clients per round, but this HE key was made for sums of at most "
                 f"{key.info.max_terms}: generate keys with --max-clients {layout.max_terms} or more"
             )
-        self.key, self.layout = key, layout
+        self.key, self.layout, self.workers = key, layout, workers
         self.ranges = 1.0 if ranges is None else ranges
 
     # client side ------------------------------------------------------------------
@@ -261,8 +304,11 @@ class HESum:
 
     def _encrypt(self, slots: np.ndarray) -> list[bytes]:
         size = slots_per_chunk(self.layout.scheme)
-        vector = ts.bfv_vector if self.layout.scheme == "bfv" else ts.ckks_vector
-        return [vector(self.key.context, slots[i : i + size].tolist()).serialize() for i in range(0, len(slots), size)]
+        pieces = [slots[i : i + size] for i in range(0, len(slots), size)]
+        if self.workers > 1 and len(pieces) > 1:
+            pool = _pool(self.key, self.workers)
+            return list(pool.map(_encrypt_in_worker, pieces, chunksize=max(1, len(pieces) // (4 * self.workers))))
+        return [_encrypt_piece(self.key.context, self.layout.scheme, piece) for piece in pieces]
 
     def decode(self, total: Encrypted) -> tuple[np.ndarray, float]:
         """The weighted sum of the encoded values and the total weight."""

@@ -94,6 +94,7 @@ class RunConfig:
     he_scheme: str = "bfv"  # bfv: quantized and packed (default); ckks: approximate floats
     he_bits: int = 16  # bfv: fixed-point bits per parameter per client (headroom is added per round)
     he_range: float = 0.0  # bfv: clip each tensor to he-range x its largest global value (0: 2**(he-bits/4))
+    he_workers: int = 1  # clients: processes that encrypt in parallel (set to the node's cores for big models)
     he_public: str = ""  # server: public HE context file; empty: a key pair is generated per run (simulation)
     he_secret: str = ""  # clients: secret HE context file (a node may set its own in --node-config)
 
@@ -218,6 +219,7 @@ class RunConfig:
         choice("evaluate-on", self.evaluate_on, EVALUATE_ON)
         choice("he-scheme", self.he_scheme, HE_SCHEMES)
         need(2 <= self.he_bits <= 30, f"he-bits={self.he_bits}: must be between 2 and 30 (16 is the default, 8 halves the bytes)")
+        need(self.he_workers >= 1, f"he-workers={self.he_workers}: must be >= 1 (1 encrypts in the client process)")
         need(self.he_range >= 0, f"he-range={self.he_range}: must be > 0 (a multiple of each tensor's largest value), or 0 for auto")
         if self.privacy == "he":
             problems += self._he_problems()

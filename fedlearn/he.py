@@ -22,6 +22,7 @@ clear: the server learns the order of magnitude of each tensor of the global mod
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -92,8 +93,8 @@ def arrays_to_chunks(arrays: dict[str, np.ndarray]) -> tuple[bytes, ...]:
 class ModelCodec:
     """Encrypts and decrypts one model architecture's arrays under one HE key and config."""
 
-    def __init__(self, key: HEKey, template: dict[str, np.ndarray], bits: int, range_factor: float):
-        self.key, self.template = key, template
+    def __init__(self, key: HEKey, template: dict[str, np.ndarray], bits: int, range_factor: float, workers: int = 1):
+        self.key, self.template, self.workers = key, template, workers
         self.length = sum(int(np.prod(a.shape)) for a in template.values())
         self.bits, self.range_factor = bits, range_factor
 
@@ -101,8 +102,12 @@ class ModelCodec:
         return Layout(self.key.info.scheme, self.length, max_terms, self.bits)
 
     def summer(self, max_terms: int, exponents) -> HESum:
-        ranges = expand_ranges(list(exponents), self.template) if self.key.info.scheme == "bfv" else None
-        return HESum(self.key, self.layout(max_terms), ranges)
+        ranges = self._ranges(tuple(exponents)) if self.key.info.scheme == "bfv" else None
+        return HESum(self.key, self.layout(max_terms), ranges, self.workers)
+
+    @functools.lru_cache(maxsize=4)
+    def _ranges(self, exponents: tuple[int, ...]) -> np.ndarray:
+        return expand_ranges(list(exponents), self.template)
 
     def exponents_for(self, global_arrays: dict[str, np.ndarray]) -> tuple[int, ...]:
         return tuple(range_exponents(global_arrays, self.range_factor)) if self.key.info.scheme == "bfv" else ()

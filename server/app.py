@@ -104,7 +104,8 @@ def run_federation(
 ) -> dict:
     """Run every round of ``config`` on ``grid`` and write the run directory. Returns the summary."""
     # Everything that can fail on bad input fails before the run directory exists.
-    test = data.load(config.dataset, config.data_dir, config.test_fraction, config.seed).test
+    # The server needs the test split only when it evaluates (never under he).
+    test = None if config.evaluates_on_clients() else data.load(config.dataset, config.data_dir, config.test_fraction, config.seed).test
     device = select_device(config.device)
     policy, audit_key = load_credentials(config)
     he_key = load_public_key(config)
@@ -245,7 +246,7 @@ def run_federation(
     extra = {
         "run_dir": str(store.directory),
         "stopped_at_target": stopped_early,
-        "parameters": int(sum(np.asarray(v).size for v in final.values())),
+        "parameters": models.count_parameters(model),
         "operator": run.operator.name,
         "audit_log": str(audit.path),
         "audit_key": audit.key_fingerprint,

@@ -61,7 +61,10 @@ def test_all_problems_reported_at_once():
         ({"strategy": "krum", "num-clients": 4, "krum-malicious": 1}, "needs more than 4 sampled clients"),
         ({"partitioner": "shards", "num-clients": 1000, "shards-per-client": 2}, "2000 shards"),
         ({"min-available-clients": 20}, "exceeds num-clients=10"),
-        ({"privacy": "he"}, "only 'plain' is available"),
+        ({"privacy": "secagg"}, "privacy='secagg': choose one of plain, he"),
+        ({"privacy": "he", "he-bits": 40}, "he-bits=40"),
+        ({"he-secret": "x.secret"}, "he-secret only applies to privacy=he"),
+        ({"privacy": "he", "strategy": "fedadagrad"}, "non-linear step"),
     ],
 )
 def test_impossible_combinations(flat, fragment):

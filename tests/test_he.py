@@ -138,3 +138,14 @@ def test_malformed_ciphertexts_are_refused_by_the_check(bfv_key):
     foreign = HESum(other, layout, 1.0).encode(np.zeros(5000), 0.5)
     with pytest.raises(ValueError, match="not a valid"):
         server.check(foreign)
+
+
+def test_a_pool_of_encryption_workers_gives_the_same_sums(bfv_key):
+    layout = Layout("bfv", 40000, 4, 16)
+    values = np.random.default_rng(1).normal(size=40000)
+    pooled = HESum(bfv_key, layout, 8.0, workers=2).encode(values, 0.5)
+    single = HESum(bfv_key, layout, 8.0).encode(values, 0.5)
+    assert len(pooled.chunks) == len(single.chunks) == layout.chunks(bfv_key) > 1
+    for encrypted in (pooled, single):
+        decoded, _ = HESum(bfv_key, layout, 8.0).decode(encrypted)
+        assert np.abs(decoded - 0.5 * values).max() <= FixedPoint(16).error_bound(1, 8.0)

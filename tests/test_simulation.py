@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from fedlearn import data, models
 from fedlearn.config import RunConfig
