@@ -14,7 +14,9 @@ the node's Ed25519 key: ``node-key`` in the node config (a deployed SuperNode), 
 
 from __future__ import annotations
 
+import hashlib
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -176,18 +178,35 @@ def received_model(msg: Message, config: RunConfig) -> GlobalModel:
     codec = he_codec(msg, config, template)
     state = msg.content[HE_RECORD]
     if state["encrypted"]:
-        arrays = codec.decrypt(_chunks(record), he.StateMeta.from_record(state))
+        arrays = _decrypted(codec, _chunks(record), he.StateMeta.from_record(state))
     else:
         arrays = {k: v.numpy() for k, v in record.items()}
     previous = None
     if he.PREVIOUS_RECORD in msg.content:
-        previous = codec.decrypt(_chunks(msg.content[he.PREVIOUS_RECORD]), he.StateMeta.from_record(state, "previous-"))
+        previous = _decrypted(codec, _chunks(msg.content[he.PREVIOUS_RECORD]), he.StateMeta.from_record(state, "previous-"))
     elif state["encrypted"]:  # round 2: the model before the first aggregate is the public initial one
         spec = data.spec(config.dataset)
         initial = models.build(config.model, spec.shape, spec.num_classes, seed=config.seed)
         previous = {k: v.detach().numpy() for k, v in initial.state_dict().items()}
     model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
     return GlobalModel(model, arrays, previous, codec)
+
+
+_DECRYPTED: OrderedDict[str, dict] = OrderedDict()  # this process's last decrypted global models
+
+
+def _decrypted(codec: he.ModelCodec, chunks: tuple[bytes, ...], meta: he.StateMeta) -> dict:
+    """Decrypt, or reuse: the same aggregate arrives for evaluation, then for the next round's
+    training, and (in simulation) at every node this process runs."""
+    digest = hashlib.sha256(codec.key.info.context_id.encode() + repr(meta).encode())
+    for chunk in chunks:
+        digest.update(chunk)
+    key = digest.hexdigest()
+    if key not in _DECRYPTED:
+        _DECRYPTED[key] = codec.decrypt(chunks, meta)
+        while len(_DECRYPTED) > 2:
+            _DECRYPTED.popitem(last=False)
+    return {k: v.copy() for k, v in _DECRYPTED[key].items()}
 
 
 def _chunks(record: ArrayRecord) -> tuple[bytes, ...]:

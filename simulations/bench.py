@@ -271,6 +271,7 @@ def he_ops(args: argparse.Namespace) -> list[dict]:
 
     from crypto.he import HEKey
     from fedlearn import he, models
+    from fedlearn.config import RunConfig
     from server.grid import payload_bytes
     from server.he import encrypted_record
 
@@ -285,8 +286,9 @@ def he_ops(args: argparse.Namespace) -> list[dict]:
         for setting in args.settings.split(","):
             scheme, bits = HE_SETTINGS[setting]
             key = HEKey.generate(scheme, args.clients)
-            client = he.ModelCodec(key, template, bits, 16.0)
-            server = he.ModelCodec(key.public(), template, bits, 16.0)
+            factor = RunConfig.from_flat({"he-bits": bits}).he_range_factor()  # the run's default ranges
+            client = he.ModelCodec(key, template, bits, factor)
+            server = he.ModelCodec(key.public(), template, bits, factor)
             exponents = client.exponents_for(clear)
             locals_ = [{k: v + rng.normal(0, 0.01, v.shape).astype(np.float32) for k, v in clear.items()}
                        for _ in range(args.clients)]
@@ -305,7 +307,7 @@ def he_ops(args: argparse.Namespace) -> list[dict]:
             started = time.perf_counter()
             model = client.decrypt(total.chunks, he.StateMeta(total.terms, total.weight, args.clients, exponents))
             decrypt = time.perf_counter() - started
-            parallel = he.ModelCodec(key, template, bits, 16.0, workers=args.workers)
+            parallel = he.ModelCodec(key, template, bits, factor, workers=args.workers)
             parallel.encrypt(he.flatten(locals_[0]), 1.0, args.clients, exponents)  # start the pool
             started = time.perf_counter()
             for m in locals_[:3]:
