@@ -21,7 +21,7 @@ from flwr.serverapp.strategy import Strategy
 
 from crypto.he import Encrypted, HEKey, HEKeyError, generate_pair
 from fedlearn.config import RunConfig
-from fedlearn.errors import ConfigError
+from fedlearn.errors import ConfigError, FederationError
 from fedlearn.he import PREVIOUS_RECORD, ModelCodec, StateMeta, arrays_to_chunks, chunks_to_arrays
 from fedlearn.messages import HE_RECORD, NODE_RECORD, NUM_EXAMPLES_KEY
 
@@ -84,7 +84,10 @@ class HEStrategy(Strategy):
         self._learn_counts(nodes, grid)
         known = [self.counts[n] for n in nodes if n in self.counts]
         if not known:
-            raise RuntimeError("no sampled node reported its number of training examples: are the nodes running fedlearn?")
+            raise FederationError(
+                f"none of the {len(nodes)} sampled nodes said how many training examples it holds within "
+                f"round-timeout={self.config.round_timeout:g}s: are they running fedlearn's ClientApp?"
+            )
         self.plan = RoundPlan(max_terms=len(nodes), weight_cap=max(known))
         self._attach(messages, {"max-terms": self.plan.max_terms, "weight-cap": self.plan.weight_cap})
         return messages

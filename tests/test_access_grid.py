@@ -171,3 +171,19 @@ def test_updates_are_checked_against_the_model_not_the_dtype_a_strategy_sent(set
     grid = AccessGrid(ScriptedGrid({101: float32}), policy, audit, "run-A", model=initial_arrays(CONFIG))
     (answer,) = grid.send_and_receive([message(content, src=1, dst=101)])
     assert not answer.has_error(), answer.error
+
+
+def test_a_privacy_modes_update_check_replaces_the_shape_check_and_its_refusals_are_audited(setup):
+    keys, policy, audit = setup
+
+    def encrypted_only(content):
+        if "he" not in content:
+            raise ValueError("not an encrypted update")
+
+    content = RecordDict({"arrays": initial_arrays(CONFIG), "config": ConfigRecord({"server-round": 1})})
+    grid = AccessGrid(ScriptedGrid({101: honest(keys["good"])}), policy, audit, "run-A",
+                      model=initial_arrays(CONFIG), check_update=encrypted_only)
+    (refused,) = grid.send_and_receive([message(content, src=1, dst=101)])
+    assert refused.has_error() and "malformed update: not an encrypted update" in refused.error.reason
+    rejected = [r for r in read(audit.path) if r["event"] == "update_rejected"]
+    assert rejected[0]["data"]["reason"] == "malformed update: not an encrypted update"

@@ -1,0 +1,124 @@
+"""server.he.HEStrategy with the real client code, without a simulation: FedAvgM folded into
+encrypted contributions equals Flower's FedAvgM, and malformed encrypted updates are refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvgM
+from flwr.supercore.task_identity import TaskIdentity
+
+from clients.app import NodeTask, encrypted_update, received_model
+from crypto.he import HEKey, generate_pair
+from fedlearn import strategies
+from fedlearn.config import RunConfig
+from fedlearn.messages import HE_RECORD, NODE_RECORD, NUM_EXAMPLES_KEY
+from server.app import global_model
+from server.he import HEStrategy
+
+COUNTS = {1: 10, 2: 25, 3: 40}  # node id -> training examples
+
+
+class CountingGrid:
+    """Three nodes that answer the server's example-count query."""
+
+    def get_node_ids(self):
+        return list(COUNTS)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return [
+            Message(RecordDict({NODE_RECORD: ConfigRecord({NUM_EXAMPLES_KEY: COUNTS[m.metadata.dst_node_id]})}), reply_to=m)
+            for m in messages
+        ]
+
+
+@pytest.fixture
+def run_identity():
+    saved = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # Message() needs a task's ids
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def setup(tmp_path, **overrides):
+    secret, public = generate_pair(tmp_path, overrides.pop("he-scheme", "bfv"), 3)
+    key = HEKey.load(public, secret=False)
+    config = RunConfig.from_flat({"privacy": "he", "num-clients": 3, "model": "logreg", "he-scheme": key.info.scheme,
+                                  "he-public": str(public), "he-secret": str(secret), **overrides})
+    template = {k: v.detach().numpy() for k, v in global_model(config).state_dict().items()}
+    return config, HEStrategy(strategies.build(config), config, key, template), template
+
+
+def client_replies(config, messages, server_round, rng):
+    """What fedlearn's ClientApp sends back, with local training replaced by a random step."""
+    replies, clear = [], []
+    for msg in messages:
+        node = msg.metadata.dst_node_id
+        received = received_model(msg, config)
+        local = {k: (v + rng.normal(0, 0.05, v.shape)).astype(v.dtype) for k, v in received.arrays.items()}
+        task = NodeTask(config, server_round, node, split=None)
+        metrics = MetricRecord({"num-examples": COUNTS[node]})
+        records = encrypted_update(msg, task, received, local, COUNTS[node])
+        replies.append(Message(RecordDict({"metrics": metrics, **records}), reply_to=msg))
+        clear.append(Message(RecordDict({"metrics": metrics, "arrays": ArrayRecord({k: Array(v) for k, v in local.items()})}), reply_to=msg))
+    return replies, clear, received.arrays
+
+
+def test_fedavgm_folded_into_contributions_equals_flowers_fedavgm(tmp_path, run_identity):
+    config, strategy, template = setup(tmp_path, **{"he-scheme": "ckks", "strategy": "fedavgm",
+                                                    "server-lr": 0.7, "server-momentum": 0.5})
+    flower = FedAvgM(server_learning_rate=0.7, server_momentum=0.5)
+    grid = CountingGrid()
+    encrypted = flowers = ArrayRecord({k: Array(v) for k, v in template.items()})
+    train_config = ConfigRecord(config.to_flat())
+    for server_round in (1, 2, 3, 4):
+        messages = list(strategy.configure_train(server_round, encrypted, train_config, grid))
+        flower.configure_train(server_round, flowers, ConfigRecord(), grid)  # keeps its current model
+        replies, clear, seen = client_replies(config, messages, server_round, np.random.default_rng(server_round))
+        if server_round > 1:  # what the clients decrypted is Flower's model of the round before
+            assert max(np.abs(seen[k] - flowers[k].numpy()).max() for k in seen) < 1e-5
+        for reply in replies:
+            strategy.check_reply(reply.content)
+        encrypted, _ = strategy.aggregate_train(server_round, replies)
+        flowers, _ = flower.aggregate_train(server_round, clear)
+
+
+def test_malformed_encrypted_updates_are_refused_with_the_reason(tmp_path, run_identity):
+    config, strategy, template = setup(tmp_path)
+    initial = ArrayRecord({k: Array(v) for k, v in template.items()})
+    messages = list(strategy.configure_train(1, initial, ConfigRecord(config.to_flat()), CountingGrid()))
+    replies, clear, _ = client_replies(config, messages, 1, np.random.default_rng(0))
+    good = replies[0].content
+
+    def altered(change):
+        content = RecordDict(dict(good.items()))
+        change(content)
+        return content
+
+    def weight(c):
+        c[HE_RECORD] = ConfigRecord({**dict(c[HE_RECORD]), "weight": 0.999})
+
+    def dropped(c):
+        c["arrays"] = ArrayRecord({k: v for k, v in list(c["arrays"].items())[:-1]} or {"ct-00000": Array(np.zeros(1, np.uint8))})
+
+    def garbage(c):
+        c["arrays"] = ArrayRecord({k: Array(np.frombuffer(b"\x01" * 500, np.uint8)) for k in c["arrays"]})
+
+    def ranges(c):
+        c[HE_RECORD] = ConfigRecord({**dict(c[HE_RECORD]), "range-exp": [e + 1 for e in c[HE_RECORD]["range-exp"]]})
+
+    cases = [
+        (clear[0].content, "not an encrypted update"),
+        (altered(weight), "is not num-examples"),
+        (altered(garbage), "not a valid bfv ciphertext"),
+    ]
+    for content, reason in cases:
+        with pytest.raises(ValueError, match=reason):
+            strategy.check_reply(content)
+    strategy.check_reply(good)  # the first accepted update fixes the round's ranges
+    with pytest.raises(ValueError, match="differ from the other updates"):
+        strategy.check_reply(altered(ranges))
+    with pytest.raises(ValueError, match="ciphertexts instead|not a valid"):
+        strategy.check_reply(altered(dropped))
+    assert messages[0].metadata.message_type == MessageType.TRAIN
