@@ -87,7 +87,8 @@ def _stop_processes_mentioning(marker: str) -> None:
     psutil.wait_procs(procs, timeout=10)
 
 
-def test_flwr_run_uses_the_same_app_and_keys(tmp_path):
+@pytest.mark.parametrize("privacy", ["plain", "he"])
+def test_flwr_run_uses_the_same_app_and_keys(tmp_path, privacy):
     flwr_home = tmp_path / "flwr-home"
     out = tmp_path / "runs"
     http_port, control_port = _free_port(), _free_port()
@@ -98,14 +99,16 @@ def test_flwr_run_uses_the_same_app_and_keys(tmp_path):
         result = run(
             [str(Path(sys.executable).parent / "flwr"), "run", ".", "--stream",
              "--federation-config", "num-supernodes=3",
-             "--run-config", f"num-rounds=2 num-clients=3 out-dir='{out}'"],
+             "--run-config", f"num-rounds=2 num-clients=3 privacy='{privacy}' out-dir='{out}'"],
             env=env,
         )
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         runs = list(out.iterdir())
         assert len(runs) == 1
         metrics = json.loads((runs[0] / "metrics.json").read_text())
-        assert [m["round"] for m in metrics] == [0, 1, 2] and metrics[-1]["clients"] == 3
+        # Under he the clients evaluate, after each round: there is no round 0 record.
+        assert [m["round"] for m in metrics] == ([1, 2] if privacy == "he" else [0, 1, 2])
+        assert metrics[-1]["clients"] == 3
         assert json.loads((runs[0] / "summary.json").read_text())["final_accuracy"] > 0.5
         assert audit_verdict(runs[0]).returncode == 0
     finally:
