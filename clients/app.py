@@ -14,16 +14,14 @@ the node's Ed25519 key: ``node-key`` in the node config (a deployed SuperNode), 
 
 from __future__ import annotations
 
-import hashlib
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from crypto import signing
@@ -178,39 +176,18 @@ def received_model(msg: Message, config: RunConfig) -> GlobalModel:
     codec = he_codec(msg, config, template)
     state = msg.content[HE_RECORD]
     if state["encrypted"]:
-        arrays = _decrypted(codec, _chunks(record), he.StateMeta.from_record(state))
+        arrays = codec.decrypt(he.record_chunks(record), he.StateMeta.from_record(state))
     else:
         arrays = {k: v.numpy() for k, v in record.items()}
     previous = None
     if he.PREVIOUS_RECORD in msg.content:
-        previous = _decrypted(codec, _chunks(msg.content[he.PREVIOUS_RECORD]), he.StateMeta.from_record(state, "previous-"))
+        previous = codec.decrypt(he.record_chunks(msg.content[he.PREVIOUS_RECORD]), he.StateMeta.from_record(state, "previous-"))
     elif state["encrypted"]:  # round 2: the model before the first aggregate is the public initial one
         spec = data.spec(config.dataset)
         initial = models.build(config.model, spec.shape, spec.num_classes, seed=config.seed)
         previous = {k: v.detach().numpy() for k, v in initial.state_dict().items()}
     model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
     return GlobalModel(model, arrays, previous, codec)
-
-
-_DECRYPTED: OrderedDict[str, dict] = OrderedDict()  # this process's last decrypted global models
-
-
-def _decrypted(codec: he.ModelCodec, chunks: tuple[bytes, ...], meta: he.StateMeta) -> dict:
-    """Decrypt, or reuse: the same aggregate arrives for evaluation, then for the next round's
-    training, and (in simulation) at every node this process runs."""
-    digest = hashlib.sha256(codec.key.info.context_id.encode() + repr(meta).encode())
-    for chunk in chunks:
-        digest.update(chunk)
-    key = digest.hexdigest()
-    if key not in _DECRYPTED:
-        _DECRYPTED[key] = codec.decrypt(chunks, meta)
-        while len(_DECRYPTED) > 2:
-            _DECRYPTED.popitem(last=False)
-    return {k: v.copy() for k, v in _DECRYPTED[key].items()}
-
-
-def _chunks(record: ArrayRecord) -> tuple[bytes, ...]:
-    return he.arrays_to_chunks({name: array.numpy() for name, array in record.items()})
 
 
 def encrypted_update(msg: Message, task: NodeTask, received: GlobalModel, local: dict, num_examples: int) -> dict:
@@ -227,9 +204,8 @@ def encrypted_update(msg: Message, task: NodeTask, received: GlobalModel, local:
     codec = received.codec
     exponents = codec.exponents_for(received.arrays)
     encrypted = codec.encrypt(values, num_examples / cap, max_terms, exponents)
-    arrays = ArrayRecord({name: Array(a) for name, a in he.chunks_to_arrays(encrypted.chunks).items()})
     meta = ConfigRecord({"weight": encrypted.weight, "range-exp": list(exponents), "clipped": encrypted.clipped})
-    return {"arrays": arrays, HE_RECORD: meta}
+    return {"arrays": he.encrypted_record(encrypted.chunks), HE_RECORD: meta}
 
 
 @app.train()

@@ -23,10 +23,13 @@ clear: the server learns the order of magnitude of each tensor of the global mod
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
+from flwr.app import Array, ArrayRecord
 
 from crypto.he import Encrypted, HEKey, HEKeyError, HESum, Layout
 
@@ -83,6 +86,15 @@ def chunks_to_arrays(chunks) -> dict[str, np.ndarray]:
     return {f"{CHUNK_PREFIX}{i:05d}": np.frombuffer(c, dtype=np.uint8) for i, c in enumerate(chunks)}
 
 
+def encrypted_record(chunks) -> ArrayRecord:
+    """Ciphertexts as the ArrayRecord that carries them (the encrypted model or an update)."""
+    return ArrayRecord({name: Array(array) for name, array in chunks_to_arrays(chunks).items()})
+
+
+def record_chunks(record: ArrayRecord) -> tuple[bytes, ...]:
+    return arrays_to_chunks({name: array.numpy() for name, array in record.items()})
+
+
 def arrays_to_chunks(arrays: dict[str, np.ndarray]) -> tuple[bytes, ...]:
     names = sorted(arrays)
     if names != [f"{CHUNK_PREFIX}{i:05d}" for i in range(len(names))]:
@@ -112,11 +124,23 @@ class ModelCodec:
     def exponents_for(self, global_arrays: dict[str, np.ndarray]) -> tuple[int, ...]:
         return tuple(range_exponents(global_arrays, self.range_factor)) if self.key.info.scheme == "bfv" else ()
 
+    _decrypted: OrderedDict[str, dict] = OrderedDict()  # per process: the last models decrypted
+
     def decrypt(self, chunks, meta: StateMeta) -> dict[str, np.ndarray]:
-        """The model an encrypted state stands for (weighted sum / total weight)."""
-        total = Encrypted(tuple(chunks), meta.weight, meta.terms)
-        weighted, weight = self.summer(meta.max_terms, meta.exponents).decode(total)
-        return unflatten(weighted / weight, self.template)
+        """The model an encrypted state stands for (weighted sum / total weight). The same
+        aggregate arrives for evaluation, then for the next round's training, and in simulation
+        at every node a process runs: the last two are kept, keyed by their digest."""
+        digest = hashlib.sha256(f"{self.key.info.context_id}{meta}{list(self.template)}".encode())
+        for chunk in chunks:
+            digest.update(chunk)
+        cache, key = ModelCodec._decrypted, digest.hexdigest()
+        if key not in cache:
+            total = Encrypted(tuple(chunks), meta.weight, meta.terms)
+            weighted, weight = self.summer(meta.max_terms, meta.exponents).decode(total)
+            cache[key] = unflatten(weighted / weight, self.template)
+            while len(cache) > 2:
+                cache.popitem(last=False)
+        return {name: array.copy() for name, array in cache[key].items()}
 
     def encrypt(self, values: np.ndarray, weight: float, max_terms: int, exponents) -> Encrypted:
         return self.summer(max_terms, exponents).encode(values, weight)

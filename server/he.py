@@ -14,7 +14,7 @@ from pathlib import Path
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -22,7 +22,7 @@ from flwr.serverapp.strategy import Strategy
 from crypto.he import Encrypted, HEKey, HEKeyError, generate_pair
 from fedlearn.config import RunConfig
 from fedlearn.errors import ConfigError, FederationError
-from fedlearn.he import PREVIOUS_RECORD, ModelCodec, StateMeta, arrays_to_chunks, chunks_to_arrays
+from fedlearn.he import PREVIOUS_RECORD, ModelCodec, StateMeta, encrypted_record, record_chunks
 from fedlearn.messages import HE_RECORD, NODE_RECORD, NUM_EXAMPLES_KEY
 
 
@@ -33,14 +33,6 @@ class RoundPlan:
     max_terms: int
     weight_cap: int
     exponents: tuple[int, ...] | None = None  # bfv ranges, set by the first accepted contribution
-
-
-def encrypted_record(chunks) -> ArrayRecord:
-    return ArrayRecord({name: Array(array) for name, array in chunks_to_arrays(chunks).items()})
-
-
-def record_chunks(record: ArrayRecord) -> tuple[bytes, ...]:
-    return arrays_to_chunks({name: array.numpy() for name, array in record.items()})
 
 
 class HEStrategy(Strategy):

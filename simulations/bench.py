@@ -273,7 +273,6 @@ def he_ops(args: argparse.Namespace) -> list[dict]:
     from fedlearn import he, models
     from fedlearn.config import RunConfig
     from server.grid import payload_bytes
-    from server.he import encrypted_record
 
     cnn = {k: v.numpy() for k, v in models.build("mnist-cnn", (1, 28, 28), 10, seed=0).state_dict().items()}
     shapes = {"vector-100k": {"w": np.zeros(100_000, np.float32)}, "mnist-cnn": cnn}
@@ -295,7 +294,7 @@ def he_ops(args: argparse.Namespace) -> list[dict]:
             started = time.perf_counter()
             parts = [client.encrypt(he.flatten(m), 1.0, args.clients, exponents) for m in locals_]
             encrypt = (time.perf_counter() - started) / args.clients
-            upload = payload_bytes(RecordDict({"arrays": encrypted_record(parts[0].chunks)}))
+            upload = payload_bytes(RecordDict({"arrays": he.encrypted_record(parts[0].chunks)}))
             summer = server.summer(args.clients, exponents)
             started = time.perf_counter()
             for part in parts:
