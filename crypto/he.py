@@ -353,10 +353,10 @@ class HESum:
             raise ValueError(f"{encrypted.terms} terms is outside 1..{self.layout.max_terms}")
         if not deep:
             return
-        limit = 2 * POLY_DEGREE * COEFF_BITS[0] // 8 + 4096  # two polynomials at the data level, plus headers
+        limit = 2 * POLY_DEGREE * 8 * len(COEFF_BITS) + 4096  # two polynomials over every prime, plus headers
         load = ts.bfv_vector_from if self.layout.scheme == "bfv" else ts.ckks_vector_from
         for i, chunk in enumerate(encrypted.chunks):
-            if len(chunk) > 2 * limit:
+            if len(chunk) > limit:  # refused before TenSEAL parses it
                 raise ValueError(f"ciphertext {i} has {len(chunk)} bytes, more than a ciphertext of this context can")
             try:
                 vector = load(self.key.context, chunk)

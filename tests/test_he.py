@@ -149,3 +149,9 @@ def test_a_pool_of_encryption_workers_gives_the_same_sums(bfv_key):
     for encrypted in (pooled, single):
         decoded, _ = HESum(bfv_key, layout, 8.0).decode(encrypted)
         assert np.abs(decoded - 0.5 * values).max() <= FixedPoint(16).error_bound(1, 8.0)
+
+
+def test_an_oversized_ciphertext_is_refused_before_parsing(bfv_key):
+    layout = Layout("bfv", 100, 4, 16)
+    with pytest.raises(ValueError, match="more than a ciphertext of this context can"):
+        HESum(bfv_key.public(), layout, 1.0).check(Encrypted((b"\x00" * 10_000_000,), 0.5))
