@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -47,6 +48,10 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     config = config_from_args(args.preset, args.run_config, args.out)
     from simulations import simulate
 
+    # Leave at once on Ctrl-C. Raised as KeyboardInterrupt inside Flower's simulation runtime,
+    # it would first run Flower's clean-up, which joins worker threads and stops Ray actors
+    # that may still be busy: that can take minutes.
+    signal.signal(signal.SIGINT, lambda signum, frame: _interrupted())
     summary = simulate.run(config, verbose=args.verbose)
     print(summary["run_dir"])
     return 0
@@ -102,12 +107,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        # Flower's server thread may still wait on clients that are gone; leave without it.
-        # Every run file is written atomically, so what is on disk stays consistent.
-        print("interrupted; the run directory keeps the rounds finished so far", file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(130)
+        _interrupted()
+
+
+def _interrupted() -> None:
+    """Exit with 130 without waiting for anything: Flower's server thread may still wait on
+    clients that are gone. Every run file is written atomically and audit records are whole
+    fsynced lines (a torn last line is reported by `audit verify`), so what is on disk stays
+    consistent."""
+    print("interrupted; the run directory keeps the rounds finished so far", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
 
 
 if __name__ == "__main__":
