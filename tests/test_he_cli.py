@@ -68,3 +68,28 @@ def test_decrypt_model_errors_name_the_problem(tmp_path, capsys):
     assert cli(["decrypt-model", str(run_dir), "--key", str(tmp_path / "he.secret")]) == 2  # keeps the first
     assert "already exists" in capsys.readouterr().err
     assert not (run_dir / ".model.safetensors.tmp").exists()
+
+
+def test_bad_he_key_settings_are_config_errors_that_say_what_to_do(tmp_path):
+    import pytest
+
+    from fedlearn.errors import ConfigError
+    from server.he import load_public_key
+
+    HEKey.generate("bfv", 5).save(tmp_path / "he.secret")
+    HEKey.generate("bfv", 5).public().save(tmp_path / "he.public")
+    cases = {
+        str(tmp_path / "missing.public"): "does not exist",
+        str(tmp_path / "he.secret"): "wrong kind",
+    }
+    for path, reason in cases.items():
+        with pytest.raises(ConfigError, match=reason):
+            load_public_key(RunConfig.from_flat({"privacy": "he", "he-public": path}))
+    with pytest.raises(ConfigError, match="he-scheme=ckks"):
+        load_public_key(RunConfig.from_flat({"privacy": "he", "he-scheme": "ckks", "he-public": str(tmp_path / "he.public")}))
+    with pytest.raises(ConfigError, match="--max-clients 10"):
+        load_public_key(RunConfig.from_flat({"privacy": "he", "he-public": str(tmp_path / "he.public")}))
+    policy = tmp_path / "policy.toml"
+    policy.write_text("")
+    with pytest.raises(ConfigError, match="fedlearn keys he-generate"):
+        load_public_key(RunConfig.from_flat({"privacy": "he", "access-policy": str(policy)}))

@@ -122,3 +122,16 @@ def test_malformed_encrypted_updates_are_refused_with_the_reason(tmp_path, run_i
     with pytest.raises(ValueError, match="ciphertexts instead|not a valid"):
         strategy.check_reply(altered(dropped))
     assert messages[0].metadata.message_type == MessageType.TRAIN
+
+
+def test_a_node_without_the_right_secret_context_fails_before_training(tmp_path, run_identity):
+    from fedlearn.errors import ConfigError
+
+    config, strategy, template = setup(tmp_path)
+    initial = ArrayRecord({k: Array(v) for k, v in template.items()})
+    (msg, *_) = list(strategy.configure_train(1, initial, ConfigRecord(config.to_flat()), CountingGrid()))
+    with pytest.raises(ConfigError, match="no secret HE context: start it with --node-config 'he-secret=PATH'"):
+        received_model(msg, config.replace(he_secret=""))
+    other, _ = generate_pair(tmp_path / "other", "bfv", 3)
+    with pytest.raises(ConfigError, match="belongs to another HE key pair"):
+        received_model(msg, config.replace(he_secret=str(other)))
