@@ -1,0 +1,143 @@
+"""The SecAgg protocol's client and server logic (Bonawitz et al. 2017, with the neighbour graph
+of Bell et al. 2020 as an option), as plain data in and out: no Flower, no network. The Flower
+stages in server/ and clients/ only carry these messages.
+
+Stages, for clients identified by small integers:
+
+1. advertise: each client sends two X25519 public keys: ``c`` (to seal shares for it) and ``s``
+   (for its pairwise masks).
+2. share: each client draws a 256-bit self-mask seed ``b`` and sends every neighbour, sealed
+   with their ``c`` agreement key, a Shamir share of ``b`` and of its ``s`` private key.
+3. mask: each client sends ``u + PRG(b) + sum_{j>i} PRG(s_ij) - sum_{j<i} PRG(s_ij) mod 2^bits``
+   over the neighbours that completed stage 2.
+4. unmask: for each neighbour that sent a masked input, a client reveals its share of that
+   neighbour's ``b``; for each that dropped after stage 2, its share of their ``s`` key. Never
+   both for the same client, so the server can remove masks but never see a single input.
+
+With at least ``threshold`` shares per client the server recovers what it needs; with fewer it
+raises, and the round fails loudly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+
+from crypto import secagg
+
+
+def _pair_context(context: bytes, purpose: bytes) -> bytes:
+    return context + b"/" + purpose
+
+
+def _private_bytes(key: X25519PrivateKey) -> bytes:
+    return key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+
+
+def _mask_sign(me: int, other: int) -> int:
+    return 1 if me < other else -1
+
+
+@dataclass
+class ClientSession:
+    """One client's side of one round. ``context`` binds every secret to the run and round."""
+
+    me: int
+    threshold: int
+    bits: int
+    length: int
+    context: bytes
+    c_key: X25519PrivateKey = field(default_factory=secagg.generate_key)
+    s_key: X25519PrivateKey = field(default_factory=secagg.generate_key)
+    b_seed: bytes = field(default_factory=secagg.new_seed)
+    publics: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # neighbour -> (c, s)
+    holders: list[int] = field(default_factory=list)  # neighbours who completed stage 2
+
+    def advertise(self) -> tuple[bytes, bytes]:
+        return secagg.public_bytes(self.c_key), secagg.public_bytes(self.s_key)
+
+    def share(self, publics: Mapping[int, tuple[bytes, bytes]]) -> dict[int, bytes]:
+        """Sealed shares of (b, s private key) for every neighbour (and one kept for itself)."""
+        self.publics = dict(publics)
+        members = sorted(self.publics)
+        if self.me not in members:
+            raise ValueError("this client is not among the advertised neighbours")
+        if len(members) < self.threshold:
+            raise ValueError(f"{len(members)} clients advertised keys, the threshold is {self.threshold}")
+        b_shares = secagg.split_secret(self.b_seed, self.threshold, len(members))
+        s_shares = secagg.split_secret(_private_bytes(self.s_key), self.threshold, len(members))
+        sealed = {}
+        for j, b_share, s_share in zip(members, b_shares, s_shares):
+            key = secagg.agree(self.c_key, self.publics[j][0], _pair_context(self.context, b"seal"))
+            sealed[j] = secagg.seal(key, b_share + s_share, self._associated(self.me, j))
+        return sealed
+
+    def _associated(self, sender: int, receiver: int) -> bytes:
+        return self.context + f"/share/{sender}->{receiver}".encode()
+
+    def mask(self, encoded: np.ndarray, holders: Iterable[int]) -> np.ndarray:
+        """The masked input, over the neighbours that completed stage 2 (``holders``)."""
+        self.holders = sorted(holders)
+        if len(encoded) != self.length:
+            raise ValueError(f"input has {len(encoded)} values, the round expects {self.length}")
+        modulus = np.uint64(1 << self.bits) if self.bits < 64 else None
+        y = np.asarray(encoded, dtype=np.uint64) + secagg.expand(self.b_seed, self.length, self.bits)
+        for j in self.holders:
+            if j == self.me:
+                continue
+            seed = secagg.agree(self.s_key, self.publics[j][1], _pair_context(self.context, b"mask"))
+            mask = secagg.expand(seed, self.length, self.bits)
+            y = y + mask if _mask_sign(self.me, j) > 0 else y - mask
+        return y % modulus if modulus is not None else y
+
+    def unmask(self, sealed_for_me: Mapping[int, bytes], survivors: Iterable[int]) -> dict[int, tuple[str, bytes]]:
+        """Reveal, per holder: its ``b`` share if it survived stage 3, its ``s`` share if not."""
+        survivors = set(survivors)
+        if len(survivors) < self.threshold:
+            raise ValueError(f"only {len(survivors)} clients sent masked inputs, fewer than the threshold {self.threshold}")
+        revealed = {}
+        for j in self.holders:
+            key = secagg.agree(self.c_key, self.publics[j][0], _pair_context(self.context, b"seal"))
+            shares = secagg.open_sealed(key, sealed_for_me[j], self._associated(j, self.me))
+            revealed[j] = ("b", shares[:33]) if j in survivors else ("s", shares[33:])
+        return revealed
+
+
+def unmask_sum(
+    masked: Mapping[int, np.ndarray],
+    revealed: Iterable[Mapping[int, tuple[str, bytes]]],
+    s_publics: Mapping[int, bytes],
+    holders: Iterable[int],
+    threshold: int,
+    bits: int,
+    context: bytes,
+) -> np.ndarray:
+    """The server's last step: the sum of the survivors' inputs mod 2**bits, or ValueError when
+    fewer than ``threshold`` clients revealed shares for someone."""
+    length = len(next(iter(masked.values())))
+    survivors, holders = sorted(masked), sorted(holders)
+    shares: dict[tuple[int, str], list[bytes]] = {}
+    for answer in revealed:
+        for j, (kind, share) in answer.items():
+            expected = "b" if j in masked else "s"
+            if kind != expected:
+                raise ValueError(f"a client revealed the {kind} share of client {j}, which must stay secret")
+            shares.setdefault((j, kind), []).append(share)
+    total = np.zeros(length, dtype=np.uint64)
+    for y in masked.values():
+        total = total + y
+    for i in survivors:  # remove self masks
+        b_seed = secagg.combine_secret(shares.get((i, "b"), []), threshold)
+        total = total - secagg.expand(b_seed, length, bits)
+    for d in (j for j in holders if j not in masked):  # remove dropped clients' pairwise masks
+        s_private = X25519PrivateKey.from_private_bytes(secagg.combine_secret(shares.get((d, "s"), []), threshold))
+        for i in survivors:
+            seed = secagg.agree(s_private, s_publics[i], _pair_context(context, b"mask"))
+            mask = secagg.expand(seed, length, bits)
+            # Survivor i added sign(i, d) * mask; take it back out.
+            total = total - mask if _mask_sign(i, d) > 0 else total + mask
+    return total % np.uint64(1 << bits) if bits < 64 else total

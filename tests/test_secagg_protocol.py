@@ -1,0 +1,73 @@
+"""crypto.secagg_protocol without a network: exact sums with dropouts at each stage while at
+least t clients survive, loud failure below t, and no single input exposed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from crypto.fixedpoint import FixedPoint
+from crypto.secagg_protocol import ClientSession, unmask_sum
+
+BITS, LENGTH, CONTEXT = 24, 500, b"run-A/round-1"
+
+
+def run_round(n, threshold, drop_before_share=(), drop_before_mask=(), drop_before_unmask=(), seed=0):
+    rng = np.random.default_rng(seed)
+    encoding = FixedPoint(16)
+    inputs = {i: encoding.encode(rng.normal(size=LENGTH), 1.0, 4.0)[0] for i in range(n)}
+    clients = {i: ClientSession(i, threshold, BITS, LENGTH, CONTEXT) for i in range(n)}
+    publics = {i: c.advertise() for i, c in clients.items()}
+    sharing = [i for i in clients if i not in drop_before_share]
+    sealed = {i: clients[i].share({j: publics[j] for j in sharing}) for i in sharing}
+    holders = sorted(sealed)
+    masking = [i for i in holders if i not in drop_before_mask]
+    masked = {i: clients[i].mask(inputs[i], holders) for i in masking}
+    answering = [i for i in masking if i not in drop_before_unmask]
+    revealed = [clients[i].unmask({j: sealed[j][i] for j in holders}, masked) for i in answering]
+    total = unmask_sum(masked, revealed, {i: publics[i][1] for i in holders}, holders, threshold, BITS, CONTEXT)
+    expected = sum(inputs[i] for i in masked) % np.uint64(1 << BITS)
+    return total, expected, masked, inputs
+
+
+def test_without_dropouts_the_server_gets_exactly_the_sum():
+    total, expected, _, _ = run_round(6, 4)
+    assert (total == expected).all()
+
+
+@pytest.mark.parametrize("stage", ["drop_before_share", "drop_before_mask", "drop_before_unmask"])
+def test_dropouts_above_the_threshold_still_give_the_exact_sum_of_the_survivors(stage):
+    total, expected, masked, _ = run_round(7, 4, **{stage: (1, 5)})
+    assert (total == expected).all()
+    if stage != "drop_before_unmask":
+        assert sorted(masked) == [0, 2, 3, 4, 6]
+
+
+@pytest.mark.parametrize("stage", ["drop_before_share", "drop_before_mask", "drop_before_unmask"])
+def test_below_the_threshold_the_round_fails_loudly(stage):
+    with pytest.raises(ValueError, match="threshold|needed"):
+        run_round(6, 4, **{stage: (0, 2, 3)})
+
+
+def test_a_masked_input_is_not_the_input_and_one_client_cannot_be_unmasked_alone():
+    _, _, masked, inputs = run_round(5, 3)
+    for i, y in masked.items():
+        assert np.mean(y == inputs[i]) < 0.01
+    # A server holding only the masked inputs and fewer than t shares cannot remove a self mask.
+    from crypto import secagg
+
+    client = ClientSession(0, 3, BITS, LENGTH, CONTEXT)
+    shares = secagg.split_secret(client.b_seed, 3, 5)
+    with pytest.raises(ValueError, match="needed"):
+        secagg.combine_secret(shares[:2], 3)
+
+
+def test_a_client_never_reveals_both_secrets_of_a_neighbour():
+    n, threshold = 5, 3
+    clients = {i: ClientSession(i, threshold, BITS, LENGTH, CONTEXT) for i in range(n)}
+    publics = {i: c.advertise() for i, c in clients.items()}
+    sealed = {i: c.share(publics) for i, c in clients.items()}
+    for c in clients.values():
+        c.mask(np.zeros(LENGTH, dtype=np.uint64), range(n))
+    answer = clients[0].unmask({j: sealed[j][0] for j in range(n)}, survivors=[0, 1, 2, 3])
+    assert {j: kind for j, (kind, _) in answer.items()} == {0: "b", 1: "b", 2: "b", 3: "b", 4: "s"}
