@@ -129,11 +129,6 @@ def reply(msg: Message, partition_id: int, key=None, **records) -> Message:
     return Message(content, reply_to=msg)
 
 
-def empty_model(config: RunConfig):
-    spec = data.spec(config.dataset)
-    return models.build(config.model, spec.shape, spec.num_classes)
-
-
 @lru_cache(maxsize=8)
 def _load_he_key(path: str) -> HEKey:
     try:
@@ -166,8 +161,8 @@ class GlobalModel:
 
 def received_model(msg: Message, config: RunConfig) -> GlobalModel:
     """The global model of ``msg``: clear arrays, or under privacy=he the decrypted aggregate."""
-    model = empty_model(config)
-    template = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    model = models.for_run(config, seeded=False)
+    template = models.numpy_state(model)
     record = msg.content["arrays"]
     if config.privacy != "he":
         arrays = {k: v.numpy() for k, v in record.items()}
@@ -183,9 +178,7 @@ def received_model(msg: Message, config: RunConfig) -> GlobalModel:
     if he.PREVIOUS_RECORD in msg.content:
         previous = codec.decrypt(he.record_chunks(msg.content[he.PREVIOUS_RECORD]), he.StateMeta.from_record(state, "previous-"))
     elif state["encrypted"]:  # round 2: the model before the first aggregate is the public initial one
-        spec = data.spec(config.dataset)
-        initial = models.build(config.model, spec.shape, spec.num_classes, seed=config.seed)
-        previous = {k: v.detach().numpy() for k, v in initial.state_dict().items()}
+        previous = models.numpy_state(models.for_run(config))
     model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
     return GlobalModel(model, arrays, previous, codec)
 

@@ -116,5 +116,19 @@ def build(name: str, shape: Shape, num_classes: int, seed: int | None = None) ->
         return REGISTRY[name](shape, num_classes)
 
 
+def for_run(config, *, seeded: bool = True) -> nn.Module:
+    """The run's model for its dataset: at the run's seeded initial weights, or unseeded (a
+    container to load received weights into)."""
+    from fedlearn import data
+
+    spec = data.spec(config.dataset)
+    return build(config.model, spec.shape, spec.num_classes, seed=config.seed if seeded else None)
+
+
+def numpy_state(model: nn.Module) -> dict:
+    """The model's state dict as numpy arrays (on the CPU)."""
+    return {name: value.detach().cpu().numpy() for name, value in model.state_dict().items()}
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

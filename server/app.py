@@ -63,8 +63,7 @@ def short_reason(reason: str) -> str:
 
 def global_model(config: RunConfig) -> torch.nn.Module:
     """The run's model at its seeded initial weights."""
-    spec = data.spec(config.dataset)
-    return models.build(config.model, spec.shape, spec.num_classes, seed=config.seed)
+    return models.for_run(config)
 
 
 def initial_arrays(config: RunConfig) -> ArrayRecord:
@@ -140,8 +139,7 @@ def run_federation(
         config, train_metrics_aggr_fn=capture("train"), evaluate_metrics_aggr_fn=capture("federated")
     )
     if he_key is not None:
-        template = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-        strategy = HEStrategy(strategy, config, he_key, template)
+        strategy = HEStrategy(strategy, config, he_key, models.numpy_state(model))
     check = strategy.check_reply if isinstance(strategy, HEStrategy) else None
     access = AccessGrid(ordered, run.policy, audit, store.run_id, model=initial, check_update=check)
     metered = MeteredGrid(access)

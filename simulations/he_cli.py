@@ -40,7 +40,7 @@ def _he_generate(args: argparse.Namespace) -> int:
 def _decrypt_model(args: argparse.Namespace) -> int:
     from safetensors.numpy import save
 
-    from fedlearn import data, he, models
+    from fedlearn import he, models
     from fedlearn.config import RunConfig, load_toml
     from fedlearn.runs import atomic_write
 
@@ -51,13 +51,12 @@ def _decrypt_model(args: argparse.Namespace) -> int:
     if out.exists():
         raise ConfigError([f"{out} already exists; remove it or choose another --out"])
     config = RunConfig.from_flat(load_toml(args.run_dir / "config.toml"))
-    spec = data.spec(config.dataset)
-    template = {k: v.numpy() for k, v in models.build(config.model, spec.shape, spec.num_classes).state_dict().items()}
+    template = models.numpy_state(models.for_run(config, seeded=False))
     try:
         arrays = he.decrypt_saved_model(source, HEKey.load(args.key, secret=True), template)
+    except HEKeyError:
+        raise
     except (KeyError, ValueError) as exc:
-        if isinstance(exc, HEKeyError):
-            raise
         raise ConfigError([f"{source} is damaged ({exc})"]) from None
     atomic_write(out, save({k: v for k, v in arrays.items()}, metadata={"run_id": args.run_dir.name, "model": config.model}))
     print(out)
