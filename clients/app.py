@@ -26,6 +26,7 @@ from flwr.clientapp import ClientApp
 
 from crypto import signing
 from crypto.he import HEKey, HEKeyError
+from clients import secagg
 from fedlearn import data, he, models
 from fedlearn.access import NODE_KEY_NAME, update_statement
 from fedlearn.config import RunConfig
@@ -215,9 +216,35 @@ def train_handler(msg: Message, context: Context) -> Message:
     if task.config.privacy == "he":
         local = {k: v.numpy() for k, v in state.items()}
         records = encrypted_update(msg, task, received, local, result.num_examples)
+    elif task.config.privacy == "secagg":
+        local = {k: v.numpy() for k, v in state.items()}
+        records = secagg.masked_update(msg, context.state, local, result.num_examples)
     else:
         records = {"arrays": ArrayRecord(state)}
     return reply(msg, task.partition_id, key, metrics=metrics, **records)
+
+
+@app.train("secagg_advertise")
+def secagg_advertise_handler(msg: Message, context: Context) -> Message:
+    """Secure aggregation, stage 1: this round's public keys, and how many examples the node
+    trains on (the server sizes the round's weights by the largest count)."""
+    task = node_task(msg, context)
+    node = ConfigRecord({PARTITION_KEY: task.partition_id, NUM_EXAMPLES_KEY: len(task.split)})
+    records = secagg.advertise(msg, context.state)
+    return reply(msg, task.partition_id, signing_key(msg, context, task), **records, **{NODE_RECORD: node})
+
+
+@app.train("secagg_share")
+def secagg_share_handler(msg: Message, context: Context) -> Message:
+    task = node_task(msg, context)
+    records = secagg.share(msg, context.state, task.config)
+    return reply(msg, task.partition_id, signing_key(msg, context, task), **records)
+
+
+@app.train("secagg_unmask")
+def secagg_unmask_handler(msg: Message, context: Context) -> Message:
+    task = node_task(msg, context)
+    return reply(msg, task.partition_id, signing_key(msg, context, task), **secagg.unmask(msg, context.state))
 
 
 @app.evaluate()

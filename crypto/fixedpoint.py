@@ -33,6 +33,17 @@ class FixedPoint:
         if not 2 <= self.bits <= 30:
             raise ValueError(f"fixed-point bits={self.bits}: must be between 2 and 30")
 
+    @classmethod
+    def widest(cls, total_bits: int, terms: int) -> FixedPoint:
+        """The most precise encoding whose sum of ``terms`` values fits in ``total_bits`` (masked
+        sums live modulo ``2**total_bits``: the headroom comes out of the value bits)."""
+        bits = 2
+        while bits < 30 and cls(bits + 1).sum_bits(terms) <= total_bits:
+            bits += 1
+        if cls(bits).sum_bits(terms) > total_bits:
+            raise ValueError(f"a sum of {terms} values does not fit in {total_bits} bits, even at 2 bits per value")
+        return cls(bits)
+
     @property
     def q(self) -> int:
         return (1 << (self.bits - 1)) - 1

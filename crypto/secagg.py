@@ -54,15 +54,29 @@ def new_seed() -> bytes:
     return os.urandom(SEED_BYTES)
 
 
-def expand(seed: bytes, count: int, bits: int) -> np.ndarray:
-    """``count`` pseudorandom integers in [0, 2**bits) from a 256-bit seed (ChaCha20 keystream)."""
-    if len(seed) != SEED_BYTES:
-        raise ValueError(f"mask seeds are {SEED_BYTES} bytes, got {len(seed)}")
+def mask_dtype(bits: int) -> np.dtype:
+    """The narrowest unsigned integer type that holds ``bits``: masked values travel in it, and
+    its wrap-around arithmetic is arithmetic mod 2**width, a multiple of 2**bits."""
     if not 1 <= bits <= 64:
         raise ValueError(f"bits={bits}: must be between 1 and 64")
-    keystream = Cipher(algorithms.ChaCha20(seed, b"\x00" * 16), mode=None).encryptor().update(bytes(8 * count))
-    values = np.frombuffer(keystream, dtype="<u8").astype(np.uint64)
-    return values if bits == 64 else values & np.uint64((1 << bits) - 1)
+    return np.dtype(next(f"uint{w}" for w in (8, 16, 32, 64) if bits <= w))
+
+
+def reduce(values: np.ndarray, bits: int) -> np.ndarray:
+    """``values`` mod 2**bits, in the type that carries them."""
+    dtype = mask_dtype(bits)
+    values = np.asarray(values).astype(dtype, copy=False)
+    return values if bits == 8 * dtype.itemsize else values & dtype.type((1 << bits) - 1)
+
+
+def expand(seed: bytes, count: int, bits: int) -> np.ndarray:
+    """``count`` pseudorandom integers in [0, 2**bits) from a 256-bit seed (ChaCha20 keystream),
+    as ``mask_dtype(bits)``: 16-bit masks cost 2 bytes of keystream each, not 8."""
+    if len(seed) != SEED_BYTES:
+        raise ValueError(f"mask seeds are {SEED_BYTES} bytes, got {len(seed)}")
+    dtype = mask_dtype(bits).newbyteorder("<")
+    keystream = Cipher(algorithms.ChaCha20(seed, b"\x00" * 16), mode=None).encryptor().update(bytes(dtype.itemsize * count))
+    return reduce(np.frombuffer(keystream, dtype=dtype), bits)
 
 
 def split_secret(secret: bytes, threshold: int, holders: int) -> list[bytes]:

@@ -20,6 +20,7 @@ raises, and the round fails loudly.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -57,6 +58,27 @@ class ClientSession:
     publics: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # neighbour -> (c, s)
     holders: list[int] = field(default_factory=list)  # neighbours who completed stage 2
 
+    def to_state(self) -> dict:
+        """Everything the session holds, as bytes, ints and lists of them: a client keeps it
+        between stages in its node's private state (never sent anywhere)."""
+        ids = sorted(self.publics)
+        return {
+            "me": self.me, "threshold": self.threshold, "bits": self.bits, "length": self.length,
+            "context": self.context, "c-key": _private_bytes(self.c_key), "s-key": _private_bytes(self.s_key),
+            "b-seed": self.b_seed, "ids": ids, "c-publics": [self.publics[j][0] for j in ids],
+            "s-publics": [self.publics[j][1] for j in ids], "holders": list(self.holders),
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping) -> ClientSession:
+        publics = {int(j): (bytes(c), bytes(s)) for j, c, s in zip(state["ids"], state["c-publics"], state["s-publics"])}
+        return cls(
+            int(state["me"]), int(state["threshold"]), int(state["bits"]), int(state["length"]), bytes(state["context"]),
+            X25519PrivateKey.from_private_bytes(bytes(state["c-key"])),
+            X25519PrivateKey.from_private_bytes(bytes(state["s-key"])),
+            bytes(state["b-seed"]), publics, [int(j) for j in state["holders"]],
+        )
+
     def advertise(self) -> tuple[bytes, bytes]:
         return secagg.public_bytes(self.c_key), secagg.public_bytes(self.s_key)
 
@@ -80,19 +102,24 @@ class ClientSession:
         return self.context + f"/share/{sender}->{receiver}".encode()
 
     def mask(self, encoded: np.ndarray, holders: Iterable[int]) -> np.ndarray:
-        """The masked input, over the neighbours that completed stage 2 (``holders``)."""
+        """The masked input, over the neighbours that completed stage 2 (``holders``), as
+        ``secagg.mask_dtype(bits)``: uniformly distributed whatever the input."""
         self.holders = sorted(holders)
         if len(encoded) != self.length:
             raise ValueError(f"input has {len(encoded)} values, the round expects {self.length}")
-        modulus = np.uint64(1 << self.bits) if self.bits < 64 else None
-        y = np.asarray(encoded, dtype=np.uint64) + secagg.expand(self.b_seed, self.length, self.bits)
+        if self.me not in self.holders or not set(self.holders) <= set(self.publics):
+            raise ValueError("the holders must be neighbours of this client, itself included")
+        y = secagg.reduce(encoded, self.bits) + secagg.expand(self.b_seed, self.length, self.bits)
         for j in self.holders:
             if j == self.me:
                 continue
             seed = secagg.agree(self.s_key, self.publics[j][1], _pair_context(self.context, b"mask"))
             mask = secagg.expand(seed, self.length, self.bits)
-            y = y + mask if _mask_sign(self.me, j) > 0 else y - mask
-        return y % modulus if modulus is not None else y
+            if _mask_sign(self.me, j) > 0:
+                y += mask
+            else:
+                y -= mask
+        return secagg.reduce(y, self.bits)
 
     def unmask(self, sealed_for_me: Mapping[int, bytes], survivors: Iterable[int]) -> dict[int, tuple[str, bytes]]:
         """Reveal, per holder: its ``b`` share if it survived stage 3, its ``s`` share if not."""
@@ -111,15 +138,16 @@ def unmask_sum(
     masked: Mapping[int, np.ndarray],
     revealed: Iterable[Mapping[int, tuple[str, bytes]]],
     s_publics: Mapping[int, bytes],
-    holders: Iterable[int],
+    holders: Mapping[int, Iterable[int]],
     threshold: int,
     bits: int,
     context: bytes,
 ) -> np.ndarray:
     """The server's last step: the sum of the survivors' inputs mod 2**bits, or ValueError when
-    fewer than ``threshold`` clients revealed shares for someone."""
+    fewer than ``threshold`` clients revealed shares for someone. ``holders[i]`` are the
+    neighbours survivor ``i`` masked with (what the server told it in stage 3)."""
     length = len(next(iter(masked.values())))
-    survivors, holders = sorted(masked), sorted(holders)
+    survivors = sorted(masked)
     shares: dict[tuple[int, str], list[bytes]] = {}
     for answer in revealed:
         for j, (kind, share) in answer.items():
@@ -127,17 +155,46 @@ def unmask_sum(
             if kind != expected:
                 raise ValueError(f"a client revealed the {kind} share of client {j}, which must stay secret")
             shares.setdefault((j, kind), []).append(share)
-    total = np.zeros(length, dtype=np.uint64)
+    total = np.zeros(length, dtype=secagg.mask_dtype(bits))
     for y in masked.values():
-        total = total + y
+        total += secagg.reduce(y, bits)
     for i in survivors:  # remove self masks
         b_seed = secagg.combine_secret(shares.get((i, "b"), []), threshold)
-        total = total - secagg.expand(b_seed, length, bits)
-    for d in (j for j in holders if j not in masked):  # remove dropped clients' pairwise masks
+        total -= secagg.expand(b_seed, length, bits)
+    dropped = sorted({d for i in survivors for d in holders[i] if d not in masked})
+    for d in dropped:  # remove the pairwise masks survivors shared with dropped clients
         s_private = X25519PrivateKey.from_private_bytes(secagg.combine_secret(shares.get((d, "s"), []), threshold))
         for i in survivors:
+            if d not in holders[i]:
+                continue
             seed = secagg.agree(s_private, s_publics[i], _pair_context(context, b"mask"))
             mask = secagg.expand(seed, length, bits)
             # Survivor i added sign(i, d) * mask; take it back out.
-            total = total - mask if _mask_sign(i, d) > 0 else total + mask
-    return total % np.uint64(1 << bits) if bits < 64 else total
+            if _mask_sign(i, d) > 0:
+                total -= mask
+            else:
+                total += mask
+    return secagg.reduce(total, bits)
+
+
+def neighbourhoods(members: Iterable[int], neighbours: int, rng: random.Random | None = None) -> dict[int, list[int]]:
+    """Who shares and masks with whom (each list includes the member itself). ``neighbours=0``
+    or at least ``len(members) - 1``: the complete graph (SecAgg). Otherwise SecAgg+'s sparse
+    graph (Bell et al. 2020): members in a random order on a ring, each linked to the
+    ``ceil(neighbours / 2)`` next and previous ones, so cost grows with ``neighbours``, not n."""
+    members = sorted(members)
+    n = len(members)
+    if neighbours < 0:
+        raise ValueError(f"neighbours={neighbours}: must be >= 0 (0 = everyone)")
+    if neighbours == 0 or neighbours >= n - 1:
+        return {m: list(members) for m in members}
+    order = list(members)
+    (rng or random.SystemRandom()).shuffle(order)
+    half = -(-neighbours // 2)
+    graph = {m: {m} for m in members}
+    for position, m in enumerate(order):
+        for step in range(1, half + 1):
+            other = order[(position + step) % n]
+            graph[m].add(other)
+            graph[other].add(m)
+    return {m: sorted(links) for m, links in graph.items()}

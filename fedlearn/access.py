@@ -34,7 +34,7 @@ from fedlearn.config import RunConfig
 from fedlearn.errors import AccessDenied, ConfigError
 
 ROLES = ("trainer", "evaluator")
-ROLE_FOR_MESSAGE = {"train": "trainer", "evaluate": "evaluator"}
+ROLE_FOR_MESSAGE = {"train": "trainer", "evaluate": "evaluator"}  # by category: "train.secagg_share" too
 UPDATE_PURPOSE = "fedlearn-update-v1"
 RUN_PURPOSE = "fedlearn-run-v1"
 # Config keys left out of the digest an operator signs: the signature cannot sign itself.
@@ -246,6 +246,11 @@ def run_statement(config: RunConfig, policy: AccessPolicy) -> bytes:
 def sign_run(config: RunConfig, policy: AccessPolicy, operator_key) -> str:
     """The run-signature value that authorises ``config`` under ``policy`` (base64)."""
     return base64.b64encode(signing.sign(operator_key, run_statement(config, policy))).decode()
+
+
+def role_for(message_type: str) -> str | None:
+    """The role a reply of this type needs (None: not signed, e.g. queries)."""
+    return ROLE_FOR_MESSAGE.get(message_type.split(".", 1)[0])
 
 
 def update_statement(run_id: str, server_round: int, nonce: str, kind: str, payload: str) -> bytes:

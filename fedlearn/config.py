@@ -23,12 +23,17 @@ from fedlearn.errors import ConfigError
 OPTIMIZERS = ("sgd", "momentum", "adam")
 PARTITIONERS = ("iid", "dirichlet", "shards")
 DEVICES = ("auto", "cpu", "cuda")
-PRIVACY_MODES = ("plain", "he")
+PRIVACY_MODES = ("plain", "he", "secagg")
 HE_SCHEMES = ("bfv", "ckks")
 EVALUATE_ON = ("auto", "server", "clients")
+# Where injected dropouts strike: the secure-aggregation key stages only exist under secagg.
+DROPOUT_STAGES = ("advertise", "share", "train", "unmask")
+SECAGG_ONLY_STAGES = ("advertise", "share", "unmask")
 # Strategies whose aggregate is a weighted sum of the updates: the only ones HE can run, since
 # the server adds ciphertexts and never sees an update (or the model) in clear.
 SUM_STRATEGIES = ("fedavg", "fedavgm", "fedprox")
+# Strategies that need each update in clear: no privacy mode that hides updates can run them.
+PER_UPDATE_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum")
 # Names the registries in data, models and strategies implement (tests/test_config.py keeps them
 # in step); listed here so that reading or validating a config imports neither torch nor Flower.
 STRATEGIES = (
@@ -97,6 +102,13 @@ class RunConfig:
     he_workers: int = 1  # clients: processes that encrypt in parallel (set to the node's cores for big models)
     he_public: str = ""  # server: public HE context file; empty: a key pair is generated per run (simulation)
     he_secret: str = ""  # clients: secret HE context file (a node may set its own in --node-config)
+    secagg_bits: int = 16  # bits per masked value uploaded; the round's sum must fit (headroom comes out of the value bits)
+    secagg_range: float = 0.0  # clip each tensor to secagg-range x its largest global value (0: 2**(value bits/4))
+    secagg_threshold: int = 0  # shares that unmask a client (0: a majority of its neighbourhood)
+    secagg_neighbours: int = 0  # SecAgg+ graph: neighbours each client masks with (0: every other client)
+    secagg_timeout: float = 120.0  # seconds for each key stage (advertise, share, unmask); training has round-timeout
+    dropout_rate: float = 0.0  # fault injection: fraction of the sampled clients that vanish each round (seeded)
+    dropout_stage: str = "train"  # where they vanish: train, or under secagg also advertise, share, unmask
 
     # -- conversions ---------------------------------------------------------------
     @classmethod
@@ -155,6 +167,26 @@ class RunConfig:
         the bits (x16 at 16 bits, x4 at 8), so precision and headroom shrink together."""
         return self.he_range or float(2 ** (self.he_bits // 4))
 
+    def secagg_neighbourhood(self, sampled: int) -> int:
+        """Clients in each neighbourhood (itself included) when ``sampled`` take part."""
+        if self.secagg_neighbours == 0 or self.secagg_neighbours >= sampled - 1:
+            return sampled
+        return 2 * -(-self.secagg_neighbours // 2) + 1
+
+    def secagg_threshold_for(self, sampled: int) -> int:
+        """Shares needed to unmask: secagg-threshold, or a strict majority of a neighbourhood, so
+        that the server cannot collect both secrets of one client from two disjoint groups."""
+        return self.secagg_threshold or max(2, self.secagg_neighbourhood(sampled) // 2 + 1)
+
+    def secagg_encoding(self, sampled: int):
+        """The fixed-point encoding whose sum over ``sampled`` clients fits in secagg-bits."""
+        from crypto.fixedpoint import FixedPoint
+
+        return FixedPoint.widest(self.secagg_bits, sampled)
+
+    def secagg_range_factor(self, value_bits: int) -> float:
+        return self.secagg_range or float(2 ** (value_bits // 4))
+
     def evaluates_on_clients(self) -> bool:
         return self.evaluate_on == "clients" or (self.evaluate_on == "auto" and self.privacy == "he")
 
@@ -172,11 +204,46 @@ class RunConfig:
         if self.strategy not in SUM_STRATEGIES:
             problems.append(
                 f"strategy={self.strategy} cannot run with privacy=he: it needs "
-                + ("each update in clear" if self.strategy in ("fedmedian", "fedtrimmedavg", "krum") else "a non-linear step on the clear aggregate")
+                + ("each update in clear" if self.strategy in PER_UPDATE_STRATEGIES else "a non-linear step on the clear aggregate")
                 + f", but {why}; use one of {', '.join(SUM_STRATEGIES)}"
             )
         if self.evaluate_on == "server":
             problems.append(f"evaluate-on=server cannot work with privacy=he: {why}; use evaluate-on=clients (or auto)")
+        return problems
+
+    def _secagg_problems(self) -> list[str]:
+        problems = []
+        if self.strategy in PER_UPDATE_STRATEGIES:
+            problems.append(
+                f"strategy={self.strategy} cannot run with privacy=secagg: it needs each update in clear, "
+                "but secure aggregation shows the server only the sum; use a sum strategy "
+                "(fedavg, fedavgm, fedprox, fedadam, fedyogi, fedadagrad)"
+            )
+        if not 8 <= self.secagg_bits <= 32:
+            problems.append(f"secagg-bits={self.secagg_bits}: must be between 8 and 32 (16 uploads 2 bytes per parameter)")
+            return problems
+        sampled = self.train_sample_size()
+        if sampled < 2:
+            return problems + ["privacy=secagg needs at least 2 clients per round (the sum of one client is its update)"]
+        try:
+            value_bits = self.secagg_encoding(sampled).bits
+        except ValueError:
+            value_bits = 0
+        if value_bits < 4:
+            problems.append(
+                f"secagg-bits={self.secagg_bits} leaves {value_bits} bits per value for a sum of {sampled} clients: "
+                "raise secagg-bits or sample fewer clients per round"
+            )
+        if self.secagg_neighbours < 0:
+            problems.append(f"secagg-neighbours={self.secagg_neighbours}: must be >= 0 (0 = every other client)")
+            return problems
+        size = self.secagg_neighbourhood(sampled)
+        if self.secagg_threshold and not 2 <= self.secagg_threshold <= size:
+            problems.append(
+                f"secagg-threshold={self.secagg_threshold}: must be between 2 and the {size} clients of a neighbourhood "
+                f"({sampled} sampled per round" + (f", secagg-neighbours={self.secagg_neighbours})" if size < sampled else ")")
+                + "; 0 picks a majority"
+            )
         return problems
 
     def validate(self) -> None:
@@ -221,6 +288,16 @@ class RunConfig:
         need(2 <= self.he_bits <= 30, f"he-bits={self.he_bits}: must be between 2 and 30 (16 is the default, 8 halves the bytes)")
         need(self.he_workers >= 1, f"he-workers={self.he_workers}: must be >= 1 (1 encrypts in the client process)")
         need(self.he_range >= 0, f"he-range={self.he_range}: must be > 0 (a multiple of each tensor's largest value), or 0 for auto")
+        need(self.secagg_range >= 0, f"secagg-range={self.secagg_range}: must be > 0 (a multiple of each tensor's largest value), or 0 for auto")
+        need(self.secagg_timeout > 0, f"secagg-timeout={self.secagg_timeout}: must be > 0 seconds")
+        need(0.0 <= self.dropout_rate < 1.0, f"dropout-rate={self.dropout_rate}: must be in [0, 1) (0 = no injected dropouts)")
+        choice("dropout-stage", self.dropout_stage, DROPOUT_STAGES)
+        need(
+            self.dropout_stage not in SECAGG_ONLY_STAGES or self.privacy == "secagg",
+            f"dropout-stage={self.dropout_stage} is a secure-aggregation stage: it needs privacy=secagg (use train)",
+        )
+        if self.privacy == "secagg":
+            problems += self._secagg_problems()
         if self.privacy == "he":
             problems += self._he_problems()
         else:

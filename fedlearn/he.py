@@ -15,7 +15,7 @@ Clients decrypt the state, divide by the total weight, train, and encrypt
 example-weighted average, exactly FedAvg. FedAvgM's server momentum is linear, so clients fold it
 into what they encrypt (see ``contribution_values``): the server still only adds ciphertexts.
 
-bfv ranges: each tensor is clipped to +-2**e, e = ceil(log2(he-range * max|global tensor|)),
+bfv ranges (fedlearn.encoding): each tensor is clipped to +-2**e, e = ceil(log2(he-range * max|global tensor|)),
 the same on every client because all decrypt the same global model. The exponents travel in
 clear: the server learns the order of magnitude of each tensor of the global model, nothing else.
 """
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import math
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -32,35 +31,10 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 
 from crypto.he import Encrypted, HEKey, HEKeyError, HESum, Layout
+from fedlearn.encoding import expand_ranges, flatten, range_exponents, unflatten
 
 CHUNK_PREFIX = "ct-"
 PREVIOUS_RECORD = "he-previous"  # fedavgm: the state before the current one
-RANGE_FLOOR = 1e-3  # a tensor of zeros still gets a usable range
-
-
-def flatten(arrays: dict[str, np.ndarray]) -> np.ndarray:
-    return np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays.values()])
-
-
-def unflatten(vector: np.ndarray, template: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    out, start = {}, 0
-    for name, array in template.items():
-        size = int(np.prod(array.shape))
-        out[name] = vector[start : start + size].reshape(array.shape).astype(array.dtype)
-        start += size
-    return out
-
-
-def range_exponents(arrays: dict[str, np.ndarray], factor: float) -> list[int]:
-    """Per-tensor power-of-two clipping ranges for the bfv encoding."""
-    return [
-        math.ceil(math.log2(factor * max(float(np.abs(a).max(initial=0.0)), RANGE_FLOOR)))
-        for a in arrays.values()
-    ]
-
-
-def expand_ranges(exponents: list[int], template: dict[str, np.ndarray]) -> np.ndarray:
-    return np.concatenate([np.full(int(np.prod(a.shape)), 2.0**e) for e, a in zip(exponents, template.values())])
 
 
 @dataclass(frozen=True)

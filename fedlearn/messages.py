@@ -19,6 +19,7 @@ NODE_RECORD = "node"
 PARTITION_KEY = "partition-id"
 AUTH_RECORD = "auth"
 HE_RECORD = "he"  # privacy=he: how to read the encrypted model (request) or contribution (reply)
+SECAGG_RECORD = "secagg"  # privacy=secagg: a stage's keys, shares and the round's plan
 NUM_EXAMPLES_KEY = "num-examples"
 
 

@@ -19,10 +19,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType
 
 from crypto import signing
 from fedlearn.access import (
-    ROLE_FOR_MESSAGE,
     AccessPolicy,
     Member,
     provision_simulation,
+    role_for,
     run_digest,
     update_statement,
 )
@@ -124,6 +124,7 @@ class AccessGrid(GridWrapper):
         self.audit = audit
         self.run_id = run_id
         self._seen: set[tuple[str, str]] = set()  # (key fingerprint, nonce) already accepted
+        self._started = 0  # the last round with a round_start record
         self._round = RoundAccess()
 
     def take_round(self) -> RoundAccess:
@@ -133,7 +134,7 @@ class AccessGrid(GridWrapper):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
         kinds = {m.metadata.message_type for m in messages}
-        if not messages or not kinds <= set(ROLE_FOR_MESSAGE):
+        if not messages or any(role_for(kind) is None for kind in kinds):
             return self._grid.send_and_receive(messages, timeout=timeout)
         kind = kinds.pop() if len(kinds) == 1 else "mixed"
         server_round = int(messages[0].content["config"]["server-round"])
@@ -141,9 +142,11 @@ class AccessGrid(GridWrapper):
         challenge = ConfigRecord({"run-id": self.run_id, "round": server_round, "nonce": nonce})
         for content in {id(m.content): m.content for m in messages}.values():
             content[AUTH_RECORD] = challenge
-        if kind == MessageType.TRAIN:
+        if role_for(kind) == "trainer" and server_round != self._started:
+            # The round's first training message: plain training, or secure aggregation's first stage.
             sampled = [m.metadata.dst_node_id for m in messages]
             self.audit.append("round_start", server_round, {"nonce": nonce, "sampled": sampled}, sync=False)
+            self._started = server_round
         sent = {m.metadata.dst_node_id: m for m in messages}
         checked, replied = [], set()
         for reply in self._grid.send_and_receive(messages, timeout=timeout):
@@ -203,7 +206,7 @@ class AccessGrid(GridWrapper):
         member = self.policy.node(fingerprint)
         if member is not None:
             facts["node"] = member.name
-        refusal = self.policy.refusal(fingerprint, ROLE_FOR_MESSAGE[reply.metadata.message_type])
+        refusal = self.policy.refusal(fingerprint, role_for(reply.metadata.message_type))
         if refusal:
             raise Rejected(refusal)
         facts["payload"] = payload_digest(content)

@@ -29,8 +29,10 @@ from fedlearn.runs import RoundRecord, RunStore
 from fedlearn.training import evaluate, select_device
 from fedlearn.audit import AuditLog
 from server.access import AccessGrid, RoundAccess, load_credentials, open_audited_run
-from server.grid import MeteredGrid, PartitionOrderedGrid
+from fedlearn.secagg import STAGE_MESSAGE_TYPES
+from server.grid import DropoutGrid, MeteredGrid, PartitionOrderedGrid
 from server.he import HEStrategy, load_public_key, provision_he
+from server.secagg import SecAggStrategy
 
 RoundCallback = Callable[[RoundRecord], None]
 
@@ -111,8 +113,8 @@ def run_federation(
     model = global_model(config)  # the initial weights; evaluates each round's model when the server does
     ordered = PartitionOrderedGrid(grid)
     nodes = ordered.wait_for_nodes(config.min_available_clients, config.round_timeout)
-    if config.fraction_train < 1 or 0 < config.fraction_evaluate < 1:
-        # Sampling a subset: make it pick the same partitions for the same seed.
+    if config.fraction_train < 1 or 0 < config.fraction_evaluate < 1 or config.dropout_rate > 0:
+        # Sampling a subset, or dropping some: make it pick the same partitions for the same seed.
         ordered.discover(nodes, config.round_timeout)
     store = RunStore.create(config, run_id)
     if config.privacy == "he" and he_key is None:
@@ -140,8 +142,14 @@ def run_federation(
     )
     if he_key is not None:
         strategy = HEStrategy(strategy, config, he_key, models.numpy_state(model))
-    check = strategy.check_reply if isinstance(strategy, HEStrategy) else None
-    access = AccessGrid(ordered, run.policy, audit, store.run_id, model=initial, check_update=check)
+    elif config.privacy == "secagg":
+        strategy = SecAggStrategy(strategy, config, models.numpy_state(model))
+    check = getattr(strategy, "check_reply", None)  # privacy modes whose updates are not plain arrays
+    faulty = None
+    if config.dropout_rate > 0:
+        stage = STAGE_MESSAGE_TYPES[config.dropout_stage]
+        faulty = DropoutGrid(ordered, config.dropout_rate, stage, config.seed, ordered.partitions)
+    access = AccessGrid(faulty or ordered, run.policy, audit, store.run_id, model=initial, check_update=check)
     metered = MeteredGrid(access)
 
     state = {"arrays": initial, "clock": time.perf_counter(), "audit_seconds": 0.0}
@@ -165,7 +173,7 @@ def run_federation(
         if server_round:
             audit_round(audit, server_round, arrays, seen, {
                 "accuracy": accuracy, "loss": loss, "clients": traffic.replies, "failures": traffic.failures,
-                "rejected": seen.rejected, "client_metrics": dict(client_metrics), "privacy": privacy_facts(seen),
+                "rejected": seen.rejected, "client_metrics": dict(client_metrics), "privacy": privacy_facts(seen, server_round),
             })
         state["audit_seconds"] = audit.seconds
         timings = {
@@ -204,10 +212,13 @@ def run_federation(
             raise _TargetReached
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
-    def privacy_facts(seen: RoundAccess) -> dict:
-        if not isinstance(strategy, HEStrategy):
-            return {"mode": config.privacy}
-        return {**strategy.last, "update_digests": seen.update_digests}
+    def privacy_facts(seen: RoundAccess, server_round: int) -> dict:
+        facts = {"mode": config.privacy}
+        if isinstance(strategy, (HEStrategy, SecAggStrategy)):
+            facts = {**strategy.last, "update_digests": seen.update_digests}
+        if faulty is not None:
+            facts["injected_dropouts"] = len(faulty.dropped.get(server_round, []))
+        return facts
 
     stopped_early = False
     # Flower samples nodes with the global `random` module: seed it last, right before the

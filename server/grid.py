@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -151,3 +152,42 @@ def _reported_partition(reply: Message) -> int | None:
         return None
     value = reply.content[NODE_RECORD].get(PARTITION_KEY)
     return int(value) if value is not None else None
+
+
+class DropoutGrid(GridWrapper):
+    """Fault injection (dropout-rate, dropout-stage): in each round, when the stage's first
+    message goes out, a seeded choice of ``rate`` of its addressees vanish: from then on they
+    get no message and send no reply until the round ends. The same partitions drop for the
+    same seed and round, in every privacy mode."""
+
+    def __init__(self, grid: Grid, rate: float, message_type: str, seed: int, partitions: dict[int, int]):
+        super().__init__(grid)
+        self.rate, self.message_type, self.seed, self.partitions = rate, message_type, seed, partitions
+        self._round: int | None = None
+        self._gone: set[int] = set()
+        self.dropped: dict[int, list[int]] = {}  # round -> node ids that vanished (for tests and records)
+
+    def _doom(self, server_round: int, nodes: list[int]) -> None:
+        ranked = sorted(nodes, key=lambda n: (self.partitions.get(n, 1 << 62), n))
+        count = int(self.rate * len(ranked) + 0.5)
+        self._gone = set(random.Random(f"dropout/{self.seed}/{server_round}").sample(ranked, count))
+        self.dropped[server_round] = sorted(self._gone)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        server_round = _server_round(messages)
+        if server_round is None:
+            return self._grid.send_and_receive(messages, timeout=timeout)
+        if server_round != self._round:
+            self._round, self._gone = server_round, set()
+        if server_round not in self.dropped and any(m.metadata.message_type == self.message_type for m in messages):
+            self._doom(server_round, [m.metadata.dst_node_id for m in messages])
+        kept = [m for m in messages if m.metadata.dst_node_id not in self._gone]
+        return self._grid.send_and_receive(kept, timeout=timeout) if kept else []
+
+
+def _server_round(messages: list[Message]) -> int | None:
+    for message in messages:
+        if "config" in message.content and "server-round" in message.content["config"]:
+            return int(message.content["config"]["server-round"])
+    return None

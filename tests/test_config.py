@@ -61,7 +61,18 @@ def test_all_problems_reported_at_once():
         ({"strategy": "krum", "num-clients": 4, "krum-malicious": 1}, "needs more than 4 sampled clients"),
         ({"partitioner": "shards", "num-clients": 1000, "shards-per-client": 2}, "2000 shards"),
         ({"min-available-clients": 20}, "exceeds num-clients=10"),
-        ({"privacy": "secagg"}, "privacy='secagg': choose one of plain, he"),
+        ({"privacy": "dp"}, "privacy='dp': choose one of plain, he, secagg"),
+        ({"privacy": "secagg", "strategy": "krum"}, "shows the server only the sum"),
+        ({"privacy": "secagg", "secagg-bits": 40}, "secagg-bits=40: must be between 8 and 32"),
+        ({"privacy": "secagg", "secagg-bits": 8, "num-clients": 100}, "leaves 2 bits per value for a sum of 100 clients"),
+        ({"privacy": "secagg", "secagg-threshold": 11}, "secagg-threshold=11: must be between 2 and the 10 clients"),
+        ({"privacy": "secagg", "secagg-threshold": 1}, "secagg-threshold=1"),
+        ({"privacy": "secagg", "num-clients": 20, "secagg-neighbours": 4, "secagg-threshold": 6}, "the 5 clients of a neighbourhood"),
+        ({"privacy": "secagg", "num-clients": 1, "min-available-clients": 1}, "needs at least 2 clients per round"),
+        ({"privacy": "secagg", "secagg-range": -1}, "secagg-range=-1"),
+        ({"dropout-rate": 1.0}, "dropout-rate=1.0: must be in [0, 1)"),
+        ({"dropout-stage": "unmask"}, "needs privacy=secagg"),
+        ({"dropout-stage": "later"}, "dropout-stage='later': choose one of"),
         ({"privacy": "he", "he-bits": 40}, "he-bits=40"),
         ({"he-secret": "x.secret"}, "he-secret only applies to privacy=he"),
         ({"privacy": "he", "strategy": "fedadagrad"}, "non-linear step"),
@@ -116,3 +127,15 @@ def test_choices_match_the_registries():
     assert set(DATASETS) == set(data.SPECS)
     assert set(MODELS) == set(models.REGISTRY)
     assert set(STRATEGIES) == set(strategies.CLASSES)
+
+
+@pytest.mark.parametrize("sampled, neighbours, expected", [(10, 0, 6), (5, 0, 3), (2, 0, 2), (50, 0, 26), (50, 4, 3), (50, 5, 4)])
+def test_secagg_threshold_defaults_to_a_majority_of_a_neighbourhood(sampled, neighbours, expected):
+    config = RunConfig.from_flat({"privacy": "secagg", "num-clients": sampled, "secagg-neighbours": neighbours})
+    assert config.secagg_threshold_for(sampled) == expected
+
+
+def test_secagg_encoding_leaves_headroom_for_the_sum():
+    config = RunConfig.from_flat({"privacy": "secagg", "num-clients": 50})
+    encoding = config.secagg_encoding(50)
+    assert encoding.sum_bits(50) <= 16 < encoding.__class__(encoding.bits + 1).sum_bits(50)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from crypto.fixedpoint import FixedPoint
-from crypto.secagg_protocol import ClientSession, unmask_sum
+from crypto.secagg_protocol import ClientSession, neighbourhoods, unmask_sum
 
 BITS, LENGTH, CONTEXT = 24, 500, b"run-A/round-1"
 
@@ -25,7 +25,7 @@ def run_round(n, threshold, drop_before_share=(), drop_before_mask=(), drop_befo
     masked = {i: clients[i].mask(inputs[i], holders) for i in masking}
     answering = [i for i in masking if i not in drop_before_unmask]
     revealed = [clients[i].unmask({j: sealed[j][i] for j in holders}, masked) for i in answering]
-    total = unmask_sum(masked, revealed, {i: publics[i][1] for i in holders}, holders, threshold, BITS, CONTEXT)
+    total = unmask_sum(masked, revealed, {i: publics[i][1] for i in holders}, {i: holders for i in masked}, threshold, BITS, CONTEXT)
     expected = sum(inputs[i] for i in masked) % np.uint64(1 << BITS)
     return total, expected, masked, inputs
 
@@ -71,3 +71,40 @@ def test_a_client_never_reveals_both_secrets_of_a_neighbour():
         c.mask(np.zeros(LENGTH, dtype=np.uint64), range(n))
     answer = clients[0].unmask({j: sealed[j][0] for j in range(n)}, survivors=[0, 1, 2, 3])
     assert {j: kind for j, (kind, _) in answer.items()} == {0: "b", 1: "b", 2: "b", 3: "b", 4: "s"}
+
+
+def test_a_session_survives_a_round_trip_through_its_state():
+    client = ClientSession(3, 2, BITS, LENGTH, CONTEXT)
+    other = ClientSession(5, 2, BITS, LENGTH, CONTEXT)
+    publics = {3: client.advertise(), 5: other.advertise()}
+    client.share(publics)
+    client.holders = [3, 5]
+    restored = ClientSession.from_state(client.to_state())
+    x = np.arange(LENGTH, dtype=np.uint64)
+    assert (restored.mask(x, [3, 5]) == client.mask(x, [3, 5])).all()
+
+
+@pytest.mark.parametrize("n,k", [(10, 4), (11, 3), (6, 0), (6, 9)])
+def test_neighbourhoods_are_symmetric_and_as_large_as_asked(n, k):
+    graph = neighbourhoods(range(n), k)
+    for m, links in graph.items():
+        assert m in links
+        assert all(m in graph[j] for j in links)
+        assert len(links) == (n if k == 0 or k >= n - 1 else 2 * -(-k // 2) + 1)
+
+
+@pytest.mark.parametrize("drop", [(), (2,), (2, 7)])
+def test_sparse_graph_rounds_give_the_exact_sum(drop):
+    """SecAgg+: each client shares and masks with its neighbours only; dropouts after sharing
+    are unmasked by the neighbours' shares."""
+    n, k, threshold = 10, 4, 3
+    graph = neighbourhoods(range(n), k)
+    rng = np.random.default_rng(1)
+    inputs = {i: rng.integers(0, 1 << 12, LENGTH).astype(np.uint64) for i in range(n)}
+    clients = {i: ClientSession(i, threshold, BITS, LENGTH, CONTEXT) for i in range(n)}
+    publics = {i: c.advertise() for i, c in clients.items()}
+    sealed = {i: clients[i].share({j: publics[j] for j in graph[i]}) for i in range(n)}
+    masked = {i: clients[i].mask(inputs[i], graph[i]) for i in range(n) if i not in drop}
+    revealed = [clients[i].unmask({j: sealed[j][i] for j in graph[i]}, masked) for i in masked]
+    total = unmask_sum(masked, revealed, {i: publics[i][1] for i in range(n)}, {i: graph[i] for i in masked}, threshold, BITS, CONTEXT)
+    assert (total == sum(inputs[i] for i in masked) % np.uint64(1 << BITS)).all()

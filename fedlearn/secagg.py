@@ -1,0 +1,107 @@
+"""The ``secagg`` privacy mode between model arrays and masked integer vectors.
+
+crypto.secagg_protocol holds the protocol; server/secagg.py and clients/secagg.py carry its
+stages over Flower messages. One training round:
+
+1. ``train.secagg_advertise``: each sampled client makes fresh X25519 keys and answers with
+   the public halves and its example count;
+2. ``train.secagg_share``: each client gets its neighbours' public keys and answers with
+   Shamir shares of its secrets, sealed for each neighbour;
+3. ``train``: the usual training request, plus the shares sealed for this client and the
+   round's plan (``secagg`` record); the client trains and answers with its masked, fixed-point
+   encoded model (``arrays["masked"]``, 2 bytes per parameter at secagg-bits=16);
+4. ``train.secagg_unmask``: the clients that sent masked inputs reveal the shares the server
+   needs to remove the masks: the self-mask seeds of survivors, the pairwise keys of dropouts.
+
+The server ends up with the sum of the survivors' encodings, mod ``2**bits``, which cannot
+overflow: the encoding is the widest whose ``n``-term sum fits (crypto.fixedpoint). It decodes
+the sum into the example-weighted average and gives it to the strategy as the only "reply":
+every strategy whose aggregate is a weighted average works on top, server optimizers included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from crypto.fixedpoint import FixedPoint
+from crypto.secagg import mask_dtype
+from fedlearn.encoding import expand_ranges, flatten, unflatten
+
+ADVERTISE = "train.secagg_advertise"
+SHARE = "train.secagg_share"
+UNMASK = "train.secagg_unmask"
+# Message type of each stage that dropout-stage names.
+STAGE_MESSAGE_TYPES = {"advertise": ADVERTISE, "share": SHARE, "train": "train", "unmask": UNMASK}
+MASKED_ARRAY = "masked"  # the name of the masked vector in a training reply's ArrayRecord
+SESSION_STATE = "secagg-session"  # a client's secrets between stages, in its node's private state
+
+
+def round_context(round_id: str, server_round: int) -> bytes:
+    """What every secret of a round is bound to (HKDF info, sealed shares' associated data)."""
+    return f"fedlearn-secagg/{round_id}/{server_round}".encode()
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What every client of one round must agree on (sent in the ``secagg`` record)."""
+
+    round_id: str  # fresh per round: binds every derived secret to this round
+    server_round: int
+    threshold: int
+    bits: int  # masked values live mod 2**bits
+    value_bits: int  # fixed-point bits per value, so that the sum of max_terms fits in bits
+    max_terms: int
+    length: int
+    weight_cap: int = 1  # the largest example count among the sampled clients
+    exponents: tuple[int, ...] = ()  # per-tensor clipping ranges 2**e
+
+    def context(self) -> bytes:
+        return round_context(self.round_id, self.server_round)
+
+    def encoding(self) -> FixedPoint:
+        return FixedPoint(self.value_bits)
+
+    def dtype(self) -> np.dtype:
+        return mask_dtype(self.bits)
+
+    def to_record(self) -> dict:
+        return {"round-id": self.round_id, "server-round": self.server_round, "threshold": self.threshold,
+                "bits": self.bits, "value-bits": self.value_bits, "max-terms": self.max_terms, "length": self.length,
+                "weight-cap": self.weight_cap, "range-exp": list(self.exponents)}
+
+    @classmethod
+    def from_record(cls, record) -> RoundPlan:
+        try:
+            return cls(str(record["round-id"]), int(record["server-round"]), int(record["threshold"]), int(record["bits"]),
+                       int(record["value-bits"]), int(record["max-terms"]), int(record["length"]),
+                       int(record["weight-cap"]), tuple(int(e) for e in record["range-exp"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"malformed secagg plan ({exc})") from None
+
+
+class MaskedCodec:
+    """One model architecture's arrays <-> fixed-point integer vectors, and back from their sum."""
+
+    def __init__(self, template: dict[str, np.ndarray]):
+        self.template = template
+        self.length = sum(int(np.prod(a.shape)) for a in template.values())
+
+    def ranges(self, plan: RoundPlan) -> np.ndarray:
+        return expand_ranges(list(plan.exponents), self.template)
+
+    def encode(self, arrays: dict[str, np.ndarray], weight: float, plan: RoundPlan) -> tuple[np.ndarray, int]:
+        """``weight * arrays`` as integers in [0, 2Q], and how many values were clipped."""
+        if list(arrays) != list(self.template):
+            raise ValueError("the arrays are not this model's")
+        return plan.encoding().encode(flatten(arrays), weight, self.ranges(plan))
+
+    def decode(self, total: np.ndarray, terms: int, total_weight: float, plan: RoundPlan) -> dict[str, np.ndarray]:
+        """The weighted average behind the sum of ``terms`` encodings of total weight ``total_weight``."""
+        weighted = plan.encoding().decode(total, terms, self.ranges(plan))
+        return unflatten(weighted / total_weight, self.template)
+
+    def error_bound(self, terms: int, total_weight: float, plan: RoundPlan) -> float:
+        """Largest error of a decoded average value (values within their range)."""
+        return float(np.max(plan.encoding().error_bound(terms, self.ranges(plan)))) / total_weight

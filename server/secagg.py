@@ -1,0 +1,215 @@
+"""``SecAggStrategy``: gives a sum strategy the unmasked sum instead of plaintext replies
+(privacy=secagg).
+
+It wraps any Flower strategy whose aggregate is an example-weighted average (FedAvg, FedProx,
+FedAvgM, FedAdam, FedYogi, FedAdagrad): the wrapped strategy samples and configures the
+round; this class runs the key stages around its training request, adds the masked inputs,
+removes the masks with the revealed shares, and hands the wrapped strategy one reply holding
+the decoded average, so the strategy's own server step (momentum, Adam, ...) runs unchanged.
+
+A round that loses so many clients that fewer than the threshold are left at any stage
+raises RoundFailed: the run stops and says why, it never goes on with an unchanged model.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterable
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+from crypto.secagg_protocol import neighbourhoods, unmask_sum
+from fedlearn.config import RunConfig
+from fedlearn.encoding import range_exponents
+from fedlearn.errors import RoundFailed
+from fedlearn.messages import NODE_RECORD, NUM_EXAMPLES_KEY, SECAGG_RECORD
+from fedlearn.secagg import ADVERTISE, MASKED_ARRAY, SHARE, UNMASK, MaskedCodec, RoundPlan
+
+
+class SecAggStrategy(Strategy):
+    def __init__(self, base: Strategy, config: RunConfig, template: dict[str, np.ndarray]):
+        self.base, self.config, self.template = base, config, template
+        self.codec = MaskedCodec(template)
+        self.plan: RoundPlan | None = None
+        self.grid: Grid | None = None
+        self.graph: dict[int, list[int]] = {}  # node -> its neighbourhood (itself included)
+        self.publics: dict[int, tuple[bytes, bytes]] = {}  # node -> (c, s) public keys
+        self.counts: dict[int, int] = {}  # node -> training examples it reported this round
+        self.holders: dict[int, list[int]] = {}  # node -> neighbours it was told to mask with
+        self.dropped: dict[str, list[int]] = {}  # stage -> nodes lost there this round
+        self.last: dict = {}  # privacy facts of the last aggregation, for the audit log
+
+    def summary(self) -> None:
+        log(INFO, "\t├── privacy: secagg (%d-bit masked sums), the server sees only the sum", self.config.secagg_bits)
+        self.base.summary()
+
+    # -- stages before training ----------------------------------------------------------
+    def _exchange(self, server_round: int, stage: str, message_type: str, records: dict[int, dict], config: ConfigRecord) -> dict[int, Message]:
+        """Send one stage's requests; the replies that came back without error, by node.
+        Fewer than the threshold left: the round fails loudly."""
+        messages = [
+            Message(RecordDict({"config": config, SECAGG_RECORD: ConfigRecord({"round-id": self.plan.round_id, **record})}),
+                    dst_node_id=node, message_type=message_type)
+            for node, record in records.items()
+        ]
+        replies = self.grid.send_and_receive(messages, timeout=self.config.secagg_timeout)
+        answered = {r.metadata.src_node_id: r for r in replies if not r.has_error() and SECAGG_RECORD in r.content}
+        self.dropped[stage] = sorted(set(records) - set(answered))
+        self._require(len(answered), stage, server_round)
+        return answered
+
+    def _require(self, survivors: int, stage: str, server_round: int) -> None:
+        if survivors < self.plan.threshold:
+            lost = sum(len(v) for v in self.dropped.values())
+            raise RoundFailed(
+                f"round {server_round}: secure aggregation lost {lost} of {self.plan.max_terms} clients by the {stage} stage "
+                f"(dropped per stage: {self._dropped_counts()}); {survivors} are left, fewer than the threshold "
+                f"{self.plan.threshold} needed to remove the masks. The run stopped rather than continue with an "
+                f"unchanged model: start more nodes, or lower secagg-threshold (the privacy margin) if dropouts are expected"
+            )
+
+    def _dropped_counts(self) -> dict[str, int]:
+        return {stage: len(nodes) for stage, nodes in self.dropped.items()}
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        messages = list(self.base.configure_train(server_round, arrays, config, grid))
+        if not messages:
+            return messages
+        self.grid, self.dropped = grid, {}
+        sampled = [m.metadata.dst_node_id for m in messages]
+        n = len(sampled)
+        encoding = self.config.secagg_encoding(n)
+        exponents = range_exponents(
+            {k: v.numpy() for k, v in arrays.items()}, self.config.secagg_range_factor(encoding.bits)
+        )
+        self.plan = RoundPlan(
+            round_id=secrets.token_hex(16), server_round=server_round, threshold=self.config.secagg_threshold_for(n),
+            bits=self.config.secagg_bits, value_bits=encoding.bits, max_terms=n, length=self.codec.length,
+            exponents=tuple(exponents),
+        )
+        stage_config = ConfigRecord({**self.config.to_flat(), "server-round": server_round})
+        basics = {k: v for k, v in self.plan.to_record().items() if k in ("threshold", "bits", "length", "server-round")}
+
+        advertised = self._exchange(server_round, "advertise", ADVERTISE, {n: basics for n in sampled}, stage_config)
+        self.publics, self.counts = {}, {}
+        for node, reply in advertised.items():
+            record = reply.content[SECAGG_RECORD]
+            self.publics[node] = (bytes(record["c-public"]), bytes(record["s-public"]))
+            self.counts[node] = int(reply.content[NODE_RECORD][NUM_EXAMPLES_KEY])
+        self.graph = neighbourhoods(self.publics, self.config.secagg_neighbours)
+
+        share_requests = {
+            node: {"ids": self.graph[node], "c-publics": [self.publics[j][0] for j in self.graph[node]],
+                   "s-publics": [self.publics[j][1] for j in self.graph[node]]}
+            for node in self.publics
+        }
+        shared = self._exchange(server_round, "share", SHARE, share_requests, stage_config)
+        inbox: dict[int, dict[int, bytes]] = {node: {} for node in shared}  # receiver -> sender -> sealed shares
+        for sender, reply in shared.items():
+            record = reply.content[SECAGG_RECORD]
+            ids, sealed = [int(j) for j in record["ids"]], [bytes(s) for s in record["sealed"]]
+            if ids != self.graph[sender] or len(sealed) != len(ids):
+                raise RoundFailed(f"round {server_round}: node {sender} sealed shares for {ids}, not for its neighbours {self.graph[sender]}")
+            for receiver, blob in zip(ids, sealed):
+                if receiver in inbox:
+                    inbox[receiver][sender] = blob
+
+        self.plan = RoundPlan(**{**self.plan.__dict__, "weight_cap": max(self.counts[n] for n in shared)})
+        self.holders = {node: sorted(inbox[node]) for node in shared}
+        train = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            if node not in shared:
+                continue  # dropped during the key stages: nothing to train for
+            # holders: the neighbours whose shares this node holds (sealed, in that order), the
+            # same it masks with and reveals shares of.
+            record = {**self.plan.to_record(), "holders": self.holders[node], "sealed": [inbox[node][j] for j in self.holders[node]]}
+            content = RecordDict({**dict(message.content), SECAGG_RECORD: ConfigRecord(record)})
+            train.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
+        return train
+
+    # -- replies ------------------------------------------------------------------------
+    def _parse(self, content: RecordDict) -> tuple[np.ndarray, float, int, int]:
+        """(masked vector, weight, examples, clipped) of a masked training reply, checked."""
+        if self.plan is None:
+            raise ValueError("no secure-aggregation round is open")
+        if SECAGG_RECORD not in content or "arrays" not in content or MASKED_ARRAY not in content["arrays"]:
+            raise ValueError("not a masked update (no secagg record or no masked array): is the node in privacy=secagg?")
+        try:
+            record, array = content[SECAGG_RECORD], content["arrays"][MASKED_ARRAY]
+            weight, clipped = float(record["weight"]), int(record["clipped"])
+            examples = int(content["metrics"][NUM_EXAMPLES_KEY])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"malformed masked update ({exc})") from None
+        if list(content["arrays"]) != [MASKED_ARRAY]:
+            raise ValueError(f"a masked update holds only '{MASKED_ARRAY}', got {sorted(content['arrays'])}")
+        if array.dtype != str(self.plan.dtype()) or list(array.shape) != [self.plan.length]:
+            raise ValueError(f"masked vector is {array.dtype}{list(array.shape)}, the round expects {self.plan.dtype()}[{self.plan.length}]")
+        if not 0 < examples <= self.plan.weight_cap or weight != examples / self.plan.weight_cap:
+            raise ValueError(f"weight {weight:g} is not num-examples {examples} / weight cap {self.plan.weight_cap}")
+        return array.numpy(), weight, examples, clipped
+
+    def check_reply(self, content: RecordDict) -> None:
+        """Raise ValueError saying what is wrong with a training reply (access control calls it)."""
+        self._parse(content)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        ok = [r for r in replies if not r.has_error()]  # access control already turned bad ones into errors
+        if self.plan is None:
+            return None, None
+        masked, weights, examples, clipped = {}, {}, 0, 0
+        for reply in ok:
+            vector, weight, count, clip = self._parse(reply.content)
+            node = reply.metadata.src_node_id
+            masked[node], weights[node] = vector, weight
+            examples, clipped = examples + count, clipped + clip
+        self.dropped["train"] = sorted(set(self.holders) - set(masked))
+        self._require(len(masked), "train", server_round)
+
+        survivors = sorted(masked)
+        stage_config = ConfigRecord({**self.config.to_flat(), "server-round": server_round})
+        answered = self._exchange(server_round, "unmask", UNMASK, {n: {"survivors": survivors} for n in survivors}, stage_config)
+        revealed = []
+        for node, reply in answered.items():
+            record = reply.content[SECAGG_RECORD]
+            revealed.append({int(j): (str(k), bytes(s)) for j, k, s in zip(record["ids"], record["kinds"], record["shares"])})
+        try:
+            total = unmask_sum(masked, revealed, {n: p[1] for n, p in self.publics.items()},
+                               {n: self.holders[n] for n in survivors}, self.plan.threshold, self.plan.bits, self.plan.context())
+        except ValueError as exc:
+            raise RoundFailed(f"round {server_round}: the masks could not be removed: {exc}. The run stopped rather "
+                              "than continue with an unchanged model") from None
+        total_weight = sum(weights.values())
+        average = self.codec.decode(total, len(survivors), total_weight, self.plan)
+        if clipped:
+            log(WARNING, "secagg: %d values were clipped to their range in round %d (raise secagg-range)", clipped, server_round)
+        self.last = {
+            "mode": "secagg", "bits": self.plan.bits, "value_bits": self.plan.value_bits, "threshold": self.plan.threshold,
+            "neighbourhood": max(len(v) for v in self.graph.values()), "sampled": self.plan.max_terms,
+            "terms": len(survivors), "total_weight": total_weight, "weight_cap": self.plan.weight_cap,
+            "range_exponents": list(self.plan.exponents), "clipped": clipped,
+            "error_bound": self.codec.error_bound(len(survivors), total_weight, self.plan),
+            "dropped": self._dropped_counts(),
+        }
+        # The strategy sees one reply: the average, weighted by all the survivors' examples, and
+        # their metrics already averaged (they travel in clear, as in every mode).
+        metrics = aggregate_metricrecords([r.content for r in ok], NUM_EXAMPLES_KEY)
+        metrics[NUM_EXAMPLES_KEY] = examples
+        content = RecordDict({
+            "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in average.items()}),
+            "metrics": MetricRecord(dict(metrics)),
+        })
+        summed = Message(content, dst_node_id=0, message_type=MessageType.TRAIN)
+        return self.base.aggregate_train(server_round, [summed])
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return self.base.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.base.aggregate_evaluate(server_round, replies)
