@@ -7,10 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import MessageType
-from flwr.common.serde import recorddict_to_proto
-from flwr.serverapp import ServerApp
 
-from clients.app import app as client_app
 from crypto import signing
 from crypto.he import HEKey
 from fedlearn import he, models
@@ -18,41 +15,8 @@ from fedlearn.audit import read, verify
 from fedlearn.config import RunConfig
 from fedlearn.errors import ConfigError
 from fedlearn.runs import load_model
-from server.app import run_federation
-from server.grid import GridWrapper
-from simulations import engine
 from simulations.cli import main as cli
-
-
-class RecordingGrid(GridWrapper):
-    """Keeps the serialized payload of every reply the server receives."""
-
-    def __init__(self, grid):
-        super().__init__(grid)
-        self.replies: list[tuple[str, bytes]] = []
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-        for r in replies:
-            if not r.has_error():
-                self.replies.append((r.metadata.message_type, recorddict_to_proto(r.content).SerializeToString()))
-        return replies
-
-
-def run(config: RunConfig, record: bool = False):
-    summary, recorders = {}, []
-
-    app = ServerApp()
-
-    @app.main()
-    def main(grid, context):
-        recorder = RecordingGrid(grid) if record else grid
-        recorders.append(recorder)
-        summary.update(run_federation(recorder, config, on_round=lambda r: None))
-
-    engine.simulate(app, client_app, config.num_clients)
-    assert summary, "the simulation ended without a result"
-    return summary, (recorders[0] if record else None)
+from tests.simulated import run
 
 
 def base(tmp_path, **overrides) -> RunConfig:
