@@ -6,7 +6,8 @@ composed from vetted primitives only, no Flower, no torch:
 - ChaCha20 (pyca/cryptography) as the pseudorandom generator that expands a 256-bit seed into
   a mask of any length (the keystream of a fixed nonce: each seed is used for one mask only);
 - AES-256-GCM to send Shamir shares to another client through the server, authenticated;
-- Shamir secret sharing over GF(2^128) (pycryptodome), applied to each 128-bit half of a seed.
+- Shamir secret sharing over GF(2^128) (pycryptodome) of 128-bit secrets: a client's self-mask
+  secret and the secret its mask key derives from (HKDF), so each takes one sharing, not two.
 
 Masks live in the integers modulo ``2**bits``: a masked input is ``u + mask (mod 2**bits)``,
 pairwise masks cancel in the sum, and what is left is the sum of the fixed-point encodings
@@ -28,7 +29,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-SEED_BYTES = 32  # 256-bit secrets: every mask derives from one
+KEY_BYTES = 32  # 256-bit keys: what HKDF gives and ChaCha20 takes
+SECRET_BYTES = 16  # 128-bit secrets: what clients Shamir-share; every mask derives from one
+SHARE_BYTES = 1 + SECRET_BYTES  # holder index, then the share
 INFO = b"fedlearn-secagg/v1/"
 
 
@@ -46,12 +49,33 @@ def agree(private: X25519PrivateKey, peer_public: bytes, context: bytes) -> byte
         peer = X25519PublicKey.from_public_bytes(peer_public)
     except ValueError:
         raise ValueError(f"not an X25519 public key ({len(peer_public)} bytes, 32 expected)") from None
-    shared = private.exchange(peer)
-    return HKDF(algorithm=hashes.SHA256(), length=SEED_BYTES, salt=None, info=INFO + context).derive(shared)
+    return _hkdf(private.exchange(peer), b"pair/" + context)
 
 
-def new_seed() -> bytes:
-    return os.urandom(SEED_BYTES)
+def _hkdf(material: bytes, info: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=INFO + info).derive(material)
+
+
+def new_secret() -> bytes:
+    return os.urandom(SECRET_BYTES)
+
+
+def _check_secret(secret: bytes) -> None:
+    if len(secret) != SECRET_BYTES:
+        raise ValueError(f"shared secrets are {SECRET_BYTES} bytes (128 bits), got {len(secret)}")
+
+
+def self_mask_key(secret: bytes, context: bytes) -> bytes:
+    """The 256-bit mask key a client's 128-bit self-mask secret stands for in one round."""
+    _check_secret(secret)
+    return _hkdf(secret, b"self-mask/" + context)
+
+
+def mask_private_key(secret: bytes, context: bytes) -> X25519PrivateKey:
+    """The X25519 key for pairwise masks, derived from a 128-bit secret so that the secret (not
+    the key) is what gets shared: one Shamir sharing instead of two halves of a 256-bit key."""
+    _check_secret(secret)
+    return X25519PrivateKey.from_private_bytes(_hkdf(secret, b"mask-key/" + context))
 
 
 def mask_dtype(bits: int) -> np.dtype:
@@ -70,25 +94,23 @@ def reduce(values: np.ndarray, bits: int) -> np.ndarray:
 
 
 def expand(seed: bytes, count: int, bits: int) -> np.ndarray:
-    """``count`` pseudorandom integers in [0, 2**bits) from a 256-bit seed (ChaCha20 keystream),
+    """``count`` pseudorandom integers in [0, 2**bits) from a 256-bit key (ChaCha20 keystream),
     as ``mask_dtype(bits)``: 16-bit masks cost 2 bytes of keystream each, not 8."""
-    if len(seed) != SEED_BYTES:
-        raise ValueError(f"mask seeds are {SEED_BYTES} bytes, got {len(seed)}")
+    if len(seed) != KEY_BYTES:
+        raise ValueError(f"mask keys are {KEY_BYTES} bytes, got {len(seed)}")
     dtype = mask_dtype(bits).newbyteorder("<")
     keystream = Cipher(algorithms.ChaCha20(seed, b"\x00" * 16), mode=None).encryptor().update(bytes(dtype.itemsize * count))
     return reduce(np.frombuffer(keystream, dtype=dtype), bits)
 
 
 def split_secret(secret: bytes, threshold: int, holders: int) -> list[bytes]:
-    """Shares of a 256-bit secret for holders 1..holders; any ``threshold`` of them recover it."""
-    if len(secret) != SEED_BYTES:
-        raise ValueError(f"secrets are {SEED_BYTES} bytes, got {len(secret)}")
+    """Shares of a 128-bit secret for holders 1..holders; any ``threshold`` of them recover it."""
+    _check_secret(secret)
     if not 1 <= threshold <= holders:
         raise ValueError(f"threshold {threshold} must be between 1 and the {holders} holders")
     if holders > 255:
         raise ValueError(f"{holders} holders: at most 255 share one secret (use a SecAgg+ neighbourhood)")
-    low, high = Shamir.split(threshold, holders, secret[:16]), Shamir.split(threshold, holders, secret[16:])
-    return [struct.pack(">B", i) + a + b for (i, a), (_, b) in zip(low, high)]
+    return [struct.pack(">B", i) + share for i, share in Shamir.split(threshold, holders, secret)]
 
 
 def combine_secret(shares: list[bytes], threshold: int) -> bytes:
@@ -96,15 +118,12 @@ def combine_secret(shares: list[bytes], threshold: int) -> bytes:
     silently return a wrong value)."""
     parsed = {}
     for share in shares:
-        if len(share) != 33:
-            raise ValueError(f"a share is 33 bytes, got {len(share)}")
-        parsed[share[0]] = (share[1:17], share[17:])
+        if len(share) != SHARE_BYTES:
+            raise ValueError(f"a share is {SHARE_BYTES} bytes, got {len(share)}")
+        parsed[share[0]] = share[1:]
     if len(parsed) < threshold:
         raise ValueError(f"{len(parsed)} distinct shares, {threshold} needed to recover the secret")
-    chosen = list(parsed.items())[:threshold]
-    low = Shamir.combine([(i, a) for i, (a, _) in chosen])
-    high = Shamir.combine([(i, b) for i, (_, b) in chosen])
-    return low + high
+    return Shamir.combine(list(parsed.items())[:threshold])
 
 
 def seal(key: bytes, plaintext: bytes, associated: bytes) -> bytes:

@@ -6,8 +6,8 @@ Stages, for clients identified by small integers:
 
 1. advertise: each client sends two X25519 public keys: ``c`` (to seal shares for it) and ``s``
    (for its pairwise masks).
-2. share: each client draws a 256-bit self-mask seed ``b`` and sends every neighbour, sealed
-   with their ``c`` agreement key, a Shamir share of ``b`` and of its ``s`` private key.
+2. share: each client sends every neighbour, sealed with their ``c`` agreement key, a Shamir
+   share of its 128-bit self-mask secret ``b`` and of the 128-bit secret its ``s`` key derives from.
 3. mask: each client sends ``u + PRG(b) + sum_{j>i} PRG(s_ij) - sum_{j<i} PRG(s_ij) mod 2^bits``
    over the neighbours that completed stage 2.
 4. unmask: for each neighbour that sent a masked input, a client reveals its share of that
@@ -53,10 +53,14 @@ class ClientSession:
     length: int
     context: bytes
     c_key: X25519PrivateKey = field(default_factory=secagg.generate_key)
-    s_key: X25519PrivateKey = field(default_factory=secagg.generate_key)
-    b_seed: bytes = field(default_factory=secagg.new_seed)
+    s_secret: bytes = field(default_factory=secagg.new_secret)  # the s key derives from it
+    b_secret: bytes = field(default_factory=secagg.new_secret)  # the self mask derives from it
     publics: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # neighbour -> (c, s)
     holders: list[int] = field(default_factory=list)  # neighbours who completed stage 2
+
+    @property
+    def s_key(self) -> X25519PrivateKey:
+        return secagg.mask_private_key(self.s_secret, self.context)
 
     def to_state(self) -> dict:
         """Everything the session holds, as bytes, ints and lists of them: a client keeps it
@@ -64,8 +68,8 @@ class ClientSession:
         ids = sorted(self.publics)
         return {
             "me": self.me, "threshold": self.threshold, "bits": self.bits, "length": self.length,
-            "context": self.context, "c-key": _private_bytes(self.c_key), "s-key": _private_bytes(self.s_key),
-            "b-seed": self.b_seed, "ids": ids, "c-publics": [self.publics[j][0] for j in ids],
+            "context": self.context, "c-key": _private_bytes(self.c_key), "s-secret": self.s_secret,
+            "b-secret": self.b_secret, "ids": ids, "c-publics": [self.publics[j][0] for j in ids],
             "s-publics": [self.publics[j][1] for j in ids], "holders": list(self.holders),
         }
 
@@ -75,8 +79,7 @@ class ClientSession:
         return cls(
             int(state["me"]), int(state["threshold"]), int(state["bits"]), int(state["length"]), bytes(state["context"]),
             X25519PrivateKey.from_private_bytes(bytes(state["c-key"])),
-            X25519PrivateKey.from_private_bytes(bytes(state["s-key"])),
-            bytes(state["b-seed"]), publics, [int(j) for j in state["holders"]],
+            bytes(state["s-secret"]), bytes(state["b-secret"]), publics, [int(j) for j in state["holders"]],
         )
 
     def advertise(self) -> tuple[bytes, bytes]:
@@ -90,8 +93,8 @@ class ClientSession:
             raise ValueError("this client is not among the advertised neighbours")
         if len(members) < self.threshold:
             raise ValueError(f"{len(members)} clients advertised keys, the threshold is {self.threshold}")
-        b_shares = secagg.split_secret(self.b_seed, self.threshold, len(members))
-        s_shares = secagg.split_secret(_private_bytes(self.s_key), self.threshold, len(members))
+        b_shares = secagg.split_secret(self.b_secret, self.threshold, len(members))
+        s_shares = secagg.split_secret(self.s_secret, self.threshold, len(members))
         sealed = {}
         for j, b_share, s_share in zip(members, b_shares, s_shares):
             key = secagg.agree(self.c_key, self.publics[j][0], _pair_context(self.context, b"seal"))
@@ -109,11 +112,12 @@ class ClientSession:
             raise ValueError(f"input has {len(encoded)} values, the round expects {self.length}")
         if self.me not in self.holders or not set(self.holders) <= set(self.publics):
             raise ValueError("the holders must be neighbours of this client, itself included")
-        y = secagg.reduce(encoded, self.bits) + secagg.expand(self.b_seed, self.length, self.bits)
+        y = secagg.reduce(encoded, self.bits) + secagg.expand(secagg.self_mask_key(self.b_secret, self.context), self.length, self.bits)
+        s_key = self.s_key
         for j in self.holders:
             if j == self.me:
                 continue
-            seed = secagg.agree(self.s_key, self.publics[j][1], _pair_context(self.context, b"mask"))
+            seed = secagg.agree(s_key, self.publics[j][1], _pair_context(self.context, b"mask"))
             mask = secagg.expand(seed, self.length, self.bits)
             if _mask_sign(self.me, j) > 0:
                 y += mask
@@ -130,7 +134,8 @@ class ClientSession:
         for j in self.holders:
             key = secagg.agree(self.c_key, self.publics[j][0], _pair_context(self.context, b"seal"))
             shares = secagg.open_sealed(key, sealed_for_me[j], self._associated(j, self.me))
-            revealed[j] = ("b", shares[:33]) if j in survivors else ("s", shares[33:])
+            cut = secagg.SHARE_BYTES
+            revealed[j] = ("b", shares[:cut]) if j in survivors else ("s", shares[cut:])
         return revealed
 
 
@@ -159,11 +164,11 @@ def unmask_sum(
     for y in masked.values():
         total += secagg.reduce(y, bits)
     for i in survivors:  # remove self masks
-        b_seed = secagg.combine_secret(shares.get((i, "b"), []), threshold)
-        total -= secagg.expand(b_seed, length, bits)
+        b_secret = secagg.combine_secret(shares.get((i, "b"), []), threshold)
+        total -= secagg.expand(secagg.self_mask_key(b_secret, context), length, bits)
     dropped = sorted({d for i in survivors for d in holders[i] if d not in masked})
     for d in dropped:  # remove the pairwise masks survivors shared with dropped clients
-        s_private = X25519PrivateKey.from_private_bytes(secagg.combine_secret(shares.get((d, "s"), []), threshold))
+        s_private = secagg.mask_private_key(secagg.combine_secret(shares.get((d, "s"), []), threshold), context)
         for i in survivors:
             if d not in holders[i]:
                 continue

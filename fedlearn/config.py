@@ -84,6 +84,7 @@ class RunConfig:
     shards_per_client: int = 2
     test_fraction: float = 0.2
     model: str = "mlp"
+    mlp_hidden: int = 64  # hidden units of model=mlp (128 on MNIST: ~100k parameters)
     strategy: str = "fedavg"
     privacy: str = "plain"
     seed: int = 42
@@ -258,7 +259,7 @@ class RunConfig:
         def choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
             need(value in allowed, f"{key}={value!r}: choose one of {', '.join(allowed)}")
 
-        for key in ("num-rounds", "num-clients", "local-epochs", "batch-size", "shards-per-client"):
+        for key in ("num-rounds", "num-clients", "local-epochs", "batch-size", "shards-per-client", "mlp-hidden"):
             value = getattr(self, key.replace("-", "_"))
             need(value >= 1, f"{key}={value}: must be >= 1")
         need(0.0 < self.fraction_train <= 1.0, f"fraction-train={self.fraction_train}: must be in (0, 1]")

@@ -102,18 +102,19 @@ def incompatibility(name: str, shape: Shape) -> str | None:
     return None
 
 
-def build(name: str, shape: Shape, num_classes: int, seed: int | None = None) -> nn.Module:
-    """Build a registered model; with ``seed`` its initial weights are reproducible."""
+def build(name: str, shape: Shape, num_classes: int, seed: int | None = None, **options) -> nn.Module:
+    """Build a registered model; with ``seed`` its initial weights are reproducible. ``options``
+    go to the model's builder (mlp: ``hidden``)."""
     if name not in REGISTRY:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(REGISTRY)}")
     reason = incompatibility(name, shape)
     if reason:
         raise ValueError(f"model {name}: {reason}")
     if seed is None:
-        return REGISTRY[name](shape, num_classes)
+        return REGISTRY[name](shape, num_classes, **options)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return REGISTRY[name](shape, num_classes)
+        return REGISTRY[name](shape, num_classes, **options)
 
 
 def for_run(config, *, seeded: bool = True) -> nn.Module:
@@ -122,7 +123,8 @@ def for_run(config, *, seeded: bool = True) -> nn.Module:
     from fedlearn import data
 
     spec = data.spec(config.dataset)
-    return build(config.model, spec.shape, spec.num_classes, seed=config.seed if seeded else None)
+    options = {"hidden": config.mlp_hidden} if config.model == "mlp" else {}
+    return build(config.model, spec.shape, spec.num_classes, seed=config.seed if seeded else None, **options)
 
 
 def numpy_state(model: nn.Module) -> dict:

@@ -4,6 +4,7 @@
     python -m simulations.bench fedavg-scale --clients 10,100,1000
     python -m simulations.bench mcmahan-2nn --seeds 42,43,44
     python -m simulations.bench access-overhead
+    python -m simulations.bench secagg-round --models mlp,cnn --clients 10,50
 
 Each measurement runs `fedlearn simulate` in a fresh subprocess (so Ray starts clean and
 memory is attributable), while this process samples the resident memory of the whole
@@ -373,6 +374,69 @@ def he_round(args: argparse.Namespace) -> list[dict]:
     return entries
 
 
+SECAGG_MODELS = {"mlp": {"model": "mlp", "mlp-hidden": 128}, "cnn": {"model": "mnist-cnn"}}
+SECAGG_ARMS = ("plain", "secagg", "secagg-k10", "flower-plain", "flower-secagg+")  # secagg-kK: K neighbours
+
+
+def secagg_round(args: argparse.Namespace) -> list[dict]:
+    """Full rounds of an MNIST job (1 local epoch), side by side in this process: plain and
+    secagg (ours, Message API) next to Flower's legacy workflow without and with its SecAgg+,
+    for each model and client count: median round time (rounds 2..), ratios, upload per parameter."""
+    import statistics
+
+    from rich.console import Console
+
+    from fedlearn import models
+    from fedlearn.config import RunConfig
+    from simulations import engine, flower_secagg, simulate
+
+    entries = []
+    with tempfile.TemporaryDirectory() as out:
+        for model_name in args.models.split(","):
+            for clients in (int(c) for c in args.clients.split(",")):
+                base = {"dataset": "mnist", "num-clients": clients, "local-epochs": 1, "batch-size": 32,
+                        "optimizer": "sgd", "lr": 0.05, "num-rounds": args.rounds, "out-dir": out,
+                        "data-dir": args.data_dir, "min-available-clients": clients, **SECAGG_MODELS[model_name]}
+                params = models.count_parameters(models.for_run(RunConfig.from_flat(base)))
+                measured: dict[str, dict] = {}
+                for arm in args.arms.split(","):
+                    print(f"[secagg-round] {model_name} ({params} params), {clients} clients, {arm} ...", flush=True)
+                    if arm.startswith("secagg-k") and clients <= int(arm[len("secagg-k"):]) + 1:
+                        continue  # that many neighbours is the complete graph: the secagg arm
+                    if arm == "plain" or arm.startswith("secagg"):
+                        neighbours = int(arm[len("secagg-k"):]) if arm.startswith("secagg-k") else 0
+                        config = RunConfig.from_flat({**base, "privacy": arm[:6] if neighbours else arm,
+                                                      "secagg-neighbours": neighbours})
+                        with open(os.devnull, "w") as quiet:
+                            summary = simulate.run(config, console=Console(file=quiet))
+                        metrics = json.loads((Path(summary["run_dir"]) / "metrics.json").read_text())
+                        later = [m for m in metrics if m["round"] >= 2]  # round 1 includes Ray start-up
+                        seconds, up = [m["seconds"] for m in later], [m["bytes_up"] for m in later]
+                        accuracy = summary["final_accuracy"]
+                    else:
+                        config = RunConfig.from_flat(base)
+                        server_app, client_app, timings = flower_secagg.apps(config, secure=arm == "flower-secagg+")
+                        engine.simulate(server_app, client_app, clients)
+                        seconds, up = timings["rounds"][1:], timings["bytes_up"][1:]
+                        accuracy = timings["accuracy"][-1]
+                    measured[arm] = {"median_round_s": statistics.median(seconds),
+                                     "upload_bytes_per_param": statistics.median(up) / clients / params,
+                                     "final_accuracy": accuracy, "rounds_measured": len(seconds)}
+                    print(f"    {json.dumps(measured[arm])}", flush=True)
+                for arm, m in measured.items():
+                    reference = "flower-plain" if arm.startswith("flower") and "flower-plain" in measured else "plain"
+                    figures = {
+                        "model": f"{model_name} ({params})", "clients": clients, "arm": arm,
+                        "median_round_s": round(m["median_round_s"], 3),
+                        "ratio_vs_plain": round(m["median_round_s"] / measured["plain"]["median_round_s"], 3) if "plain" in measured else None,
+                        "ratio_vs_own_plain": round(m["median_round_s"] / measured[reference]["median_round_s"], 3) if reference in measured else None,
+                        "upload_bytes_per_param": round(m["upload_bytes_per_param"], 3),
+                        "final_accuracy": round(m["final_accuracy"], 4), "rounds_measured": m["rounds_measured"],
+                    }
+                    entries.append(record("secagg-round", figures, {"config": json.dumps(base)}))
+    return entries
+
+
 SCENARIOS: dict[str, tuple[Callable[[argparse.Namespace], list[dict]], Callable[[argparse.ArgumentParser], None]]] = {}
 
 
@@ -407,10 +471,19 @@ def _he_round_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=os.environ.get("FEDLEARN_DATA_DIR", str(REPO.parent / "shared" / "data")))
 
 
+def _secagg_round_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models", default="mlp,cnn", help=f"comma-separated: {', '.join(SECAGG_MODELS)} (mlp: 101,770 params)")
+    p.add_argument("--clients", default="10,50", help="comma-separated client counts")
+    p.add_argument("--arms", default=",".join(SECAGG_ARMS), help=f"comma-separated: {', '.join(SECAGG_ARMS)}")
+    p.add_argument("--rounds", type=int, default=3, help="rounds per run; round 1 (Ray start-up) is not measured")
+    p.add_argument("--data-dir", default=os.environ.get("FEDLEARN_DATA_DIR", str(REPO.parent / "shared" / "data")))
+
+
 SCENARIOS["fedavg-scale"] = (fedavg_scale, _scale_args)
 SCENARIOS["he-ops"] = (he_ops, _he_ops_args)
 SCENARIOS["he-round"] = (he_round, _he_round_args)
 SCENARIOS["access-overhead"] = (access_overhead, _overhead_args)
+SCENARIOS["secagg-round"] = (secagg_round, _secagg_round_args)
 SCENARIOS["mcmahan-2nn"] = (mcmahan_2nn, _mcmahan_args)
 
 

@@ -39,3 +39,10 @@ def test_seeded_build_is_reproducible_and_leaves_global_rng_alone():
 def test_unknown_model():
     with pytest.raises(ValueError, match="unknown model 'resnet'"):
         models.build("resnet", (1, 8, 8), 10)
+
+
+def test_mlp_hidden_sets_the_width_of_the_run_model():
+    from fedlearn.config import RunConfig
+
+    config = RunConfig.from_flat({"dataset": "digits", "model": "mlp", "mlp-hidden": 128})
+    assert models.count_parameters(models.for_run(config)) == 64 * 128 + 128 + 128 * 10 + 10

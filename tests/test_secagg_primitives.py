@@ -53,7 +53,7 @@ def test_a_masked_input_looks_uniform_and_independent_of_the_input():
     modulus = np.uint64(1 << bits)
     samples = {}
     for name, value in (("low", low), ("high", high)):
-        samples[name] = np.array([int((value + secagg.expand(secagg.new_seed(), 1, bits))[0] % modulus) for _ in range(trials)])
+        samples[name] = np.array([int((value + secagg.expand(secagg.self_mask_key(secagg.new_secret(), b'r'), 1, bits))[0] % modulus) for _ in range(trials)])
     for values in samples.values():
         counts = np.bincount(values >> 8, minlength=256)
         assert stats.chisquare(counts).pvalue > 1e-4
@@ -67,7 +67,7 @@ def test_a_masked_input_looks_uniform_and_independent_of_the_input():
 @given(holders=st.integers(1, 30), data=st.data())
 def test_any_threshold_of_shares_recovers_the_seed_and_fewer_do_not(holders, data):
     threshold = data.draw(st.integers(1, holders))
-    seed = secagg.new_seed()
+    seed = secagg.new_secret()
     shares = secagg.split_secret(seed, threshold, holders)
     chosen = data.draw(st.permutations(shares))[:threshold]
     assert secagg.combine_secret(chosen, threshold) == seed
@@ -75,23 +75,32 @@ def test_any_threshold_of_shares_recovers_the_seed_and_fewer_do_not(holders, dat
         with pytest.raises(ValueError, match="needed"):
             secagg.combine_secret(chosen[:-1], threshold)
         # A coalition below the threshold, interpolating anyway, learns a value unrelated to the seed.
-        below = [(s[0], s[1:17]) for s in chosen[:-1]]
+        below = [(s[0], s[1:]) for s in chosen[:-1]]
         from Crypto.Protocol.SecretSharing import Shamir
 
-        assert Shamir.combine(below) != seed[:16]
+        assert Shamir.combine(below) != seed
 
 
-def test_masks_are_deterministic_per_seed_and_differ_between_seeds():
-    seed = secagg.new_seed()
-    assert (secagg.expand(seed, 100, 20) == secagg.expand(seed, 100, 20)).all()
-    assert not (secagg.expand(seed, 100, 20) == secagg.expand(secagg.new_seed(), 100, 20)).all()
-    assert secagg.expand(seed, 100, 20).max() < 1 << 20
+def test_masks_are_deterministic_per_secret_and_derive_from_128_bit_secrets():
+    secret = secagg.new_secret()
+    assert len(secret) * 8 == 128
+    key = secagg.self_mask_key(secret, b"round-1")
+    assert len(key) * 8 == 256
+    assert (secagg.expand(key, 100, 20) == secagg.expand(key, 100, 20)).all()
+    assert not (secagg.expand(key, 100, 20) == secagg.expand(secagg.self_mask_key(secret, b"round-2"), 100, 20)).all()
+    assert not (secagg.expand(key, 100, 20) == secagg.expand(secagg.self_mask_key(secagg.new_secret(), b"round-1"), 100, 20)).all()
+    assert secagg.expand(key, 100, 20).max() < 1 << 20
     with pytest.raises(ValueError, match="32 bytes"):
         secagg.expand(b"\x00" * 4, 10, 16)  # a 32-bit seed (Flower's SecAgg+ flaw) is refused
+    for short in (b"\x00" * 4, b"\x00" * 8):
+        with pytest.raises(ValueError, match="128 bits"):
+            secagg.self_mask_key(short, b"r")
+        with pytest.raises(ValueError, match="128 bits"):
+            secagg.split_secret(short, 2, 3)
 
 
 def test_sealed_shares_are_authenticated():
-    key = secagg.new_seed()
+    key = secagg.agree(secagg.generate_key(), secagg.public_bytes(secagg.generate_key()), b"seal")
     sealed = secagg.seal(key, b"share", b"from 1 to 2, round 3")
     assert secagg.open_sealed(key, sealed, b"from 1 to 2, round 3") == b"share"
     with pytest.raises(ValueError, match="altered"):

@@ -57,7 +57,7 @@ def test_a_masked_input_is_not_the_input_and_one_client_cannot_be_unmasked_alone
     from crypto import secagg
 
     client = ClientSession(0, 3, BITS, LENGTH, CONTEXT)
-    shares = secagg.split_secret(client.b_seed, 3, 5)
+    shares = secagg.split_secret(client.b_secret, 3, 5)
     with pytest.raises(ValueError, match="needed"):
         secagg.combine_secret(shares[:2], 3)
 
