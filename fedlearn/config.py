@@ -86,7 +86,7 @@ class RunConfig:
     model: str = "mlp"
     mlp_hidden: int = 64  # hidden units of model=mlp (128 on MNIST: ~100k parameters)
     strategy: str = "fedavg"
-    privacy: str = "plain"
+    privacy: str = "secagg"  # secure by default: the server sees only the sum (README: why not he)
     seed: int = 42
     device: str = "auto"
     round_timeout: float = 600.0
@@ -218,14 +218,17 @@ class RunConfig:
             problems.append(
                 f"strategy={self.strategy} cannot run with privacy=secagg: it needs each update in clear, "
                 "but secure aggregation shows the server only the sum; use a sum strategy "
-                "(fedavg, fedavgm, fedprox, fedadam, fedyogi, fedadagrad)"
+                "(fedavg, fedavgm, fedprox, fedadam, fedyogi, fedadagrad), or privacy=plain to give up secure aggregation"
             )
         if not 8 <= self.secagg_bits <= 32:
             problems.append(f"secagg-bits={self.secagg_bits}: must be between 8 and 32 (16 uploads 2 bytes per parameter)")
             return problems
         sampled = self.train_sample_size()
         if sampled < 2:
-            return problems + ["privacy=secagg needs at least 2 clients per round (the sum of one client is its update)"]
+            return problems + [
+                "privacy=secagg needs at least 2 clients per round (the sum of one client is its update): "
+                "sample more clients, or set privacy=plain"
+            ]
         try:
             value_bits = self.secagg_encoding(sampled).bits
         except ValueError:
@@ -233,7 +236,7 @@ class RunConfig:
         if value_bits < 4:
             problems.append(
                 f"secagg-bits={self.secagg_bits} leaves {value_bits} bits per value for a sum of {sampled} clients: "
-                "raise secagg-bits or sample fewer clients per round"
+                "raise secagg-bits, sample fewer clients per round, or set privacy=plain"
             )
         if self.secagg_neighbours < 0:
             problems.append(f"secagg-neighbours={self.secagg_neighbours}: must be >= 0 (0 = every other client)")

@@ -30,7 +30,7 @@ from fedlearn.training import evaluate, select_device
 from fedlearn.audit import AuditLog
 from server.access import AccessGrid, RoundAccess, load_credentials, open_audited_run
 from fedlearn.secagg import STAGE_MESSAGE_TYPES
-from server.grid import DropoutGrid, MeteredGrid, PartitionOrderedGrid
+from server.grid import DropoutGrid, MeteredGrid, PartitionOrderedGrid, short_reason
 from server.he import HEStrategy, load_public_key, provision_he
 from server.secagg import SecAggStrategy
 
@@ -54,13 +54,6 @@ def log_round(record: RoundRecord) -> None:
         record.clients,
         record.failures,
     )
-
-
-def short_reason(reason: str) -> str:
-    """The message of a client error, without the remote traceback Flower wraps around it."""
-    lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
-    last = lines[-1] if lines else reason
-    return last.split("Message: ", 1)[-1].strip("'<>")
 
 
 def global_model(config: RunConfig) -> torch.nn.Module:

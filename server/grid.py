@@ -22,6 +22,13 @@ from fedlearn.errors import FederationError
 from fedlearn.messages import NODE_RECORD, PARTITION_KEY
 
 
+def short_reason(reason: str) -> str:
+    """The message of a client error, without the remote traceback Flower wraps around it."""
+    lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else reason
+    return last.split("Message: ", 1)[-1].strip("'<>")
+
+
 def payload_bytes(content: RecordDict) -> int:
     """Serialized size of a message's records (what Flower puts on the wire, minus headers)."""
     return recorddict_to_proto(content).ByteSize()

@@ -13,6 +13,7 @@ raises RoundFailed: the run stops and says why, it never goes on with an unchang
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from collections.abc import Iterable
 from logging import INFO, WARNING
@@ -30,6 +31,7 @@ from fedlearn.encoding import range_exponents
 from fedlearn.errors import RoundFailed
 from fedlearn.messages import NODE_RECORD, NUM_EXAMPLES_KEY, SECAGG_RECORD
 from fedlearn.secagg import ADVERTISE, MASKED_ARRAY, SHARE, UNMASK, MaskedCodec, RoundPlan
+from server.grid import short_reason
 
 
 class SecAggStrategy(Strategy):
@@ -64,12 +66,14 @@ class SecAggStrategy(Strategy):
         self._require(len(answered), stage, server_round)
         return answered
 
-    def _require(self, survivors: int, stage: str, server_round: int) -> None:
+    def _require(self, survivors: int, stage: str, server_round: int, errors: list[str] = ()) -> None:
         if survivors < self.plan.threshold:
             lost = sum(len(v) for v in self.dropped.values())
+            first = short_reason(errors[0]) if errors else ""
             raise RoundFailed(
                 f"round {server_round}: secure aggregation lost {lost} of {self.plan.max_terms} clients by the {stage} stage "
-                f"(dropped per stage: {self._dropped_counts()}); {survivors} are left, fewer than the threshold "
+                f"(dropped per stage: {self._dropped_counts()}" + (f"; first client error: {first}" if first else "")
+                + f"); {survivors} are left, fewer than the threshold "
                 f"{self.plan.threshold} needed to remove the masks. The run stopped rather than continue with an "
                 f"unchanged model: start more nodes, or lower secagg-threshold (the privacy margin) if dropouts are expected"
             )
@@ -120,7 +124,7 @@ class SecAggStrategy(Strategy):
                 if receiver in inbox:
                     inbox[receiver][sender] = blob
 
-        self.plan = RoundPlan(**{**self.plan.__dict__, "weight_cap": max(self.counts[n] for n in shared)})
+        self.plan = dataclasses.replace(self.plan, weight_cap=max(self.counts[n] for n in shared))
         self.holders = {node: sorted(inbox[node]) for node in shared}
         train = []
         for message in messages:
@@ -160,6 +164,7 @@ class SecAggStrategy(Strategy):
         self._parse(content)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
         ok = [r for r in replies if not r.has_error()]  # access control already turned bad ones into errors
         if self.plan is None:
             return None, None
@@ -170,7 +175,7 @@ class SecAggStrategy(Strategy):
             masked[node], weights[node] = vector, weight
             examples, clipped = examples + count, clipped + clip
         self.dropped["train"] = sorted(set(self.holders) - set(masked))
-        self._require(len(masked), "train", server_round)
+        self._require(len(masked), "train", server_round, [r.error.reason for r in replies if r.has_error()])
 
         survivors = sorted(masked)
         stage_config = ConfigRecord({**self.config.to_flat(), "server-round": server_round})

@@ -144,7 +144,7 @@ def fedavg_scale(args: argparse.Namespace) -> list[dict]:
     for clients in [int(c) for c in args.clients.split(",")]:
         cfg = (
             f"num-clients={clients} num-rounds={args.rounds} fraction-train=1.0 local-epochs=1 "
-            f"dataset=digits model={args.model} min-available-clients={clients}"
+            f"dataset=digits model={args.model} min-available-clients={clients} privacy=plain"
         )
         print(f"[fedavg-scale] {clients} clients, {args.rounds} rounds ...", flush=True)
         run = simulate_once(cfg)
@@ -175,7 +175,7 @@ def mcmahan_2nn(args: argparse.Namespace) -> list[dict]:
         cfg = (
             f"dataset=mnist model=mnist-2nn partitioner=iid num-clients=100 fraction-train=0.1 "
             f"local-epochs=1 batch-size=10 optimizer=sgd lr={lr} num-rounds={args.max_rounds} "
-            f"target-accuracy=0.97 seed={seed}"
+            f"target-accuracy=0.97 seed={seed} privacy=plain"
         )
         print(f"[mcmahan-2nn] lr {lr}, seed {seed} ...", flush=True)
         run = simulate_once(cfg)
@@ -226,7 +226,7 @@ def access_overhead(args: argparse.Namespace) -> list[dict]:
 
     rounds: dict[str, list[dict]] = {"on": [], "off": []}
     with tempfile.TemporaryDirectory() as out:
-        config = RunConfig.from_flat({"num-rounds": args.rounds, "out-dir": out})
+        config = RunConfig.from_flat({"num-rounds": args.rounds, "out-dir": out, "privacy": "plain"})
         for repeat in range(args.repeats):
             for arm in ("on", "off"):
                 print(f"[access-overhead] run {repeat + 1}/{args.repeats}, access control {arm} ...", flush=True)

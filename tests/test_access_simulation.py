@@ -87,8 +87,9 @@ def run(config: RunConfig, app: ClientApp) -> dict:
 
 def test_misbehaving_nodes_are_rejected_audited_and_leave_the_model_untouched(tmp_path):
     keys, operator, policy = keys_and_policy(tmp_path)
+    # Plain updates: the attacks (NaN, wrong shapes, forged signatures...) are on clear arrays.
     base = RunConfig.from_flat({
-        "num-clients": 8, "num-rounds": 3, "min-available-clients": 8,
+        "privacy": "plain", "num-clients": 8, "num-rounds": 3, "min-available-clients": 8,
         "access-policy": str(tmp_path / "policy.toml"), "node-keys-dir": str(keys),
     })
     results = {}

@@ -120,7 +120,7 @@ def test_flwr_run_uses_the_same_app_and_keys(tmp_path, privacy):
 
 
 def test_diverged_round_stops_the_run_and_keeps_what_was_written(tmp_path):
-    result = run([*FEDLEARN, "simulate", "--run-config", "lr=1e30 optimizer=sgd num-rounds=3 num-clients=3",
+    result = run([*FEDLEARN, "simulate", "--run-config", "lr=1e30 optimizer=sgd num-rounds=3 num-clients=3 privacy=plain",
                   "--out", str(tmp_path)])
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]

@@ -22,7 +22,7 @@ def request(config: RunConfig, message_type=MessageType.TRAIN, server_round=1):
     return message(content, message_type=message_type)
 
 
-CONFIG = RunConfig.from_flat({"num-clients": 4, "model": "logreg", "partitioner": "dirichlet"})
+CONFIG = RunConfig.from_flat({"privacy": "plain", "num-clients": 4, "model": "logreg", "partitioner": "dirichlet"})
 
 
 def test_train_reply_carries_update_metrics_and_partition():

@@ -20,7 +20,7 @@ from tests.simulated import run
 
 
 def base(tmp_path, **overrides) -> RunConfig:
-    flat = {"num-clients": 3, "num-rounds": 1, "evaluate-on": "clients", "out-dir": str(tmp_path), "seed": 3}
+    flat = {"privacy": "plain", "num-clients": 3, "num-rounds": 1, "evaluate-on": "clients", "out-dir": str(tmp_path), "seed": 3}
     flat.update(overrides)
     return RunConfig.from_flat(flat)
 

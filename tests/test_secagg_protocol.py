@@ -108,3 +108,25 @@ def test_sparse_graph_rounds_give_the_exact_sum(drop):
     revealed = [clients[i].unmask({j: sealed[j][i] for j in graph[i]}, masked) for i in masked]
     total = unmask_sum(masked, revealed, {i: publics[i][1] for i in range(n)}, {i: graph[i] for i in masked}, threshold, BITS, CONTEXT)
     assert (total == sum(inputs[i] for i in masked) % np.uint64(1 << BITS)).all()
+
+
+def test_what_the_server_receives_from_one_client_is_independent_of_its_input():
+    """Many fresh rounds of two clients: client 0's masked value (self mask + pairwise mask, as
+    sent) has the same uniform distribution for a tiny and a huge input, and no correlation."""
+    from scipy import stats
+
+    bits, trials = 16, 1500
+    sent = {}
+    for value in (3, 60000):
+        outputs = []
+        for _ in range(trials):
+            a, b = ClientSession(0, 2, bits, 1, CONTEXT), ClientSession(1, 2, bits, 1, CONTEXT)
+            publics = {0: a.advertise(), 1: b.advertise()}
+            a.share(publics)
+            outputs.append(int(a.mask(np.array([value], dtype=np.uint64), [0, 1])[0]))
+        sent[value] = np.array(outputs)
+    for outputs in sent.values():
+        assert stats.chisquare(np.bincount(outputs >> 12, minlength=16)).pvalue > 1e-4  # uniform top bits
+    inputs = np.repeat([3, 60000], trials)
+    assert abs(np.corrcoef(inputs, np.concatenate([sent[3], sent[60000]]))[0, 1]) < 0.1
+    assert stats.ks_2samp(sent[3], sent[60000]).pvalue > 1e-4

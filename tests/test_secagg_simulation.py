@@ -105,3 +105,17 @@ def test_below_the_threshold_the_run_stops_loudly_and_says_so_in_the_audit_log(t
     assert "threshold" in records[-1]["data"]["reason"] or "could not be removed" in records[-1]["data"]["reason"]
     assert verify(run_dir / "audit.jsonl", signing.load_public(run_dir / "audit.pub")).ok
     assert not any(r["event"] == "round_end" and r["round"] == 1 for r in records)
+
+
+@pytest.mark.parametrize("strategy", ["fedavgm", "fedadam"])
+def test_server_optimizers_step_from_the_unmasked_average(tmp_path, strategy):
+    """The server learns the aggregate, so Flower's own server step runs on it: one round of
+    fedavgm (lr 1) lands on the average itself; fedadam's first step is Lipschitz in the average
+    with constant eta * 0.742 * 0.1 / tau (Flower's defaults: beta1 0.9, beta2 0.99, tau 1e-3)."""
+    overrides = {"strategy": strategy, "server-lr": 1.0 if strategy == "fedavgm" else 0.01}
+    reference, _ = run(config(tmp_path / "plain", **overrides))
+    secure, _ = run(config(tmp_path / "secagg", privacy="secagg", **overrides))
+    bound = round_end(secure)["privacy"]["error_bound"]
+    lipschitz = 1.0 if strategy == "fedavgm" else 0.01 * (0.0199**0.5 / 0.19) * 0.1 / 1e-3
+    assert max_diff(final_model(secure), final_model(reference)) <= lipschitz * bound + 1e-6
+    assert abs(secure["final_accuracy"] - reference["final_accuracy"]) <= 0.005

@@ -1,7 +1,8 @@
 """Server-side pieces of the ServerApp that need no running Flower."""
 
 from fedlearn.config import RunConfig
-from server.app import global_model, initial_arrays, short_reason
+from server.app import global_model, initial_arrays
+from server.grid import short_reason
 
 
 def test_short_reason_strips_flowers_remote_traceback():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fedlearn import data, models
-from fedlearn.config import RunConfig
+from fedlearn.config import PER_UPDATE_STRATEGIES, RunConfig
 from fedlearn.runs import load_model
 from fedlearn.training import client_seed, train
 from server.app import initial_arrays
@@ -15,7 +15,7 @@ from simulations import simulate
 
 def test_federated_accuracy_rises(tmp_path):
     config = RunConfig.from_flat(
-        {"num-clients": 3, "num-rounds": 4, "fraction-evaluate": 1.0, "out-dir": str(tmp_path)}
+        {"privacy": "plain", "num-clients": 3, "num-rounds": 4, "fraction-evaluate": 1.0, "out-dir": str(tmp_path)}
     )
     summary = simulate.run(config)
     run_dir = tmp_path / summary["run_id"]
@@ -37,6 +37,7 @@ def test_server_aggregate_equals_weighted_mean_by_hand(tmp_path):
     """Differential: one real Flower round vs each client's training redone here and averaged."""
     config = RunConfig.from_flat(
         {
+            "privacy": "plain",  # exact: the secagg equivalent is tests/test_secagg_simulation.py
             "num-clients": 3,
             "num-rounds": 1,
             "partitioner": "dirichlet",  # unequal client sizes, so the weighting matters
@@ -71,7 +72,8 @@ def test_runs_repeat_bit_for_bit_for_the_same_seed(tmp_path):
     still sample the same partitions, add updates in the same order and give identical models."""
     config = RunConfig.from_flat(
         {
-            "num-clients": 8, "fraction-train": 0.4, "fraction-evaluate": 0.5, "num-rounds": 2,
+            # plain: under secagg the models repeat too, but byte counts vary with Flower's random node IDs
+            "privacy": "plain", "num-clients": 8, "fraction-train": 0.4, "fraction-evaluate": 0.5, "num-rounds": 2,
             "model": "logreg", "partitioner": "dirichlet", "out-dir": str(tmp_path),
         }
     )
@@ -101,7 +103,9 @@ STRATEGY_OPTIONS = {
 @pytest.mark.parametrize("strategy", sorted(STRATEGY_OPTIONS))
 def test_every_strategy_learns_in_a_real_simulation(tmp_path, strategy):
     config = RunConfig.from_flat(
-        {"strategy": strategy, "num-clients": 5, "num-rounds": 3, "out-dir": str(tmp_path), **STRATEGY_OPTIONS[strategy]}
+        {"strategy": strategy, "num-clients": 5, "num-rounds": 3, "out-dir": str(tmp_path), **STRATEGY_OPTIONS[strategy],
+         # sum strategies run in the default mode (secagg); the others need each update in clear
+         **({"privacy": "plain"} if strategy in PER_UPDATE_STRATEGIES else {})}
     )
     summary = simulate.run(config)
     metrics = json.loads((tmp_path / summary["run_id"] / "metrics.json").read_text())
