@@ -51,7 +51,7 @@ def share(msg: Message, state: RecordDict, config: RunConfig) -> dict:
     session = _session(msg, state)
     ids = [int(j) for j in request["ids"]]
     publics = {j: (bytes(c), bytes(s)) for j, c, s in zip(ids, request["c-publics"], request["s-publics"])}
-    floor = config.secagg_threshold or max(2, len(ids) // 2 + 1)
+    floor = config.secagg_threshold_for(len(ids))  # what the run's config asks of this neighbourhood
     if session.threshold < floor:
         raise ValueError(
             f"threshold {session.threshold} is below {floor} for a neighbourhood of {len(ids)}: the server could "

@@ -35,16 +35,18 @@ def payload_bytes(content: RecordDict) -> int:
 
 
 def total_payload_bytes(messages: Iterable[Message]) -> int:
-    """Sum of payload sizes, serializing each distinct content once: a strategy sends the same
-    RecordDict (the global model) to every sampled node, and a 1000-node round should not
-    serialize it 1000 times just to count it."""
+    """Sum of payload sizes, serializing each distinct record once: a strategy sends the same
+    global model to every sampled node (secagg in per-node contents beside per-node shares), and
+    a 1000-node round should not serialize it 1000 times just to count it. A RecordDict's
+    serialized size is the sum of its entries' (one map entry each)."""
     sizes: dict[int, int] = {}
     total = 0
     for message in messages:
-        key = id(message.content)
-        if key not in sizes:
-            sizes[key] = payload_bytes(message.content)
-        total += sizes[key]
+        for name, record in message.content.items():
+            key = id(record)
+            if key not in sizes:
+                sizes[key] = payload_bytes(RecordDict({name: record}))
+            total += sizes[key]
     return total
 
 

@@ -98,3 +98,40 @@ def test_total_payload_bytes_counts_shared_and_distinct_contents():
     large = RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros(1000, dtype=np.float32))})})
     messages = [message(small, dst=1), message(large, dst=2), message(small, dst=3)]
     assert total_payload_bytes(messages) == 2 * payload_bytes(small) + payload_bytes(large)
+
+
+def test_total_payload_bytes_of_per_node_contents_sharing_the_model():
+    """secagg sends each node its own content around the same model record: the model is
+    serialized once, and the total equals what each whole content would measure."""
+    from server.grid import total_payload_bytes
+    from tests.messages import message
+
+    model = ArrayRecord({"w": Array(np.zeros(1000, dtype=np.float32))})
+    contents = [RecordDict({"arrays": model, "secagg": ConfigRecord({"sealed": [bytes(40 + i)]})}) for i in range(3)]
+    assert total_payload_bytes([message(c, dst=i) for i, c in enumerate(contents)]) == sum(payload_bytes(c) for c in contents)
+
+
+def test_dropout_grid_drops_the_same_seeded_nodes_from_their_stage_to_the_end_of_the_round():
+    from server.grid import DropoutGrid
+    from tests.messages import message
+
+    def stage(kind, nodes, server_round=1):
+        content = RecordDict({"config": ConfigRecord({"server-round": server_round})})
+        return [message(content, dst=n, message_type=kind) for n in nodes]
+
+    class Everyone:
+        def send_and_receive(self, messages, *, timeout=None):
+            return list(messages)
+
+    partitions = {10 + p: p for p in range(10)}
+    runs = []
+    for _ in range(2):
+        grid = DropoutGrid(Everyone(), 0.3, "train.secagg_share", seed=5, partitions=partitions)
+        assert len(grid.send_and_receive(stage("train.secagg_advertise", partitions))) == 10  # before the stage
+        assert len(grid.send_and_receive(stage("train.secagg_share", partitions))) == 7
+        gone = set(grid.dropped[1])
+        later = grid.send_and_receive(stage("train", partitions))
+        assert len(gone) == 3 and not gone & {r.metadata.dst_node_id for r in later}
+        assert len(grid.send_and_receive(stage("train.secagg_advertise", partitions, server_round=2))) == 10
+        runs.append(gone)
+    assert runs[0] == runs[1]  # seeded: the same nodes vanish for the same seed and round
