@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
+from typing import TypeVar
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -32,6 +33,9 @@ from fedlearn.errors import RoundFailed
 from fedlearn.messages import NODE_RECORD, NUM_EXAMPLES_KEY, SECAGG_RECORD
 from fedlearn.secagg import ADVERTISE, MASKED_ARRAY, SHARE, UNMASK, MaskedCodec, RoundPlan
 from server.grid import short_reason
+
+
+T = TypeVar("T")
 
 
 class SecAggStrategy(Strategy):
@@ -52,16 +56,26 @@ class SecAggStrategy(Strategy):
         self.base.summary()
 
     # -- stages before training ----------------------------------------------------------
-    def _exchange(self, server_round: int, stage: str, message_type: str, records: dict[int, dict], config: ConfigRecord) -> dict[int, Message]:
-        """Send one stage's requests; the replies that came back without error, by node.
-        Fewer than the threshold left: the round fails loudly."""
+    def _exchange(self, server_round: int, stage: str, message_type: str, records: dict[int, dict],
+                  config: ConfigRecord, parse: Callable[[int, ConfigRecord, RecordDict], T]) -> dict[int, T]:
+        """Send one stage's requests; ``parse(node, secagg record, content)`` of each reply that came
+        back without error, by node. A reply it refuses (ValueError, KeyError) counts as a dropout,
+        so one broken node cannot sink the round. Fewer than the threshold left: the round fails."""
         messages = [
             Message(RecordDict({"config": config, SECAGG_RECORD: ConfigRecord({"round-id": self.plan.round_id, **record})}),
                     dst_node_id=node, message_type=message_type)
             for node, record in records.items()
         ]
-        replies = self.grid.send_and_receive(messages, timeout=self.config.secagg_timeout)
-        answered = {r.metadata.src_node_id: r for r in replies if not r.has_error() and SECAGG_RECORD in r.content}
+        answered = {}
+        for reply in self.grid.send_and_receive(messages, timeout=self.config.secagg_timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error() or node not in records:
+                continue
+            try:
+                answered[node] = parse(node, reply.content[SECAGG_RECORD], reply.content)
+            except (KeyError, TypeError, ValueError) as exc:
+                log(WARNING, "secagg: round %d, %s stage: node %d sent a malformed reply (%s); it counts as dropped",
+                    server_round, stage, node, exc)
         self.dropped[stage] = sorted(set(records) - set(answered))
         self._require(len(answered), stage, server_round)
         return answered
@@ -100,12 +114,16 @@ class SecAggStrategy(Strategy):
         stage_config = ConfigRecord({**self.config.to_flat(), "server-round": server_round})
         basics = {k: v for k, v in self.plan.to_record().items() if k in ("threshold", "bits", "length", "server-round")}
 
-        advertised = self._exchange(server_round, "advertise", ADVERTISE, {n: basics for n in sampled}, stage_config)
-        self.publics, self.counts = {}, {}
-        for node, reply in advertised.items():
-            record = reply.content[SECAGG_RECORD]
-            self.publics[node] = (bytes(record["c-public"]), bytes(record["s-public"]))
-            self.counts[node] = int(reply.content[NODE_RECORD][NUM_EXAMPLES_KEY])
+        def keys_and_count(node, record, content):
+            keys = (bytes(record["c-public"]), bytes(record["s-public"]))
+            count = int(content[NODE_RECORD][NUM_EXAMPLES_KEY])
+            if any(len(k) != 32 for k in keys) or count < 1:
+                raise ValueError("not two 32-byte X25519 public keys and a positive example count")
+            return keys, count
+
+        advertised = self._exchange(server_round, "advertise", ADVERTISE, {node: basics for node in sampled}, stage_config, keys_and_count)
+        self.publics = {node: keys for node, (keys, _) in advertised.items()}
+        self.counts = {node: count for node, (_, count) in advertised.items()}
         self.graph = neighbourhoods(self.publics, self.config.secagg_neighbours)
 
         share_requests = {
@@ -113,14 +131,16 @@ class SecAggStrategy(Strategy):
                    "s-publics": [self.publics[j][1] for j in self.graph[node]]}
             for node in self.publics
         }
-        shared = self._exchange(server_round, "share", SHARE, share_requests, stage_config)
-        inbox: dict[int, dict[int, bytes]] = {node: {} for node in shared}  # receiver -> sender -> sealed shares
-        for sender, reply in shared.items():
-            record = reply.content[SECAGG_RECORD]
+        def sealed_shares(node, record, content):
             ids, sealed = [int(j) for j in record["ids"]], [bytes(s) for s in record["sealed"]]
-            if ids != self.graph[sender] or len(sealed) != len(ids):
-                raise RoundFailed(f"round {server_round}: node {sender} sealed shares for {ids}, not for its neighbours {self.graph[sender]}")
-            for receiver, blob in zip(ids, sealed):
+            if ids != self.graph[node] or len(sealed) != len(ids):
+                raise ValueError(f"shares for {ids}, not for its neighbours {self.graph[node]}")
+            return dict(zip(ids, sealed))
+
+        shared = self._exchange(server_round, "share", SHARE, share_requests, stage_config, sealed_shares)
+        inbox: dict[int, dict[int, bytes]] = {node: {} for node in shared}  # receiver -> sender -> sealed shares
+        for sender, sealed in shared.items():
+            for receiver, blob in sealed.items():
                 if receiver in inbox:
                     inbox[receiver][sender] = blob
 
@@ -179,11 +199,11 @@ class SecAggStrategy(Strategy):
 
         survivors = sorted(masked)
         stage_config = ConfigRecord({**self.config.to_flat(), "server-round": server_round})
-        answered = self._exchange(server_round, "unmask", UNMASK, {n: {"survivors": survivors} for n in survivors}, stage_config)
-        revealed = []
-        for node, reply in answered.items():
-            record = reply.content[SECAGG_RECORD]
-            revealed.append({int(j): (str(k), bytes(s)) for j, k, s in zip(record["ids"], record["kinds"], record["shares"])})
+        def revealed_shares(node, record, content):
+            return {int(j): (str(k), bytes(s)) for j, k, s in zip(record["ids"], record["kinds"], record["shares"], strict=True)}
+
+        requests = {node: {"survivors": survivors} for node in survivors}
+        revealed = list(self._exchange(server_round, "unmask", UNMASK, requests, stage_config, revealed_shares).values())
         try:
             total = unmask_sum(masked, revealed, {n: p[1] for n, p in self.publics.items()},
                                {n: self.holders[n] for n in survivors}, self.plan.threshold, self.plan.bits, self.plan.context())

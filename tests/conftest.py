@@ -29,3 +29,14 @@ def mnist_data_dir() -> Path:
     if found is None:
         pytest.skip("MNIST not found: set FEDLEARN_DATA_DIR to a directory holding mnist/*.gz")
     return found
+
+
+@pytest.fixture
+def run_identity():
+    """Message() outside a Flower runtime needs a task's ids (strategy tests without a simulation)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved

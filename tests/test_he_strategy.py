@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvgM
-from flwr.supercore.task_identity import TaskIdentity
 
 from clients.app import NodeTask, encrypted_update, received_model
 from crypto.he import HEKey, generate_pair
@@ -31,14 +30,6 @@ class CountingGrid:
             Message(RecordDict({NODE_RECORD: ConfigRecord({NUM_EXAMPLES_KEY: COUNTS[m.metadata.dst_node_id]})}), reply_to=m)
             for m in messages
         ]
-
-
-@pytest.fixture
-def run_identity():
-    saved = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # Message() needs a task's ids
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
 def setup(tmp_path, **overrides):

@@ -1,0 +1,106 @@
+"""server.secagg.SecAggStrategy with the real client code for every stage, without a simulation:
+the aggregate is the survivors' weighted average within the stated bound, a node whose stage
+reply is malformed counts as dropped instead of sinking the round, and masked replies are
+checked before they are added."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from clients import secagg as client
+from fedlearn import strategies
+from fedlearn.config import RunConfig
+from fedlearn.messages import NODE_RECORD, NUM_EXAMPLES_KEY, SECAGG_RECORD
+from fedlearn.secagg import ADVERTISE, MASKED_ARRAY, SHARE, UNMASK
+from server.app import global_model
+from server.secagg import SecAggStrategy
+
+COUNTS = {1: 10, 2: 25, 3: 40, 4: 30}  # node id -> training examples
+
+
+class StageGrid:
+    """Nodes answering the key stages with fedlearn's client code; ``broken`` sends a short key."""
+
+    def __init__(self, config, broken=None):
+        self.config, self.broken = config, broken
+        self.states = {node: RecordDict() for node in COUNTS}
+
+    def get_node_ids(self):
+        return list(COUNTS)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for msg in messages:
+            node, state, kind = msg.metadata.dst_node_id, self.states[msg.metadata.dst_node_id], msg.metadata.message_type
+            if kind == ADVERTISE:
+                records = client.advertise(msg, state)
+                records[NODE_RECORD] = ConfigRecord({NUM_EXAMPLES_KEY: COUNTS[node]})
+                if node == self.broken:
+                    records[SECAGG_RECORD]["c-public"] = b"short"
+            elif kind == SHARE:
+                records = client.share(msg, state, self.config)
+            elif kind == UNMASK:
+                records = client.unmask(msg, state)
+            else:
+                raise AssertionError(f"unexpected {kind}")
+            replies.append(Message(RecordDict(records), reply_to=msg))
+        return replies
+
+
+def setup(**overrides):
+    config = RunConfig.from_flat({"privacy": "secagg", "num-clients": len(COUNTS), "model": "logreg", **overrides})
+    template = {k: v.detach().numpy() for k, v in global_model(config).state_dict().items()}
+    return config, SecAggStrategy(strategies.build(config), config, template), template
+
+
+def train_replies(grid, messages, template, rng):
+    """Masked training replies from the real client code, and the clear models behind them."""
+    replies, local = [], {}
+    for msg in messages:
+        node = msg.metadata.dst_node_id
+        local[node] = {k: (v + rng.normal(0, 0.05, v.shape)).astype(v.dtype) for k, v in template.items()}
+        records = client.masked_update(msg, grid.states[node], local[node], COUNTS[node])
+        replies.append(Message(RecordDict({"metrics": MetricRecord({"num-examples": COUNTS[node]}), **records}), reply_to=msg))
+    return replies, local
+
+
+def test_a_malformed_advertisement_counts_as_a_dropout_and_the_others_are_averaged(run_identity):
+    config, strategy, template = setup()
+    grid = StageGrid(config, broken=2)
+    arrays = ArrayRecord({k: Array(v) for k, v in template.items()})
+    messages = list(strategy.configure_train(1, arrays, ConfigRecord(config.to_flat()), grid))
+    assert sorted(m.metadata.dst_node_id for m in messages) == [1, 3, 4]
+    assert strategy.dropped["advertise"] == [2]
+    replies, local = train_replies(grid, messages, template, np.random.default_rng(0))
+    for reply in replies:
+        strategy.check_reply(reply.content)
+    aggregate, _ = strategy.aggregate_train(1, replies)
+    weights = {node: COUNTS[node] for node in local}
+    bound = strategy.last["error_bound"]
+    for name in template:
+        expected = sum(local[n][name].astype(np.float64) * w for n, w in weights.items()) / sum(weights.values())
+        assert np.abs(aggregate[name].numpy() - expected).max() <= bound
+    assert strategy.last["total_weight"] == pytest.approx(sum(weights.values()) / max(weights.values()))
+    assert strategy.last["terms"] == 3 and strategy.last["dropped"]["advertise"] == 1
+
+
+@pytest.mark.parametrize("tamper, reason", [
+    (lambda c: c["arrays"].__setitem__(MASKED_ARRAY, Array(np.zeros(3, dtype=np.uint16))), "the round expects uint16"),
+    (lambda c: c["arrays"].__setitem__(MASKED_ARRAY, Array(np.zeros(7850, dtype=np.float32))), "the round expects uint16"),
+    (lambda c: c[SECAGG_RECORD].__setitem__("weight", 0.5), "is not num-examples"),
+    (lambda c: c.__delitem__(SECAGG_RECORD), "not a masked update"),
+    (lambda c: c["arrays"].__setitem__("extra", Array(np.zeros(1, dtype=np.uint16))), "holds only 'masked'"),
+])
+def test_malformed_masked_updates_are_refused_with_the_reason(run_identity, tamper, reason):
+    config, strategy, template = setup()
+    grid = StageGrid(config)
+    arrays = ArrayRecord({k: Array(v) for k, v in template.items()})
+    messages = list(strategy.configure_train(1, arrays, ConfigRecord(config.to_flat()), grid))
+    replies, _ = train_replies(grid, messages[:1], template, np.random.default_rng(0))
+    content = replies[0].content
+    strategy.check_reply(content)  # as sent: accepted
+    tamper(content)
+    with pytest.raises(ValueError, match=reason):
+        strategy.check_reply(content)
