@@ -26,7 +26,6 @@ import atexit
 import functools
 import json
 import math
-import os
 import secrets
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -36,6 +35,7 @@ import numpy as np
 import tenseal as ts
 import tenseal.sealapi as sealapi
 
+from crypto.files import write_new
 from crypto.fixedpoint import FixedPoint, Packing
 
 SCHEMES = ("bfv", "ckks")
@@ -145,15 +145,10 @@ class HEKey:
 
     def save(self, path: Path) -> Path:
         """Write the key; a secret key gets mode 0600. Never overwrites an existing file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if self.secret else 0o644)
+            return write_new(Path(path), self.to_bytes(), private=self.secret)
         except FileExistsError:
             raise HEKeyError(f"{path} already exists; remove it or choose another --out") from None
-        with os.fdopen(fd, "wb") as f:
-            f.write(self.to_bytes())
-        return path
 
     @classmethod
     def load(cls, path: str | Path, *, secret: bool) -> HEKey:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import os
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -18,6 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from crypto.digest import sha256_hex
+from crypto.files import write_new
 
 _RAW = serialization.Encoding.Raw, serialization.PublicFormat.Raw
 
@@ -65,10 +65,7 @@ def write_keypair(directory: Path, name: str) -> tuple[Path, Path, Ed25519Privat
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    # Created with 0600 from the start: the private key is never readable by others, not even briefly.
-    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(pem)
+    write_new(private_path, pem, private=True)
     write_public(key, public_path)
     return private_path, public_path, key
 

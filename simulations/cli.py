@@ -9,11 +9,12 @@ import signal
 import sys
 from pathlib import Path
 
+from crypto.certs import CertificateError
 from crypto.he import HEKeyError
 from crypto.signing import KeyFileError
 from fedlearn.config import RunConfig, load_toml, parse_overrides, resolve
 from fedlearn.errors import ConfigError, FedlearnError
-from simulations import access_cli, he_cli
+from simulations import access_cli, deploy_cli, he_cli
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 
@@ -92,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys_sub = access_cli.add_commands(sub, config_from_args)
     he_cli.add_commands(sub, keys_sub)
+    deploy_cli.add_commands(sub)
 
     bench = sub.add_parser("bench", help="run a benchmark scenario (same as python -m simulations.bench)")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="scenario and its options")
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FedlearnError, KeyFileError, HEKeyError) as exc:
+    except (FedlearnError, KeyFileError, HEKeyError, CertificateError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
