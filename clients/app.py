@@ -213,14 +213,14 @@ def train_handler(msg: Message, context: Context) -> Message:
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     check_finite(state)
     metrics = MetricRecord({"num-examples": result.num_examples, "loss": result.loss, "accuracy": result.accuracy})
-    if task.config.privacy == "he":
-        local = {k: v.numpy() for k, v in state.items()}
-        records = encrypted_update(msg, task, received, local, result.num_examples)
-    elif task.config.privacy == "secagg":
-        local = {k: v.numpy() for k, v in state.items()}
-        records = secagg.masked_update(msg, context.state, local, result.num_examples)
-    else:
+    if task.config.privacy == "plain":
         records = {"arrays": ArrayRecord(state)}
+    else:
+        local = {k: v.numpy() for k, v in state.items()}
+        if task.config.privacy == "he":
+            records = encrypted_update(msg, task, received, local, result.num_examples)
+        else:
+            records = secagg.masked_update(msg, context.state, local, result.num_examples)
     return reply(msg, task.partition_id, key, metrics=metrics, **records)
 
 
