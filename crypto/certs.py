@@ -101,3 +101,31 @@ def generate(directory: Path, hosts: list[str] | None = None, days: int = 365) -
         write_new(directory / "server.pem", server_cert.public_bytes(pem), private=False),
         write_new(directory / "server.key", _pem_key(server_key), private=True),
     )
+
+
+@dataclass(frozen=True)
+class SuperNodeAuthKeys:
+    private_key: Path
+    public_key: Path
+
+
+def generate_supernode_auth(directory: Path, name: str) -> SuperNodeAuthKeys:
+    """Write NAME.auth.key (0600) and NAME.auth.pub: the key pair Flower's SuperNode
+    authentication uses (`flower-supernode --auth-supernode-private-key`, `flwr supernode
+    register`). Flower accepts only NIST EC curves in OpenSSH format: P-384 here.
+
+    It is the node's transport identity; fedlearn's update signatures use the node's Ed25519
+    key (``fedlearn keys generate``), so stealing one does not give the other."""
+    directory = Path(directory)
+    private, public = directory / f"{name}.auth.key", directory / f"{name}.auth.pub"
+    existing = [p.name for p in (private, public) if p.exists()]
+    if existing:
+        raise CertificateError(f"{directory} already holds {', '.join(existing)}: choose another --name or --out")
+    key = ec.generate_private_key(ec.SECP384R1())
+    ssh_private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
+    ssh_public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return SuperNodeAuthKeys(
+        write_new(private, ssh_private, private=True), write_new(public, ssh_public + b"\n", private=False)
+    )

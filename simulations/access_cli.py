@@ -17,6 +17,8 @@ def add_commands(sub, config_from_args):
     generate = keys_sub.add_parser("generate", help="create a key pair: NAME.key (mode 0600) and NAME.pub")
     generate.add_argument("--out", required=True, type=Path, help="directory for the key files")
     generate.add_argument("--name", required=True, help="file name stem, e.g. the node or operator name")
+    generate.add_argument("--supernode-auth", action="store_true",
+                          help="also write NAME.auth.key/.auth.pub: the EC P-384 pair Flower's SuperNode authentication uses")
     generate.set_defaults(func=_generate)
 
     enroll = keys_sub.add_parser("enroll", help="add a node (or operator) public key to a policy file")
@@ -71,6 +73,12 @@ def _generate(args: argparse.Namespace) -> int:
     print(f"private key {private} (mode 0600: keep it secret)")
     print(f"public key  {public}")
     print(f"fingerprint {signing.fingerprint(key)}")
+    if args.supernode_auth:
+        from crypto.certs import generate_supernode_auth
+
+        auth = generate_supernode_auth(args.out, args.name)
+        print(f"SuperNode auth key {auth.private_key} (for flower-supernode --auth-supernode-private-key)")
+        print(f"SuperNode auth pub {auth.public_key} (for flwr supernode register)")
     return 0
 
 
@@ -131,7 +139,7 @@ def _authorize(args: argparse.Namespace, config_from_args) -> int:
     signature = sign_run(config, policy, key)
     operator = policy.authorising_operator(config.replace(run_signature=signature), signature)
     print(f"config digest {run_digest(config)} signed by operator {operator.name}", file=sys.stderr)
-    print(f"run-signature={signature}")
+    print(f"run-signature='{signature}'")  # quoted: base64 is a TOML string for flwr run too
     return 0
 
 

@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys_sub = access_cli.add_commands(sub, config_from_args)
     he_cli.add_commands(sub, keys_sub)
-    deploy_cli.add_commands(sub)
+    deploy_cli.add_commands(sub, config_from_args)
 
     bench = sub.add_parser("bench", help="run a benchmark scenario (same as python -m simulations.bench)")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="scenario and its options")
