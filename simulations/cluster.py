@@ -30,7 +30,7 @@ from fedlearn.errors import FedlearnError
 BIN = Path(sys.executable).parent
 CONNECTION = "local-cluster"  # the SuperLink connection name in the cluster's Flower config
 QUIET = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
-UNREGISTERED_EXIT = 305  # flower-supernode's exit code when the SuperLink refuses its key
+REFUSED_NODE = "Failed to activate SuperNode"  # what flower-supernode logs when the SuperLink refuses its key
 
 
 class ClusterError(FedlearnError):
@@ -143,16 +143,17 @@ class LocalCluster:
             if call.returncode != 0 or "registered successfully" not in output:
                 raise ClusterError(f"flwr supernode register node-{i} failed (exit {call.returncode}): {output[-800:]}")
 
-    def start_supernode(self, index: int, auth_key: Path | None = None) -> subprocess.Popen:
+    def start_supernode(self, index: int, auth_key: Path | None = None, name: str = "") -> subprocess.Popen:
         """SuperNode ``index`` serving partition ``index``; ``auth_key`` overrides its registered key."""
         node_config = f"partition-id={index} num-partitions={self.nodes} node-key='{self.keys / f'node-{index}.key'}'"
-        process = self._start(f"supernode-{index}", [
+        process = self._start(name or f"supernode-{index}", [
             str(BIN / "flower-supernode"), "--root-certificates", str(self.tls.ca_cert),
             "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port()),
             "--auth-supernode-private-key", str(auth_key or self.keys / f"node-{index}.auth.key"),
             "--node-config", node_config,
         ])
-        self.supernodes[index] = process
+        if not name:
+            self.supernodes[index] = process
         return process
 
     def start(self, config: RunConfig) -> RunConfig:

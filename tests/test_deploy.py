@@ -1,0 +1,96 @@
+"""The real deployment path, end to end on 127.0.0.1: Flower's own SuperLink (TLS, SuperNode
+authentication), SuperNodes and `flwr run` as separate processes, driven by LocalCluster."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from crypto import certs
+from fedlearn import audit
+from fedlearn.config import RunConfig
+from crypto import signing
+from simulations.cluster import REFUSED_NODE, LocalCluster, wait_for_text
+
+FEDLEARN = [sys.executable, "-m", "simulations.cli"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cluster_processes(directory: Path) -> list[psutil.Process]:
+    """Every live process whose command line or working directory is inside ``directory``."""
+    found = []
+    for process in psutil.process_iter(["cmdline", "cwd"]):
+        try:
+            text = " ".join(process.info["cmdline"] or []) + " " + (process.info["cwd"] or "")
+        except psutil.Error:
+            continue
+        if str(directory) in text and process.pid != psutil.Process().pid:
+            found.append(process)
+    return found
+
+
+def records(run_dir: Path) -> list[dict]:
+    verdict = audit.verify(run_dir / "audit.jsonl", signing.load_public(run_dir / "audit.pub"))
+    assert verdict.ok, verdict.summary()
+    return audit.read(run_dir / "audit.jsonl")
+
+
+def test_tls_node_auth_cluster_runs_two_rounds_and_refuses_an_unregistered_node(tmp_path):
+    directory = tmp_path / "cluster"
+    config = RunConfig(num_rounds=2, min_available_clients=3, out_dir=str(tmp_path / "runs"))
+    cluster = LocalCluster(directory, 3, echo=lambda line: None)
+    try:
+        config = cluster.start(config)
+        # A SuperNode with a key nobody registered: the SuperLink refuses it, it exits.
+        intruder = certs.generate_supernode_auth(tmp_path / "intruder", "intruder")
+        refused = cluster.start_supernode(0, auth_key=intruder.private_key, name="intruder")
+        assert refused.wait(60) != 0
+        assert REFUSED_NODE in (directory / "intruder.log").read_text()
+        wait_for_text(directory / "superlink.log", "No SuperNode found with the given public key", 10)
+        run_dir = cluster.submit(config)
+    finally:
+        cluster.stop()
+    assert not cluster_processes(directory), "processes left running"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [(m["round"], m["clients"], m["failures"]) for m in metrics] == [(0, 0, 0), (1, 3, 0), (2, 3, 0)]
+    assert metrics[-1]["accuracy"] > 0.5
+    log = records(run_dir)
+    assert log[0]["data"]["config"]["privacy"] == "secagg"
+    accepted = {r["data"]["node"] for r in log if r["event"] == "update_accepted" and r["data"]["kind"] == "train"}
+    assert accepted == {"node-0", "node-1", "node-2"}
+    assert log[-1]["event"] == "run_end" and log[-1]["data"]["status"] == "completed"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rounds"] == 2 and summary["run_dir"] == str(run_dir)
+
+
+@pytest.mark.slow
+def test_local_cluster_command_prints_the_run_directory_last_and_stops_on_ctrl_c(tmp_path):
+    out = tmp_path / "runs"
+    command = [*FEDLEARN, "local-cluster", "--nodes", "2", "--out", str(out), "--run-config", "num-rounds=1 privacy=plain"]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    run_dir = Path(done.stdout.strip().splitlines()[-1])
+    assert (run_dir / "summary.json").exists() and run_dir.parent == out
+    assert not cluster_processes(out)
+
+    interrupted = subprocess.Popen([*command[:-1], "num-rounds=50 privacy=plain"], stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    try:
+        for line in interrupted.stdout:
+            if "fedlearn round 1" in line:
+                break
+        interrupted.send_signal(signal.SIGINT)
+        assert interrupted.wait(60) == 130
+    finally:
+        interrupted.kill()
+    deadline = time.monotonic() + 20
+    while cluster_processes(out) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not cluster_processes(out), "Ctrl-C left cluster processes running"
