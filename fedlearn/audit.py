@@ -26,6 +26,7 @@ from typing import Any
 
 from crypto import signing
 from crypto.digest import ZERO_DIGEST, canonical_json, sha256_hex
+from fedlearn.errors import FedlearnError
 
 EVENTS = (
     "run_start",
@@ -37,6 +38,7 @@ EVENTS = (
     "aggregate",
     "round_end",
     "run_end",
+    "run_resumed",
 )
 FIELDS = frozenset({"seq", "ts", "run_id", "round", "event", "data", "prev", "sig"})
 
@@ -54,6 +56,10 @@ def jsonable(value: Any) -> Any:
     return value
 
 
+class AuditError(FedlearnError):
+    """An audit log cannot be continued (missing, damaged, another run's)."""
+
+
 class AuditLog:
     """Appends records to a new log file, flushed to disk before ``append`` returns.
 
@@ -69,6 +75,27 @@ class AuditLog:
         self.seq = 0
         self.head = ZERO_DIGEST  # SHA-256 of the last record written
         self.seconds = 0.0  # time spent signing and writing, for the overhead benchmark
+
+    @classmethod
+    def reopen(cls, path: Path, key, run_id: str) -> AuditLog:
+        """Continue an existing log (a resumed run): it must verify with ``key`` first, so a
+        damaged or foreign log is never extended; the new records chain onto its last one."""
+        path = Path(path)
+        if not path.is_file():
+            raise AuditError(f"{path} not found: a resumed run continues its audit log, and this run has none")
+        verdict = verify(path, key.public_key(), allow_incomplete=True)
+        if not verdict.ok:
+            raise AuditError(
+                f"{path} does not verify ({verdict.summary()}); resume refused so nothing is appended to a "
+                "damaged log. Keep the log as evidence and start a new run"
+            )
+        if verdict.run_id != run_id:
+            raise AuditError(f"{path} is the log of run {verdict.run_id}, not of run {run_id}")
+        log = cls.__new__(cls)
+        log.path, log.run_id, log._key = path, run_id, key
+        log._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        log.seq, log.head, log.seconds = verdict.records, verdict.head, 0.0
+        return log
 
     @property
     def key_fingerprint(self) -> str:

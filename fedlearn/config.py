@@ -92,6 +92,7 @@ class RunConfig:
     round_timeout: float = 600.0
     target_accuracy: float = 0.0
     out_dir: str = "runs"
+    resume_from: str = ""  # a run directory: continue that run from its checkpoint (its own config applies)
     access_policy: str = ""  # policy TOML; empty: a per-run policy and keys are generated (simulation)
     run_signature: str = ""  # operator's signature of this config's digest (fedlearn keys authorize)
     audit_key: str = ""  # server's audit signing key; empty: generated in the run directory

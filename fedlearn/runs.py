@@ -12,13 +12,14 @@ import datetime as dt
 import json
 import os
 import secrets
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fedlearn.config import RunConfig
+from fedlearn.config import RunConfig, load_toml
+from fedlearn.errors import FedlearnError
 
 
 @dataclass
@@ -38,6 +39,12 @@ class RoundRecord:
         record = asdict(self)
         record.update(record.pop("extra"))
         return record
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> RoundRecord:
+        names = {f.name for f in fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in record.items() if k in names},
+                   extra={k: v for k, v in record.items() if k not in names})
 
 
 def new_run_id() -> str:
@@ -70,6 +77,19 @@ class RunStore:
         directory.mkdir(parents=True, exist_ok=False)
         store = cls(directory, config, run_id)
         atomic_write(directory / "config.toml", config.to_toml().encode())
+        return store
+
+    @classmethod
+    def reopen(cls, directory: Path, config: RunConfig, upto_round: int) -> RunStore:
+        """Continue a run directory (resume): keep its rounds up to the checkpoint's; a round
+        recorded after it was cut short by the crash and will be run again."""
+        if (directory / "summary.json").exists():
+            raise FedlearnError(f"{directory} holds a finished run (summary.json): nothing to resume")
+        store = cls(directory, config, directory.name)
+        metrics = directory / "metrics.json"
+        recorded = json.loads(metrics.read_text()) if metrics.exists() else []
+        store.rounds = [RoundRecord.from_json(r) for r in recorded if r["round"] <= upto_round]
+        atomic_write(metrics, json.dumps([r.to_json() for r in store.rounds], indent=1).encode())
         return store
 
     def update_config(self, config: RunConfig) -> None:
@@ -139,6 +159,14 @@ class RunStore:
         plt.close(fig)
         tmp.replace(path)
         return path
+
+
+def load_run_config(directory: Path) -> RunConfig:
+    """The config a run directory was run with (its config.toml)."""
+    path = Path(directory) / "config.toml"
+    if not path.is_file():
+        raise FedlearnError(f"{path} not found: {directory} is not a run directory (fedlearn simulate writes them)")
+    return RunConfig.from_flat(load_toml(path))
 
 
 def load_model(path: Path) -> dict[str, np.ndarray]:

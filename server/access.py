@@ -13,11 +13,13 @@ import secrets
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType
 
 from crypto import signing
+from crypto.digest import sha256_hex
 from fedlearn.access import (
     AccessPolicy,
     Member,
@@ -27,6 +29,7 @@ from fedlearn.access import (
     update_statement,
 )
 from fedlearn.audit import AuditLog
+from fedlearn.checkpoint import CheckpointError
 from fedlearn.config import RunConfig
 from fedlearn.errors import AccessDenied, ConfigError
 from fedlearn.messages import AUTH_RECORD, NODE_RECORD, PARTITION_KEY, payload_digest
@@ -91,6 +94,45 @@ def open_audited_run(
         raise AccessDenied(f"run refused: {exc} (audited in {audit.path})") from None
     facts["operator"] = {"name": operator.name, "fingerprint": operator.fingerprint}
     audit.append("run_start", 0, {**facts, "config": config.to_flat(), **start_facts})
+    return AuditedRun(config, policy, audit, operator)
+
+
+def load_run_audit_key(run_dir: Path):
+    """The audit key a run generated in its own directory (a simulation without audit-key)."""
+    try:
+        return signing.load_private(run_dir / "audit.key")
+    except signing.KeyFileError as exc:
+        raise ConfigError([f"resume: {exc}; a run without audit-key= keeps its audit key in its directory"]) from None
+
+
+def reopen_audited_run(
+    config: RunConfig, store: RunStore, policy: AccessPolicy | None, audit_key, checkpoint, start_facts: dict
+) -> AuditedRun:
+    """Continue a run's audit chain after a crash: the log must verify and agree with the
+    checkpoint, and the config must still be authorised by an enrolled operator."""
+    if policy is None:
+        raise ConfigError(["resume: the run's config names no access-policy; its config.toml was edited?"])
+    audit = AuditLog.reopen(store.directory / "audit.jsonl", audit_key, store.run_id)
+    lines = audit.path.read_bytes().split(b"\n")
+    if checkpoint.audit_seq > audit.seq or sha256_hex(lines[checkpoint.audit_seq - 1]) != checkpoint.audit_head:
+        audit.close()
+        raise CheckpointError(
+            f"the checkpoint (round {checkpoint.round}, audit record {checkpoint.audit_seq - 1}) does not match "
+            f"{audit.path}: they are from different runs or one was replaced"
+        )
+    try:
+        operator = policy.authorising_operator(config, config.run_signature)
+    except AccessDenied as exc:
+        audit.append("run_refused", checkpoint.round, {"reason": f"resume refused: {exc}"})
+        audit.close()
+        raise AccessDenied(f"resume refused: {exc} (audited in {audit.path})") from None
+    audit.append("run_resumed", checkpoint.round, {
+        **start_facts,
+        "from_round": checkpoint.round,
+        "records_after_checkpoint": audit.seq - checkpoint.audit_seq,  # the interrupted round's, kept as evidence
+        "config_digest": run_digest(config),
+        "operator": {"name": operator.name, "fingerprint": operator.fingerprint},
+    })
     return AuditedRun(config, policy, audit, operator)
 
 

@@ -11,27 +11,39 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
+from pathlib import Path
 from logging import INFO
 
 import flwr
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
+from crypto import signing
 from crypto.digest import arrays_digest
 from fedlearn import data, models, strategies
 from fedlearn.config import RunConfig
 from fedlearn.errors import RoundFailed
-from fedlearn.runs import RoundRecord, RunStore
+from fedlearn.checkpoint import Checkpoint, CheckpointError
+from fedlearn.runs import RoundRecord, RunStore, load_run_config
 from fedlearn.training import evaluate, select_device
+from fedlearn import audit as audit_log
 from fedlearn.audit import AuditLog
-from server.access import AccessGrid, RoundAccess, load_credentials, open_audited_run
+from server.access import (
+    AccessGrid,
+    RoundAccess,
+    load_credentials,
+    load_run_audit_key,
+    open_audited_run,
+    reopen_audited_run,
+)
 from fedlearn.secagg import STAGE_MESSAGE_TYPES
 from server.grid import DropoutGrid, MeteredGrid, PartitionOrderedGrid, short_reason
 from server.he import HEStrategy, load_public_key, provision_he
+from server.resume import ResumedStrategy, restore_strategy_state, strategy_state
 from server.secagg import SecAggStrategy
 
 RoundCallback = Callable[[RoundRecord], None]
@@ -93,15 +105,41 @@ def audit_round(audit: AuditLog, server_round: int, arrays: ArrayRecord, seen: R
     audit.append("round_end", server_round, results)
 
 
+def load_checkpoint(run_dir: Path) -> tuple[RunConfig, Checkpoint]:
+    """The config and checkpoint of a run to resume, or a CheckpointError saying why not."""
+    config = load_run_config(run_dir)
+    checkpoint = Checkpoint.load(run_dir)
+    verdict = audit_log.verify(run_dir / "audit.jsonl", signing.load_public(run_dir / "audit.pub"), allow_incomplete=True)
+    if not verdict.ok:
+        raise CheckpointError(
+            f"{run_dir}/audit.jsonl does not verify ({verdict.summary()}): resume refused so nothing is appended "
+            "to a damaged log; keep it as evidence and start a new run"
+        )
+    if checkpoint.config_digest != config.digest():
+        raise CheckpointError(f"{run_dir}/config.toml changed since the checkpoint was written; restore it to resume")
+    if checkpoint.round >= config.num_rounds:
+        raise CheckpointError(f"{run_dir} already ran all {config.num_rounds} rounds: nothing to resume")
+    return config, checkpoint
+
+
 def run_federation(
     grid: Grid, config: RunConfig, on_round: RoundCallback = log_round, run_id: str | None = None
 ) -> dict:
-    """Run every round of ``config`` on ``grid`` and write the run directory. Returns the summary."""
+    """Run every round of ``config`` on ``grid`` and write the run directory. Returns the summary.
+
+    With ``resume-from`` set, continue that run directory from its checkpoint instead: its own
+    config, model, strategy state, round number, random state and audit chain."""
+    checkpoint = None
+    resume_dir = Path(config.resume_from).expanduser().resolve() if config.resume_from else None
+    if resume_dir is not None:
+        config, checkpoint = load_checkpoint(resume_dir)
     # Everything that can fail on bad input fails before the run directory exists.
     # The server needs the test split only when it evaluates (never under he).
     test = None if config.evaluates_on_clients() else data.load(config.dataset, config.data_dir, config.test_fraction, config.seed).test
     device = select_device(config.device)
     policy, audit_key = load_credentials(config)
+    if resume_dir is not None and audit_key is None:
+        audit_key = load_run_audit_key(resume_dir)
     he_key = load_public_key(config)
     model = global_model(config)  # the initial weights; evaluates each round's model when the server does
     ordered = PartitionOrderedGrid(grid)
@@ -109,17 +147,22 @@ def run_federation(
     if config.fraction_train < 1 or 0 < config.fraction_evaluate < 1 or config.dropout_rate > 0:
         # Sampling a subset, or dropping some: make it pick the same partitions for the same seed.
         ordered.discover(nodes, config.round_timeout)
-    store = RunStore.create(config, run_id)
+    if checkpoint is not None:
+        store = RunStore.reopen(resume_dir, config, checkpoint.round)
+    else:
+        store = RunStore.create(config, run_id)
     if config.privacy == "he" and he_key is None:
         config = provision_he(store.directory, config)
         store.update_config(config)
         he_key = load_public_key(config)  # the server reads back the public context only
     initial = ArrayRecord(model.state_dict())
     client_metrics: dict[str, float] = {}  # this round's client-side metrics, for the round record
-    run = open_audited_run(
-        config, store, policy, audit_key,
-        {"versions": software_versions(), "initial_model": arrays_digest(numpy_arrays(initial)), "nodes_connected": len(nodes)},
-    )
+    facts = {"versions": software_versions(), "nodes_connected": len(nodes)}
+    if checkpoint is None:
+        run = open_audited_run(config, store, policy, audit_key, {**facts, "initial_model": arrays_digest(numpy_arrays(initial))})
+    else:
+        initial = ArrayRecord({name: Array(value) for name, value in checkpoint.model.items()})
+        run = reopen_audited_run(config, store, policy, audit_key, checkpoint, facts)
     config, audit = run.config, run.audit
 
     def capture(prefix: str) -> strategies.MetricsAggregator:
@@ -137,12 +180,15 @@ def run_federation(
         strategy = HEStrategy(strategy, config, he_key, models.numpy_state(model))
     elif config.privacy == "secagg":
         strategy = SecAggStrategy(strategy, config, models.numpy_state(model))
+    if checkpoint is not None:
+        restore_strategy_state(strategy, checkpoint.strategy, checkpoint.layout)
     check = getattr(strategy, "check_reply", None)  # privacy modes whose updates are not plain arrays
     faulty = None
     if config.dropout_rate > 0:
         stage = STAGE_MESSAGE_TYPES[config.dropout_stage]
         faulty = DropoutGrid(ordered, config.dropout_rate, stage, config.seed, ordered.partitions)
-    access = AccessGrid(faulty or ordered, run.policy, audit, store.run_id, model=initial, check_update=check)
+    template = ArrayRecord(model.state_dict())  # the names, shapes and dtypes an update must have
+    access = AccessGrid(faulty or ordered, run.policy, audit, store.run_id, model=template, check_update=check)
     metered = MeteredGrid(access)
 
     state = {"arrays": initial, "clock": time.perf_counter(), "audit_seconds": 0.0}
@@ -201,9 +247,18 @@ def run_federation(
                 f"first error: {first}). The run stopped rather than continue with an unchanged model; "
                 f"the rounds so far are in {store.directory}"
             )
+        if server_round and not isinstance(strategy, HEStrategy):
+            save_checkpoint(server_round, arrays)
         if server_round and config.target_accuracy and accuracy >= config.target_accuracy:
             raise _TargetReached
         return MetricRecord({"accuracy": accuracy, "loss": loss})
+
+    def save_checkpoint(server_round: int, arrays: ArrayRecord) -> None:
+        state_arrays, layout = strategy_state(strategy)
+        Checkpoint(
+            round=server_round, model=numpy_arrays(arrays), strategy=state_arrays, layout=layout,
+            config_digest=config.digest(), audit_seq=audit.seq, audit_head=audit.head, python_random=random.getstate(),
+        ).save(store.directory)
 
     def privacy_facts(seen: RoundAccess, server_round: int) -> dict:
         facts = {"mode": config.privacy}
@@ -214,18 +269,27 @@ def run_federation(
         return facts
 
     stopped_early = False
+    offset = checkpoint.round if checkpoint else 0
+
+    def resumed_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        return after_round(server_round + offset, arrays) if server_round else None  # round `offset` is done
+
+    strategy_runner = ResumedStrategy(strategy, offset) if offset else strategy
     # Flower samples nodes with the global `random` module: seed it last, right before the
     # rounds, so nothing else (key generation, file writes, other threads) runs in between.
-    random.seed(config.seed)
+    if checkpoint is not None:
+        checkpoint.restore_random()
+    else:
+        random.seed(config.seed)
     try:
-        strategy.start(
+        strategy_runner.start(
             grid=metered,
             initial_arrays=initial,
-            num_rounds=config.num_rounds,
+            num_rounds=config.num_rounds - offset,
             timeout=config.round_timeout,
             train_config=ConfigRecord(config.to_flat()),
             evaluate_config=ConfigRecord(config.to_flat()),
-            evaluate_fn=after_round,
+            evaluate_fn=resumed_round if offset else after_round,
         )
     except _TargetReached:
         stopped_early = True
@@ -248,6 +312,7 @@ def run_federation(
     extra = {
         "run_dir": str(store.directory),
         "stopped_at_target": stopped_early,
+        "resumed_from_round": offset or None,
         "parameters": models.count_parameters(model),
         "operator": run.operator.name,
         "audit_log": str(audit.path),

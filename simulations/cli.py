@@ -58,6 +58,20 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_resume(args: argparse.Namespace) -> int:
+    from server.app import load_checkpoint
+
+    run_dir = args.run_dir.expanduser().resolve()
+    config, checkpoint = load_checkpoint(run_dir)  # refuses here, before anything starts
+    print(f"resuming {run_dir.name} after round {checkpoint.round} of {config.num_rounds}", file=sys.stderr)
+    from simulations import simulate
+
+    signal.signal(signal.SIGINT, lambda signum, frame: _interrupted())
+    summary = simulate.run(config.replace(resume_from=str(run_dir)), verbose=args.verbose)
+    print(summary["run_dir"])
+    return 0
+
+
 def _cmd_data_download(args: argparse.Namespace) -> int:
     from fedlearn import data
 
@@ -83,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
     sim.add_argument("--list-keys", action="store_true", help="print every config key with its default")
     sim.set_defaults(func=_cmd_simulate)
+
+    resume = sub.add_parser("resume", help="continue a simulated run that stopped (killed, crashed) from its checkpoint")
+    resume.add_argument("run_dir", type=Path, help="the run directory (runs/<run-id>)")
+    resume.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
+    resume.set_defaults(func=_cmd_resume)
 
     data_cmd = sub.add_parser("data", help="dataset files")
     data_sub = data_cmd.add_subparsers(dest="data_command", required=True)

@@ -1,0 +1,85 @@
+"""Continuing a run after the server process died: the strategy's state in and out of a
+checkpoint, and Flower's round loop started at the round after the checkpoint.
+
+Flower's strategies keep their cross-round state in a few attributes (FedAvgM's momentum,
+FedOpt's moments and current model); those are the state a checkpoint must carry, so a resumed
+fedadam takes the same step it would have taken without the crash.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+STATE_ATTRIBUTES = ("current_arrays", "momentum_vector", "m_t", "v_t")
+
+
+def innermost(strategy: Strategy) -> Strategy:
+    """The Flower strategy under our privacy wrappers (they keep no cross-round state)."""
+    while hasattr(strategy, "base"):
+        strategy = strategy.base
+    return strategy
+
+
+def strategy_state(strategy: Strategy) -> tuple[dict[str, np.ndarray], dict]:
+    """(arrays named ``<attribute>/<key>``, layout to rebuild them) of the strategy's state."""
+    inner = innermost(strategy)
+    arrays: dict[str, np.ndarray] = {}
+    layout: dict = {}
+    for attribute in STATE_ATTRIBUTES:
+        value = getattr(inner, attribute, None)
+        if value is None:
+            continue
+        if isinstance(value, ArrayRecord):
+            kind, items = "arrayrecord", {k: a.numpy() for k, a in value.items()}
+        elif isinstance(value, dict):
+            kind, items = "dict", value
+        elif isinstance(value, list):
+            kind, items = "list", {str(i): v for i, v in enumerate(value)}
+        else:
+            raise TypeError(f"{type(inner).__name__}.{attribute} is a {type(value).__name__}: cannot checkpoint it")
+        layout[attribute] = {"kind": kind, "keys": list(items)}
+        arrays.update({f"{attribute}/{k}": np.asarray(v) for k, v in items.items()})
+    return arrays, layout
+
+
+def restore_strategy_state(strategy: Strategy, arrays: dict[str, np.ndarray], layout: dict) -> None:
+    inner = innermost(strategy)
+    for attribute, spec in layout.items():
+        if attribute not in STATE_ATTRIBUTES:
+            raise ValueError(f"checkpoint names strategy state {attribute!r}, which fedlearn does not restore")
+        items = {k: arrays[f"{attribute}/{k}"] for k in spec["keys"]}
+        if spec["kind"] == "arrayrecord":
+            value = ArrayRecord({k: Array(v) for k, v in items.items()})
+        elif spec["kind"] == "list":
+            value = [items[k] for k in spec["keys"]]
+        else:
+            value = items
+        setattr(inner, attribute, value)
+
+
+class ResumedStrategy(Strategy):
+    """Flower's ``Strategy.start`` always counts rounds from 1: this shifts them by ``offset``,
+    so rounds ``offset+1 ..`` run through the same loop, messages and audit as a fresh run."""
+
+    def __init__(self, inner: Strategy, offset: int):
+        self.inner, self.offset = inner, offset
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return self.inner.configure_train(server_round + self.offset, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.inner.aggregate_train(server_round + self.offset, replies)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round + self.offset, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round + self.offset, replies)
