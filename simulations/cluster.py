@@ -171,6 +171,8 @@ class LocalCluster:
         """`flwr run` the job and wait for it; return the run directory it wrote."""
         out = Path(config.out_dir).expanduser().resolve()
         before = set(out.iterdir()) if out.exists() else set()
+        if config.resume_from:  # the run continues in its own directory
+            before.discard(Path(config.resume_from).expanduser().resolve())
         overrides = self.directory / "run-config.toml"
         overrides.write_text(config.to_toml())
         log = self.directory / "flwr-run.log"
