@@ -90,6 +90,7 @@ class RunConfig:
     seed: int = 42
     device: str = "auto"
     round_timeout: float = 600.0
+    max_update_mb: float = 0.0  # largest update a node may send; 0: 128 bytes per parameter + 1 MiB
     target_accuracy: float = 0.0
     out_dir: str = "runs"
     resume_from: str = ""  # a run directory: continue that run from its checkpoint (its own config applies)
@@ -163,6 +164,12 @@ class RunConfig:
     def to_toml(self) -> str:
         lines = [f"{k} = {_toml_value(v)}" for k, v in self.to_flat().items()]
         return "\n".join(lines) + "\n"
+
+    def max_update_bytes(self, parameters: int) -> int:
+        """The size limit of one update: room for CKKS ciphertexts (~81 B/param) by default."""
+        if self.max_update_mb:
+            return int(self.max_update_mb * 2**20)
+        return 128 * parameters + 2**20
 
     def he_range_factor(self) -> float:
         """Room for local models to outgrow the global one before clipping: by default a quarter of
@@ -280,6 +287,7 @@ class RunConfig:
         need(0.0 < self.test_fraction < 1.0, f"test-fraction={self.test_fraction}: must be in (0, 1)")
         need(0.0 <= self.target_accuracy <= 1.0, f"target-accuracy={self.target_accuracy}: must be in [0, 1] (0 = off)")
         need(self.round_timeout > 0, f"round-timeout={self.round_timeout}: must be > 0 seconds")
+        need(self.max_update_mb >= 0, f"max-update-mb={self.max_update_mb}: must be >= 0 (0 picks a limit from the model size)")
         need(bool(self.out_dir.strip()), "out-dir is empty: give a directory for run results")
         choice("optimizer", self.optimizer, OPTIMIZERS)
         choice("partitioner", self.partitioner, PARTITIONERS)

@@ -158,8 +158,13 @@ class AccessGrid(GridWrapper):
     ``check_update`` replaces that check where updates are not plain arrays (privacy=he): it
     raises ValueError with the reason."""
 
-    def __init__(self, grid, policy: AccessPolicy, audit: AuditLog, run_id: str, model: ArrayRecord, check_update=None):
+    def __init__(self, grid, policy: AccessPolicy, audit: AuditLog, run_id: str, model: ArrayRecord, check_update=None,
+                 max_update_bytes: int | None = None):
         super().__init__(grid)
+        parameters = sum(int(np.prod(array.shape)) for array in model.values())
+        self.max_update_bytes = max_update_bytes or RunConfig().max_update_bytes(parameters)
+        self._update_payloads: dict[str, str] = {}  # this round: payload digest -> node name
+        self._updates_round = 0
         self.model = model
         self.check_update = check_update  # privacy modes whose updates are not the model's arrays
         self.policy = policy
@@ -230,6 +235,9 @@ class AccessGrid(GridWrapper):
     def _verify(self, reply: Message, request: Message | None, server_round: int, nonce: str, facts: dict) -> None:
         """Raise Rejected with the reason; fill ``facts`` with what the audit records."""
         content = reply.content
+        is_update = reply.metadata.message_type == MessageType.TRAIN
+        if is_update:
+            _check_size(content, self.max_update_bytes)
         if NODE_RECORD in content and PARTITION_KEY in content[NODE_RECORD]:
             facts["partition"] = int(content[NODE_RECORD][PARTITION_KEY])
         if "metrics" in content and "num-examples" in content["metrics"]:
@@ -260,8 +268,13 @@ class AccessGrid(GridWrapper):
             raise Rejected(f"wrong run: signed for run {run_id}, this is run {self.run_id}")
         if signed_round != server_round:
             raise Rejected(f"wrong round: signed for round {signed_round}, this is round {server_round} (replay)")
-        if signed_nonce != nonce or (fingerprint, nonce) in self._seen:
+        if signed_nonce != nonce:
             raise Rejected("replayed nonce: this signed reply answers another request")
+        if (fingerprint, nonce) in self._seen:
+            raise Rejected(
+                f"duplicate reply: {facts.get('node', fingerprint[:16])} already answered this request "
+                "(a resent reply, or two SuperNodes sharing one node key)"
+            )
         if "sign-seconds" in auth:
             self._round.sign_seconds = max(self._round.sign_seconds, float(auth["sign-seconds"]))
         if reply.metadata.message_type == MessageType.TRAIN:
@@ -274,7 +287,27 @@ class AccessGrid(GridWrapper):
                     self.check_update(content)
                 except ValueError as exc:
                     raise Rejected(f"malformed update: {exc}") from None
+            self._check_duplicate(server_round, fingerprint, facts)
         self._seen.add((fingerprint, nonce))
+
+    def _check_duplicate(self, server_round: int, fingerprint: str, facts: dict) -> None:
+        """No copy of another node's update in the same round (one identity answering twice is
+        caught by the nonce: every reply of a round answers the same challenge)."""
+        if server_round != self._updates_round:
+            self._update_payloads, self._updates_round = {}, server_round
+        if facts["payload"] in self._update_payloads:
+            raise Rejected(f"duplicate update: identical to the update from {self._update_payloads[facts['payload']]}")
+        self._update_payloads[facts["payload"]] = facts.get("node", fingerprint[:16])
+
+
+def _check_size(content, limit: int) -> None:
+    """Refuse an oversized update before hashing or parsing it."""
+    size = sum(len(array.data) for record in content.values() if isinstance(record, ArrayRecord) for array in record.values())
+    if size > limit:
+        raise Rejected(
+            f"oversized update: {size / 2**20:.1f} MiB exceeds the limit of {limit / 2**20:.1f} MiB "
+            "(raise max-update-mb if the model really is this large)"
+        )
 
 
 def _check_update(content, sent: ArrayRecord) -> None:

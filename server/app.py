@@ -188,7 +188,8 @@ def run_federation(
         stage = STAGE_MESSAGE_TYPES[config.dropout_stage]
         faulty = DropoutGrid(ordered, config.dropout_rate, stage, config.seed, ordered.partitions)
     template = ArrayRecord(model.state_dict())  # the names, shapes and dtypes an update must have
-    access = AccessGrid(faulty or ordered, run.policy, audit, store.run_id, model=template, check_update=check)
+    access = AccessGrid(faulty or ordered, run.policy, audit, store.run_id, model=template, check_update=check,
+                        max_update_bytes=config.max_update_bytes(models.count_parameters(model)))
     metered = MeteredGrid(access)
 
     state = {"arrays": initial, "clock": time.perf_counter(), "audit_seconds": 0.0}

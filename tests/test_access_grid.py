@@ -57,11 +57,12 @@ def setup(tmp_path):
     return keys, policy, audit
 
 
-def exchange(setup, script, server_round=2):
+def exchange(setup, script, server_round=2, grid=None, **options):
     keys, policy, audit = setup
     content = RecordDict({"arrays": initial_arrays(CONFIG), "config": ConfigRecord({"server-round": server_round})})
     messages = [message(content, src=1, dst=node) for node in script]
-    grid = AccessGrid(ScriptedGrid(script), policy, audit, "run-A", model=initial_arrays(CONFIG))
+    grid = grid or AccessGrid(ScriptedGrid(script), policy, audit, "run-A", model=initial_arrays(CONFIG), **options)
+    grid._grid.script = script  # the ScriptedGrid below
     replies = list(grid.send_and_receive(messages))
     return replies, grid.take_round(), read(audit.path)
 
@@ -137,7 +138,7 @@ def test_a_second_reply_to_the_same_request_is_a_replay(setup):
     keys = setup[0]
     replies, seen, _ = exchange(setup, {101: lambda msg: honest(keys["good"])(msg) * 2})
     assert [r.has_error() for r in replies] == [False, True]
-    assert "replayed nonce" in replies[1].error.reason
+    assert "duplicate reply: good already answered this request" in replies[1].error.reason
 
 
 def test_each_request_gets_a_fresh_nonce_bound_to_run_and_round(setup):
@@ -187,3 +188,42 @@ def test_a_privacy_modes_update_check_replaces_the_shape_check_and_its_refusals_
     assert refused.has_error() and "malformed update: not an encrypted update" in refused.error.reason
     rejected = [r for r in read(audit.path) if r["event"] == "update_rejected"]
     assert rejected[0]["data"]["reason"] == "malformed update: not an encrypted update"
+
+
+def test_an_oversized_update_is_rejected_before_it_is_parsed_and_the_limit_is_configurable(setup):
+    keys = setup[0]
+    update_bytes = sum(len(a.data) for a in initial_arrays(CONFIG).values())  # ~2.7 KB for logreg
+    replies, seen, records = exchange(setup, {101: honest(keys["good"])}, max_update_bytes=update_bytes - 1)
+    assert replies[0].has_error() and "oversized update" in replies[0].error.reason
+    assert "raise max-update-mb" in replies[0].error.reason
+    (rejected,) = [r["data"] for r in records if r["event"] == "update_rejected"]
+    assert "oversized update" in rejected["reason"] and seen.accepted == 0
+
+
+def test_an_update_at_the_limit_is_accepted_and_the_default_limit_follows_the_model(setup):
+    keys, policy, audit = setup
+    update_bytes = sum(len(a.data) for a in initial_arrays(CONFIG).values())
+    replies, seen, _ = exchange(setup, {101: honest(keys["good"])}, max_update_bytes=update_bytes)
+    assert not replies[0].has_error() and seen.accepted == 1
+    grid = AccessGrid(ScriptedGrid({}), policy, audit, "run-A", model=initial_arrays(CONFIG))
+    parameters = sum(int(np.prod(a.shape)) for a in initial_arrays(CONFIG).values())
+    assert grid.max_update_bytes == 128 * parameters + 2**20 == CONFIG.max_update_bytes(parameters)
+    assert CONFIG.replace(max_update_mb=2.5).max_update_bytes(parameters) == int(2.5 * 2**20)
+
+
+def test_duplicate_updates_are_rejected_and_audited_and_each_round_starts_afresh(setup):
+    keys, policy, audit = setup
+    grid = AccessGrid(ScriptedGrid({}), policy, audit, "run-A", model=initial_arrays(CONFIG))
+    script = {
+        101: honest(keys["good"]),
+        102: honest(keys["good"]),  # a second SuperNode running with the same node key
+        103: honest(keys["nan"]),  # another identity sending a copy of good's update
+    }
+    replies, seen, records = exchange(setup, script, grid=grid)
+    by_node = {r.metadata.src_node_id: r for r in replies}
+    assert not by_node[101].has_error() and seen.accepted == 1
+    assert "duplicate reply: good already answered this request" in by_node[102].error.reason
+    assert "duplicate update: identical to the update from good" in by_node[103].error.reason
+    assert sum(r["event"] == "update_rejected" and "duplicate" in r["data"]["reason"] for r in records) == 2
+    replies, seen, _ = exchange(setup, {101: honest(keys["good"])}, server_round=3, grid=grid)
+    assert not replies[0].has_error() and seen.accepted == 1

@@ -140,3 +140,8 @@ def test_secagg_encoding_leaves_headroom_for_the_sum():
     config = RunConfig.from_flat({"privacy": "secagg", "num-clients": 50})
     encoding = config.secagg_encoding(50)
     assert encoding.sum_bits(50) <= 16 < encoding.__class__(encoding.bits + 1).sum_bits(50)
+
+
+def test_a_negative_update_limit_is_refused_with_the_fix():
+    with pytest.raises(ConfigError, match=r"max-update-mb=-1.0: must be >= 0 \(0 picks a limit from the model size\)"):
+        RunConfig.from_flat({"max-update-mb": -1.0})
