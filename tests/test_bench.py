@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+from flwr.app import ArrayRecord
 
 from simulations import bench
 
@@ -55,7 +56,7 @@ def test_access_overhead_baseline_switch_is_scoped(tmp_path):
 
     original = AccessGrid.send_and_receive, AuditLog.append, AuditLog.sync
     log = AuditLog(tmp_path / "audit.jsonl", signing.generate(), "run")
-    grid = AccessGrid(Echo(), policy=None, audit=log, run_id="run", model=None)
+    grid = AccessGrid(Echo(), policy=None, audit=log, run_id="run", model=ArrayRecord())
     with bench.without_access_control():
         assert grid.send_and_receive(["untouched"]) == ["untouched"]
         log.append("run_start", 0, {})
