@@ -34,7 +34,7 @@ from fedlearn.config import RunConfig
 from fedlearn.errors import AccessDenied, ConfigError
 from fedlearn.messages import AUTH_RECORD, NODE_RECORD, PARTITION_KEY, payload_digest
 from fedlearn.runs import RunStore
-from server.grid import GridWrapper
+from server.grid import GridWrapper, payload_bytes
 
 REJECTED = 403  # error code of a reply the server refused (Flower's own codes are small integers)
 
@@ -156,15 +156,18 @@ class AccessGrid(GridWrapper):
     """``model`` gives the names, shapes and dtypes an update must have: the model's own, not
     those of the arrays sent (some strategies, e.g. Flower's FedAdam, send float64 globals).
     ``check_update`` replaces that check where updates are not plain arrays (privacy=he): it
-    raises ValueError with the reason."""
+    raises ValueError with the reason. ``max_update_bytes`` caps a training reply's payload
+    (None: max-update-mb's automatic limit for ``model``, ``RunConfig.max_update_bytes``)."""
 
     def __init__(self, grid, policy: AccessPolicy, audit: AuditLog, run_id: str, model: ArrayRecord, check_update=None,
                  max_update_bytes: int | None = None):
         super().__init__(grid)
         parameters = sum(int(np.prod(array.shape)) for array in model.values())
         self.max_update_bytes = max_update_bytes or RunConfig().max_update_bytes(parameters)
-        self._update_payloads: dict[str, str] = {}  # this round: payload digest -> node name
+        # Updates accepted this round, to refuse a second one from an identity or a copy of one.
         self._updates_round = 0
+        self._updaters: set[str] = set()  # key fingerprints
+        self._update_from: dict[str, str] = {}  # payload digest -> node name
         self.model = model
         self.check_update = check_update  # privacy modes whose updates are not the model's arrays
         self.policy = policy
@@ -185,6 +188,8 @@ class AccessGrid(GridWrapper):
             return self._grid.send_and_receive(messages, timeout=timeout)
         kind = kinds.pop() if len(kinds) == 1 else "mixed"
         server_round = int(messages[0].content["config"]["server-round"])
+        if server_round != self._updates_round:  # a new round: every node may send one update again
+            self._updates_round, self._updaters, self._update_from = server_round, set(), {}
         nonce = secrets.token_hex(16)
         challenge = ConfigRecord({"run-id": self.run_id, "round": server_round, "nonce": nonce})
         for content in {id(m.content): m.content for m in messages}.values():
@@ -236,7 +241,7 @@ class AccessGrid(GridWrapper):
         """Raise Rejected with the reason; fill ``facts`` with what the audit records."""
         content = reply.content
         is_update = reply.metadata.message_type == MessageType.TRAIN
-        if is_update:
+        if is_update:  # first: a huge reply costs no hashing or parsing
             _check_size(content, self.max_update_bytes)
         if NODE_RECORD in content and PARTITION_KEY in content[NODE_RECORD]:
             facts["partition"] = int(content[NODE_RECORD][PARTITION_KEY])
@@ -270,14 +275,17 @@ class AccessGrid(GridWrapper):
             raise Rejected(f"wrong round: signed for round {signed_round}, this is round {server_round} (replay)")
         if signed_nonce != nonce:
             raise Rejected("replayed nonce: this signed reply answers another request")
+        who = facts.get("node", fingerprint[:16])
+        if is_update:
+            self._check_duplicate(fingerprint, who, facts["payload"])
         if (fingerprint, nonce) in self._seen:
             raise Rejected(
-                f"duplicate reply: {facts.get('node', fingerprint[:16])} already answered this request "
+                f"duplicate reply: {who} already answered this request "
                 "(a resent reply, or two SuperNodes sharing one node key)"
             )
         if "sign-seconds" in auth:
             self._round.sign_seconds = max(self._round.sign_seconds, float(auth["sign-seconds"]))
-        if reply.metadata.message_type == MessageType.TRAIN:
+        if is_update:
             if request is None:
                 raise Rejected(f"unrequested reply: node {reply.metadata.src_node_id} was not asked to train")
             if self.check_update is None:
@@ -287,27 +295,33 @@ class AccessGrid(GridWrapper):
                     self.check_update(content)
                 except ValueError as exc:
                     raise Rejected(f"malformed update: {exc}") from None
-            self._check_duplicate(server_round, fingerprint, facts)
+            self._updaters.add(fingerprint)
+            self._update_from[facts["payload"]] = who
         self._seen.add((fingerprint, nonce))
 
-    def _check_duplicate(self, server_round: int, fingerprint: str, facts: dict) -> None:
-        """No copy of another node's update in the same round (one identity answering twice is
-        caught by the nonce: every reply of a round answers the same challenge)."""
-        if server_round != self._updates_round:
-            self._update_payloads, self._updates_round = {}, server_round
-        if facts["payload"] in self._update_payloads:
-            raise Rejected(f"duplicate update: identical to the update from {self._update_payloads[facts['payload']]}")
-        self._update_payloads[facts["payload"]] = facts.get("node", fingerprint[:16])
+    def _check_duplicate(self, fingerprint: str, who: str, payload: str) -> None:
+        """One update per identity and round: a second one means a resent reply or two SuperNodes
+        sharing a key, and a copy of another node's update would count its data twice (a free
+        rider, or a node echoing a victim's update to outweigh it)."""
+        if fingerprint in self._updaters:
+            raise Rejected(f"duplicate update: node {who} already sent an update this round (two SuperNodes share one node key?)")
+        if payload in self._update_from:
+            raise Rejected(f"duplicate update: identical to the update from {self._update_from[payload]}")
 
 
 def _check_size(content, limit: int) -> None:
-    """Refuse an oversized update before hashing or parsing it."""
-    size = sum(len(array.data) for record in content.values() if isinstance(record, ArrayRecord) for array in record.values())
+    """Refuse an oversized update before hashing or parsing it; measured as MeteredGrid meters
+    traffic, so every record counts, not only the arrays."""
+    size = payload_bytes(content)
     if size > limit:
         raise Rejected(
-            f"oversized update: {size / 2**20:.1f} MiB exceeds the limit of {limit / 2**20:.1f} MiB "
+            f"oversized update: {_size(size)} exceeds the limit of {_size(limit)} "
             "(raise max-update-mb if the model really is this large)"
         )
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n:,} bytes"
 
 
 def _check_update(content, sent: ArrayRecord) -> None:

@@ -4,15 +4,17 @@ import json
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict
 
 from clients.app import reply
 from crypto import signing
 from fedlearn.access import AccessPolicy
-from fedlearn.audit import AuditLog, read
+from fedlearn.audit import AuditLog, read, verify
 from fedlearn.config import RunConfig
+from fedlearn.secagg import ADVERTISE, SHARE, UNMASK
 from server.access import AccessGrid
 from server.app import initial_arrays
+from server.grid import payload_bytes
 from tests.messages import message
 
 CONFIG = RunConfig.from_flat({"num-clients": 4, "model": "logreg"})
@@ -53,14 +55,22 @@ def setup(tmp_path):
     policy.enroll("revoked", keys["revoked"].public_key(), ("trainer",))
     policy.enroll("evaluator", keys["evaluator"].public_key(), ("evaluator",))
     policy.revoke("revoked", "compromised")
-    audit = AuditLog(tmp_path / "audit.jsonl", signing.generate(), "run-A")
+    keys["audit"] = signing.generate()
+    audit = AuditLog(tmp_path / "audit.jsonl", keys["audit"], "run-A")
+    audit.append("run_start", 0, {})  # a log must start with it to verify
     return keys, policy, audit
 
 
-def exchange(setup, script, server_round=2, grid=None, **options):
+def assert_log_verifies(setup):
+    keys, _, audit = setup
+    verdict = verify(audit.path, keys["audit"].public_key(), allow_incomplete=True)
+    assert verdict.ok, verdict.reason
+
+
+def exchange(setup, script, server_round=2, grid=None, message_type=MessageType.TRAIN, **options):
     keys, policy, audit = setup
     content = RecordDict({"arrays": initial_arrays(CONFIG), "config": ConfigRecord({"server-round": server_round})})
-    messages = [message(content, src=1, dst=node) for node in script]
+    messages = [message(content, src=1, dst=node, message_type=message_type) for node in script]
     grid = grid or AccessGrid(ScriptedGrid(script), policy, audit, "run-A", model=initial_arrays(CONFIG), **options)
     grid._grid.script = script  # the ScriptedGrid below
     replies = list(grid.send_and_receive(messages))
@@ -136,7 +146,7 @@ def test_each_bad_reply_is_rejected_with_its_reason_and_audited(setup):
 
 def test_a_second_reply_to_the_same_request_is_a_replay(setup):
     keys = setup[0]
-    replies, seen, _ = exchange(setup, {101: lambda msg: honest(keys["good"])(msg) * 2})
+    replies, seen, _ = exchange(setup, {101: lambda msg: honest(keys["good"])(msg) * 2}, message_type=MessageType.EVALUATE)
     assert [r.has_error() for r in replies] == [False, True]
     assert "duplicate reply: good already answered this request" in replies[1].error.reason
 
@@ -190,23 +200,32 @@ def test_a_privacy_modes_update_check_replaces_the_shape_check_and_its_refusals_
     assert rejected[0]["data"]["reason"] == "malformed update: not an encrypted update"
 
 
-def test_an_oversized_update_is_rejected_before_it_is_parsed_and_the_limit_is_configurable(setup):
+def reply_bytes(answer):
+    """The payload size AccessGrid meters for ``answer``'s reply (signatures and nonces have fixed
+    lengths, so every exchange gives the same size)."""
+    content = RecordDict({"arrays": initial_arrays(CONFIG), "config": ConfigRecord({"server-round": 2}),
+                          "auth": ConfigRecord({"run-id": "run-A", "round": 2, "nonce": "0" * 32})})
+    (sent,) = answer(message(content, src=1, dst=101))
+    return payload_bytes(sent.content)
+
+
+def test_an_oversized_update_is_rejected_and_audited_and_the_limit_is_configurable(setup):
     keys = setup[0]
-    update_bytes = sum(len(a.data) for a in initial_arrays(CONFIG).values())  # ~2.7 KB for logreg
-    replies, seen, records = exchange(setup, {101: honest(keys["good"])}, max_update_bytes=update_bytes - 1)
-    assert replies[0].has_error() and "oversized update" in replies[0].error.reason
-    assert "raise max-update-mb" in replies[0].error.reason
+    size = reply_bytes(honest(keys["good"]))  # ~3 KB for logreg
+    replies, seen, records = exchange(setup, {101: honest(keys["good"])}, max_update_bytes=size - 1)
+    reason = f"oversized update: {size:,} bytes exceeds the limit of {size - 1:,} bytes (raise max-update-mb"
+    assert replies[0].has_error() and reason in replies[0].error.reason and seen.accepted == 0
     (rejected,) = [r["data"] for r in records if r["event"] == "update_rejected"]
-    assert "oversized update" in rejected["reason"] and seen.accepted == 0
+    assert rejected["reason"].startswith(reason) and rejected["node_id"] == 101
+    replies, seen, _ = exchange(setup, {101: honest(keys["good"])}, server_round=3, max_update_bytes=size)
+    assert not replies[0].has_error() and seen.accepted == 1  # exactly at the limit
+    assert_log_verifies(setup)
 
 
-def test_an_update_at_the_limit_is_accepted_and_the_default_limit_follows_the_model(setup):
-    keys, policy, audit = setup
-    update_bytes = sum(len(a.data) for a in initial_arrays(CONFIG).values())
-    replies, seen, _ = exchange(setup, {101: honest(keys["good"])}, max_update_bytes=update_bytes)
-    assert not replies[0].has_error() and seen.accepted == 1
-    grid = AccessGrid(ScriptedGrid({}), policy, audit, "run-A", model=initial_arrays(CONFIG))
-    parameters = sum(int(np.prod(a.shape)) for a in initial_arrays(CONFIG).values())
+def test_the_automatic_limit_follows_the_model():
+    model = initial_arrays(CONFIG)
+    parameters = sum(int(np.prod(a.shape)) for a in model.values())
+    grid = AccessGrid(ScriptedGrid({}), AccessPolicy(), None, "run-A", model=model)
     assert grid.max_update_bytes == 128 * parameters + 2**20 == CONFIG.max_update_bytes(parameters)
     assert CONFIG.replace(max_update_mb=2.5).max_update_bytes(parameters) == int(2.5 * 2**20)
 
@@ -222,8 +241,35 @@ def test_duplicate_updates_are_rejected_and_audited_and_each_round_starts_afresh
     replies, seen, records = exchange(setup, script, grid=grid)
     by_node = {r.metadata.src_node_id: r for r in replies}
     assert not by_node[101].has_error() and seen.accepted == 1
-    assert "duplicate reply: good already answered this request" in by_node[102].error.reason
+    assert "duplicate update: node good already sent an update this round (two SuperNodes share one node key?)" in (
+        by_node[102].error.reason
+    )
     assert "duplicate update: identical to the update from good" in by_node[103].error.reason
-    assert sum(r["event"] == "update_rejected" and "duplicate" in r["data"]["reason"] for r in records) == 2
-    replies, seen, _ = exchange(setup, {101: honest(keys["good"])}, server_round=3, grid=grid)
-    assert not replies[0].has_error() and seen.accepted == 1
+    rejected = {r["data"]["node_id"]: r["data"]["reason"] for r in records if r["event"] == "update_rejected"}
+    assert set(rejected) == {102, 103} and all(reason.startswith("duplicate update") for reason in rejected.values())
+    (accepted,) = [r["data"] for r in records if r["event"] == "update_accepted"]
+    assert accepted["node_id"] == 101
+
+    replies, _, _ = exchange(setup, {102: honest(keys["good"], partition=1)}, grid=grid)  # same round, new request
+    assert "duplicate update: node good already sent an update this round" in replies[0].error.reason
+    replies, seen, _ = exchange(setup, {102: honest(keys["good"])}, server_round=3, grid=grid)
+    assert not replies[0].has_error() and seen.accepted == 1  # a new round: good may send again
+    assert_log_verifies(setup)
+
+
+def test_secure_aggregation_stages_do_not_count_as_updates(setup):
+    """Under secagg a node answers advertise, share and unmask besides train in one round."""
+    keys, policy, audit = setup
+    grid = AccessGrid(ScriptedGrid({}), policy, audit, "run-A", model=initial_arrays(CONFIG))
+    for stage in (ADVERTISE, SHARE, MessageType.TRAIN, UNMASK):
+        replies, _, _ = exchange(setup, {101: honest(keys["good"])}, grid=grid, message_type=stage)
+        assert not replies[0].has_error(), (stage, replies[0].error)
+
+
+def test_a_rejected_update_does_not_count_as_the_nodes_update(setup):
+    """Only accepted updates block: a node whose first reply failed a check may still send one."""
+    keys, policy, audit = setup
+    nan = signed_arrays(keys["good"], lambda msg: {k: np.full_like(v, np.nan) for k, v in update(msg).items()})
+    grid = AccessGrid(ScriptedGrid({}), policy, audit, "run-A", model=initial_arrays(CONFIG))
+    replies, seen, _ = exchange(setup, {101: lambda msg: nan(msg) + honest(keys["good"])(msg)}, grid=grid)
+    assert [r.has_error() for r in replies] == [True, False] and seen.accepted == 1
