@@ -201,11 +201,12 @@ class LocalCluster:
     def stop(self) -> None:
         """Stop every process this cluster started, and whatever they spawned."""
         for process in reversed(self.processes):
-            _stop_group(process)
+            stop_process_group(process)
         self.processes.clear()
 
 
-def _stop_group(process: subprocess.Popen) -> None:
+def stop_process_group(process: subprocess.Popen) -> None:
+    """Stop a process started in its own session, and everything it spawned (SuperExec, apps)."""
     if process.poll() is None:
         try:
             os.killpg(process.pid, signal.SIGTERM)
