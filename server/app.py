@@ -109,7 +109,10 @@ def load_checkpoint(run_dir: Path) -> tuple[RunConfig, Checkpoint]:
     """The config and checkpoint of a run to resume, or a CheckpointError saying why not."""
     config = load_run_config(run_dir)
     checkpoint = Checkpoint.load(run_dir)
-    verdict = audit_log.verify(run_dir / "audit.jsonl", signing.load_public(run_dir / "audit.pub"), allow_incomplete=True)
+    log = run_dir / "audit.jsonl"
+    if not log.is_file():
+        raise CheckpointError(f"{log} not found: a resumed run continues its audit log, and this run has none")
+    verdict = audit_log.verify(log, signing.load_public(run_dir / "audit.pub"), allow_incomplete=True)
     if not verdict.ok:
         raise CheckpointError(
             f"{run_dir}/audit.jsonl does not verify ({verdict.summary()}): resume refused so nothing is appended "

@@ -42,11 +42,12 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _local_cluster(args: argparse.Namespace, config_from_args) -> int:
+    from fedlearn.config import parse_overrides
     from fedlearn.errors import ConfigError
     from simulations.cluster import LocalCluster
 
     config = config_from_args(args.preset, args.run_config, args.out)
-    if "num-clients" in (args.run_config or "") and config.num_clients != args.nodes:
+    if "num-clients" in parse_overrides(args.run_config or "") and config.num_clients != args.nodes:
         raise ConfigError([f"num-clients={config.num_clients} but --nodes {args.nodes}: each SuperNode is one client, drop num-clients"])
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     directory = Path(config.out_dir).expanduser() / f"cluster-{stamp}"

@@ -94,3 +94,11 @@ def test_local_cluster_command_prints_the_run_directory_last_and_stops_on_ctrl_c
     while cluster_processes(out) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not cluster_processes(out), "Ctrl-C left cluster processes running"
+
+
+def test_local_cluster_refuses_a_num_clients_that_contradicts_nodes(tmp_path, capsys):
+    from simulations.cli import main as cli
+
+    assert cli(["local-cluster", "--nodes", "2", "--out", str(tmp_path), "--run-config", "num-clients=3"]) == 2
+    assert "num-clients=3 but --nodes 2: each SuperNode is one client, drop num-clients" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before anything was written or started

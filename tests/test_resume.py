@@ -112,6 +112,10 @@ def test_a_damaged_or_finished_run_is_refused_and_left_as_it_was(runs, tmp_path,
     (edited / "config.toml").write_text((edited / "config.toml").read_text().replace("num-rounds = 4", "num-rounds = 9"))
     assert "config.toml changed since the checkpoint" in _refused(edited, capsys)
 
+    unlogged = shutil.copytree(snapshot, tmp_path / "unlogged")
+    (unlogged / "audit.jsonl").unlink()
+    assert "audit.jsonl not found: a resumed run continues its audit log" in _refused(unlogged, capsys)
+
     empty = tmp_path / "empty"
     empty.mkdir()
     assert "not a run directory" in _refused(empty, capsys)
