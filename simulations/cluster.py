@@ -101,7 +101,9 @@ class LocalCluster:
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
             f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{self.tls.ca_cert}"\n'
         )
-        config = config.replace(num_clients=self.nodes, audit_key=str(self.keys / "audit.key"))
+        # The ServerApp runs in the SuperLink's working directory: a relative out-dir would land there.
+        out_dir = str(Path(config.out_dir).expanduser().resolve())
+        config = config.replace(num_clients=self.nodes, audit_key=str(self.keys / "audit.key"), out_dir=out_dir)
         _, config = provision_simulation(self.directory, config)  # node-<i>.key, operator, policy.toml
         for index in range(self.nodes):
             certs.generate_supernode_auth(self.keys, f"node-{index}")

@@ -102,3 +102,11 @@ def test_local_cluster_refuses_a_num_clients_that_contradicts_nodes(tmp_path, ca
     assert cli(["local-cluster", "--nodes", "2", "--out", str(tmp_path), "--run-config", "num-clients=3"]) == 2
     assert "num-clients=3 but --nodes 2: each SuperNode is one client, drop num-clients" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # refused before anything was written or started
+
+
+def test_enrolment_pins_a_relative_out_dir_to_where_the_user_is(tmp_path, monkeypatch):
+    """The ServerApp runs in the SuperLink's directory; the run must still land under ./runs."""
+    monkeypatch.chdir(tmp_path)
+    config = LocalCluster(tmp_path / "cluster", 2).enrol(RunConfig(out_dir="runs"))
+    assert config.out_dir == str(tmp_path / "runs")
+    assert config.access_policy == str(tmp_path / "cluster" / "policy.toml") and config.num_clients == 2
