@@ -27,11 +27,11 @@ from flwr.clientapp import ClientApp
 from crypto import signing
 from crypto.he import HEKey, HEKeyError
 from clients import secagg
-from fedlearn import data, he, models
+from fedlearn import data, distillation, he, ifca, models, strategies
 from fedlearn.access import NODE_KEY_NAME, update_statement
-from fedlearn.config import RunConfig
+from fedlearn.config import CLUSTERED_STRATEGIES, DISTILLATION_STRATEGIES, RunConfig
 from fedlearn.errors import ConfigError
-from fedlearn.messages import AUTH_RECORD, HE_RECORD, NODE_RECORD, NUM_EXAMPLES_KEY, PARTITION_KEY, payload_digest
+from fedlearn.messages import AUTH_RECORD, HE_RECORD, NODE_RECORD, NUM_EXAMPLES_KEY, PARTITION_KEY, PERSONAL_RECORD, payload_digest
 from fedlearn.training import check_finite, client_seed, evaluate, select_device, train
 
 NODE_OVERRIDES = ("data-dir", "device", "he-secret")
@@ -160,15 +160,40 @@ class GlobalModel:
     codec: he.ModelCodec | None = None
 
 
-def received_model(msg: Message, config: RunConfig) -> GlobalModel:
-    """The global model of ``msg``: clear arrays, or under privacy=he the decrypted aggregate."""
-    model = models.for_run(config, seeded=False)
-    template = models.numpy_state(model)
+def personal_layers(model: torch.nn.Module, config: RunConfig, state: RecordDict) -> dict[str, torch.Tensor]:
+    """fedper: this node's own last layers, kept in its Flower context between rounds (the seeded
+    initial ones before its first round); empty for every other strategy."""
+    names = models.personal_names(config, model)
+    if not names:
+        return {}
+    if PERSONAL_RECORD in state:
+        return state[PERSONAL_RECORD].to_torch_state_dict()
+    initial = models.for_run(config).state_dict()
+    return {name: initial[name] for name in names}
+
+
+def keep_personal_layers(model: torch.nn.Module, config: RunConfig, state: RecordDict) -> None:
+    names = models.personal_names(config, model)
+    if names:
+        state[PERSONAL_RECORD] = ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items() if k in names})
+
+
+def received_model(msg: Message, config: RunConfig, node_state: RecordDict) -> GlobalModel:
+    """The model to train or test: the global model of ``msg`` (clear arrays, or under privacy=he
+    the decrypted aggregate) with this node's personal layers (fedper) from ``node_state``. Under
+    fedmd the global state is the consensus and there is no model (None)."""
+    fedmd = config.strategy in DISTILLATION_STRATEGIES  # the global state is a consensus, not a model
+    model = None if fedmd else models.for_run(config, seeded=False)
+    if model is not None:
+        model.load_state_dict(personal_layers(model, config, node_state), strict=False)
     record = msg.content["arrays"]
     if config.privacy != "he":
         arrays = {k: v.numpy() for k, v in record.items()}
-        model.load_state_dict(record.to_torch_state_dict())
+        if model is not None:
+            models.load_shared(model, config, record.to_torch_state_dict())
         return GlobalModel(model, arrays)
+    initial = {k: v.numpy() for k, v in strategies.initial_state(config).items()}
+    template = {k: np.zeros_like(v) for k, v in initial.items()}
     codec = he_codec(msg, config, template)
     state = msg.content[HE_RECORD]
     if state["encrypted"]:
@@ -179,8 +204,9 @@ def received_model(msg: Message, config: RunConfig) -> GlobalModel:
     if he.PREVIOUS_RECORD in msg.content:
         previous = codec.decrypt(he.record_chunks(msg.content[he.PREVIOUS_RECORD]), he.StateMeta.from_record(state, "previous-"))
     elif state["encrypted"]:  # round 2: the model before the first aggregate is the public initial one
-        previous = models.numpy_state(models.for_run(config))
-    model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
+        previous = initial
+    if model is not None:
+        models.load_shared(model, config, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
     return GlobalModel(model, arrays, previous, codec)
 
 
@@ -202,16 +228,46 @@ def encrypted_update(msg: Message, task: NodeTask, received: GlobalModel, local:
     return {"arrays": he.encrypted_record(encrypted.chunks), HE_RECORD: meta}
 
 
+def private_model(task: NodeTask, state: RecordDict) -> torch.nn.Module:
+    """fedmd: this node's own model, as its last round left it (its seeded start before that)."""
+    model = distillation.private_model(task.config, task.partition_id)
+    if distillation.PRIVATE_MODEL in state:
+        model.load_state_dict(state[distillation.PRIVATE_MODEL].to_torch_state_dict())
+    return model
+
+
+def chosen_cluster(msg: Message, task: NodeTask) -> tuple[torch.nn.Module, ConfigRecord]:
+    """ifca: the cluster model with the lowest loss on this node's training data, and the
+    record that tells the server which one it is."""
+    modules = ifca.load_cluster_models(msg.content["arrays"], task.config)
+    cluster, losses = ifca.choose_cluster(modules, task.split, select_device(task.config.device))
+    return modules[cluster], ifca.cluster_record(cluster, losses)
+
+
 @app.train()
 def train_handler(msg: Message, context: Context) -> Message:
     task = node_task(msg, context)
     key = signing_key(msg, context, task)  # a missing key fails before training, not after
-    received = received_model(msg, task.config)
-    model = received.model
+    extra = {}
+    fedmd = task.config.strategy in DISTILLATION_STRATEGIES
     seed = client_seed(task.config.seed, task.server_round, task.partition_id)
+    if task.config.strategy in CLUSTERED_STRATEGIES:
+        model, extra[ifca.IFCA_RECORD] = chosen_cluster(msg, task)
+    else:
+        received = received_model(msg, task.config, context.state)
+        model = private_model(task, context.state) if fedmd else received.model
+    if fedmd and task.server_round > 1 and task.config.distill_epochs:  # round 1 has no consensus yet
+        public = data.public_split(task.config).x
+        distillation.digest(model, public, received.arrays[distillation.SOFT_LABELS], task.config, seed=seed)
     result = train(model, task.split, task.config, task.server_round, seed=seed)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    check_finite(state)
+    check_finite(model.state_dict())
+    if fedmd:
+        context.state[distillation.PRIVATE_MODEL] = ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()})
+        probabilities = distillation.soft_labels(model, data.public_split(task.config).x, select_device(task.config.device))
+        state = {distillation.SOFT_LABELS: torch.from_numpy(probabilities)}
+    else:
+        keep_personal_layers(model, task.config, context.state)
+        state = {k: v.detach().cpu() for k, v in models.shared_state(task.config, model).items()}
     metrics = MetricRecord({"num-examples": result.num_examples, "loss": result.loss, "accuracy": result.accuracy})
     if task.config.privacy == "plain":
         records = {"arrays": ArrayRecord(state)}
@@ -221,7 +277,7 @@ def train_handler(msg: Message, context: Context) -> Message:
             records = encrypted_update(msg, task, received, local, result.num_examples)
         else:
             records = secagg.masked_update(msg, context.state, local, result.num_examples)
-    return reply(msg, task.partition_id, key, metrics=metrics, **records)
+    return reply(msg, task.partition_id, key, metrics=metrics, **records, **extra)
 
 
 @app.train("secagg_advertise")
@@ -251,8 +307,17 @@ def secagg_unmask_handler(msg: Message, context: Context) -> Message:
 def evaluate_handler(msg: Message, context: Context) -> Message:
     """Evaluate the global model on this node's share of the test split."""
     task = node_task(msg, context)
-    test = data.client_test_split(task.config, task.partition_id, task.config.num_clients)
-    loss, accuracy = evaluate(received_model(msg, task.config).model, test, select_device(task.config.device))
+    if task.config.strategy in DISTILLATION_STRATEGIES and not task.config.local_test_fraction:
+        test = data.test_split(task.config)  # every client owns a different model: test each on all of it
+    else:
+        test = data.client_test_split(task.config, task.partition_id, task.config.num_clients)
+    if task.config.strategy in CLUSTERED_STRATEGIES:
+        model = chosen_cluster(msg, task)[0]  # chosen on training data, as in training: never on the test split
+    elif task.config.strategy in DISTILLATION_STRATEGIES:
+        model = private_model(task, context.state)  # the node's own model; the consensus says nothing to test
+    else:
+        model = received_model(msg, task.config, context.state).model
+    loss, accuracy = evaluate(model, test, select_device(task.config.device))
     metrics = MetricRecord({"num-examples": len(test), "loss": loss, "accuracy": accuracy})
     return reply(msg, task.partition_id, signing_key(msg, context, task), metrics=metrics)
 

@@ -31,7 +31,7 @@ DROPOUT_STAGES = ("advertise", "share", "train", "unmask")
 SECAGG_ONLY_STAGES = ("advertise", "share", "unmask")
 # Strategies whose aggregate is a weighted sum of the updates: the only ones HE can run, since
 # the server adds ciphertexts and never sees an update (or the model) in clear.
-SUM_STRATEGIES = ("fedavg", "fedavgm", "fedprox")
+SUM_STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedper", "fedmd")
 # Strategies that need each update in clear: no privacy mode that hides updates can run them.
 PER_UPDATE_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum")
 # Names the registries in data, models and strategies implement (tests/test_config.py keeps them
@@ -46,8 +46,18 @@ STRATEGIES = (
     "fedmedian",
     "fedtrimmedavg",
     "krum",
+    "ifca",
+    "fedper",
+    "fedmd",
 )
-DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "synthetic32")
+# Strategies whose clients each own a model the server never sees: it holds a consensus instead.
+DISTILLATION_STRATEGIES = ("fedmd",)
+# Strategies whose clients keep part of the model to themselves: only they can evaluate it.
+PERSONAL_STRATEGIES = ("fedper",)
+# Strategies that keep several models and pick one per client from its plaintext losses and
+# update: the server must see which model each client trained and its update in clear.
+CLUSTERED_STRATEGIES = ("ifca",)
+DATASETS = ("digits", "rotated-digits", "mnist", "fashion-mnist", "cifar10", "synthetic32")
 MODELS = ("logreg", "mlp", "mnist-2nn", "mnist-cnn", "vision-cnn")
 
 # Keys Flower adds to the ConfigRecord it sends to clients; not user configuration.
@@ -78,14 +88,22 @@ class RunConfig:
     trimmed_beta: float = 0.2
     krum_malicious: int = 0
     dataset: str = "digits"
+    rotations: int = 0  # rotated-digits: client groups, each seeing the digits turned by 360/rotations degrees more (0: 4)
     data_dir: str = ""
     partitioner: str = "iid"
     dirichlet_alpha: float = 0.5
     shards_per_client: int = 2
     test_fraction: float = 0.2
+    local_test_fraction: float = 0.0  # hold out this share of each client's own data as its test set (0: a slice of the common test split)
     model: str = "mlp"
     mlp_hidden: int = 64  # hidden units of model=mlp (128 on MNIST: ~100k parameters)
     strategy: str = "fedavg"
+    clusters: int = 0  # ifca: cluster models (0: the rotations of rotated-digits, else 2)
+    personal_layers: int = 0  # fedper: last layers each client keeps to itself (0: 1, the classifier)
+    fedmd_models: str = ""  # fedmd: comma-separated architectures, given to clients in turn by partition id (empty: model)
+    public_size: int = 0  # fedmd: examples of the train split set aside as the public unlabeled set (0: a tenth)
+    distill_epochs: int = 1  # fedmd: epochs of distillation towards the consensus per round (0: local-only training)
+    distill_lr: float = 0.001  # fedmd: Adam learning rate of the distillation
     privacy: str = "secagg"  # secure by default: the server sees only the sum (README: why not he)
     seed: int = 42
     device: str = "auto"
@@ -197,7 +215,45 @@ class RunConfig:
         return self.secagg_range or float(2 ** (value_bits // 4))
 
     def evaluates_on_clients(self) -> bool:
-        return self.evaluate_on == "clients" or (self.evaluate_on == "auto" and self.privacy == "he")
+        return self.evaluate_on == "clients" or (
+            self.evaluate_on == "auto"
+            and (
+                self.privacy == "he"
+                or self.strategy in CLUSTERED_STRATEGIES + PERSONAL_STRATEGIES + DISTILLATION_STRATEGIES
+                or self.local_test_fraction > 0
+            )
+        )
+
+    def fedmd_model_names(self) -> list[str]:
+        return [m.strip() for m in self.fedmd_models.split(",") if m.strip()] or [self.model]
+
+    def public_size_count(self) -> int:
+        """Examples in fedmd's public set (0 for every other strategy)."""
+        if self.strategy not in DISTILLATION_STRATEGIES:
+            return 0
+        if self.public_size:
+            return self.public_size
+        from fedlearn import data
+
+        return max(1, data.spec(self.dataset).approx_train_size(self.test_fraction) // 10)
+
+    def personal_layer_count(self) -> int:
+        """Layers a fedper client keeps to itself (0 for every other strategy)."""
+        if self.strategy not in PERSONAL_STRATEGIES:
+            return 0
+        return self.personal_layers or 1
+
+    def rotation_count(self) -> int:
+        """Client groups of rotated-digits (1 for every other dataset)."""
+        if self.dataset != "rotated-digits":
+            return 1
+        return self.rotations or 4
+
+    def cluster_count(self) -> int:
+        """Cluster models of ifca: clusters, or by default one per rotation of rotated-digits."""
+        if self.clusters:
+            return self.clusters
+        return self.rotation_count() if self.dataset == "rotated-digits" else 2
 
     def evaluation_fraction(self) -> float:
         """Fraction of clients sampled to evaluate: all of them when clients are the only evaluators
@@ -210,7 +266,7 @@ class RunConfig:
     def _he_problems(self) -> list[str]:
         why = "the server only adds ciphertexts and never sees an update or the model in clear"
         problems = []
-        if self.strategy not in SUM_STRATEGIES:
+        if self.strategy not in SUM_STRATEGIES + CLUSTERED_STRATEGIES:  # ifca: its own message
             problems.append(
                 f"strategy={self.strategy} cannot run with privacy=he: it needs "
                 + ("each update in clear" if self.strategy in PER_UPDATE_STRATEGIES else "a non-linear step on the clear aggregate")
@@ -255,6 +311,69 @@ class RunConfig:
                 f"secagg-threshold={self.secagg_threshold}: must be between 2 and the {size} clients of a neighbourhood "
                 f"({sampled} sampled per round" + (f", secagg-neighbours={self.secagg_neighbours})" if size < sampled else ")")
                 + "; 0 picks a majority"
+            )
+        return problems
+
+    def _clustering_problems(self) -> list[str]:
+        problems = []
+        if self.strategy in CLUSTERED_STRATEGIES:
+            if self.privacy != "plain":
+                problems.append(
+                    f"strategy={self.strategy} cannot run with privacy={self.privacy}: each client picks the cluster "
+                    "model with the lowest loss and the server averages each cluster's updates apart, so it must see "
+                    "every update in clear and which cluster it belongs to; set privacy=plain"
+                )
+            if self.evaluate_on == "server":
+                problems.append(
+                    f"evaluate-on=server cannot work with strategy={self.strategy}: the server holds several cluster "
+                    "models and no data to pick one per client; use evaluate-on=clients (or auto)"
+                )
+            if self.clusters and self.clusters < 2:
+                problems.append(f"clusters={self.clusters}: must be >= 2 (1 cluster is fedavg), or 0 for auto")
+        elif self.clusters:
+            problems.append(f"clusters={self.clusters} only applies to strategy=ifca")
+        if self.strategy in PERSONAL_STRATEGIES:
+            if self.evaluate_on == "server":
+                problems.append(
+                    f"evaluate-on=server cannot work with strategy={self.strategy}: every client keeps its own last "
+                    "layers, so the server has no whole model to test; use evaluate-on=clients (or auto)"
+                )
+            if self.personal_layers < 0:
+                problems.append(f"personal-layers={self.personal_layers}: must be >= 1, or 0 for 1 (the classifier)")
+        elif self.personal_layers:
+            problems.append(f"personal-layers={self.personal_layers} only applies to strategy=fedper")
+        if self.strategy in DISTILLATION_STRATEGIES:
+            if self.evaluate_on == "server":
+                problems.append(
+                    f"evaluate-on=server cannot work with strategy={self.strategy}: every client owns its model and the "
+                    "server holds only their consensus on the public set; use evaluate-on=clients (or auto)"
+                )
+            unknown = [m for m in self.fedmd_model_names() if m not in MODELS]
+            if unknown:
+                problems.append(f"fedmd-models: unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+            if self.public_size < 0:
+                problems.append(f"public-size={self.public_size}: must be >= 1, or 0 for a tenth of the training data")
+        else:
+            for key, default in (("fedmd-models", ""), ("public-size", 0), ("distill-epochs", 1), ("distill-lr", 0.001)):
+                if getattr(self, key.replace("-", "_")) != default:
+                    problems.append(f"{key} only applies to strategy=fedmd")
+        if self.distill_epochs < 0:
+            problems.append(f"distill-epochs={self.distill_epochs}: must be >= 0 (0 = local-only training, no distillation)")
+        if self.distill_lr <= 0:
+            problems.append(f"distill-lr={self.distill_lr}: must be > 0")
+        if not 0.0 <= self.local_test_fraction < 1.0:
+            problems.append(f"local-test-fraction={self.local_test_fraction}: must be in [0, 1) (0 = test on the common test split)")
+        elif self.local_test_fraction > 0 and self.evaluate_on == "server":
+            problems.append(
+                f"local-test-fraction={self.local_test_fraction} holds out test data on the clients: "
+                "use evaluate-on=clients (or auto), the server has none of it"
+            )
+        if self.rotations and self.dataset != "rotated-digits":
+            problems.append(f"rotations={self.rotations} only applies to dataset=rotated-digits")
+        elif self.rotations < 0 or self.rotations > self.num_clients:
+            problems.append(
+                f"rotations={self.rotations}: must be between 1 and num-clients={self.num_clients} "
+                "(every rotation needs a client), or 0 for 4"
             )
         return problems
 
@@ -309,6 +428,7 @@ class RunConfig:
             self.dropout_stage not in SECAGG_ONLY_STAGES or self.privacy == "secagg",
             f"dropout-stage={self.dropout_stage} is a secure-aggregation stage: it needs privacy=secagg (use train)",
         )
+        problems += self._clustering_problems()
         if self.privacy == "secagg":
             problems += self._secagg_problems()
         if self.privacy == "he":
@@ -345,6 +465,24 @@ class RunConfig:
             reason = models.incompatibility(self.model, spec.shape) if self.model in MODELS else None
             if reason:
                 problems.append(f"model={self.model} with dataset={self.dataset}: {reason}")
+            elif self.model in MODELS and self.personal_layer_count():
+                depth = len(models.layers(models.build(self.model, spec.shape, spec.num_classes)))
+                need(
+                    self.personal_layer_count() < depth,
+                    f"strategy={self.strategy} with personal-layers={self.personal_layer_count()}: model={self.model} has "
+                    f"{depth} layer(s), and at least one must be shared; use a deeper model or fewer personal layers",
+                )
+            for name in self.fedmd_model_names() if self.strategy in DISTILLATION_STRATEGIES else ():
+                why = models.incompatibility(name, spec.shape) if name in MODELS else None
+                if why:
+                    problems.append(f"fedmd-models: {name} with dataset={self.dataset}: {why}")
+            if self.strategy in DISTILLATION_STRATEGIES and self.public_size >= 0:
+                public = self.public_size_count()
+                need(
+                    public + self.num_clients <= train_size,
+                    f"public-size={public} leaves {train_size - public} of {self.dataset}'s ~{train_size} training "
+                    f"examples for {self.num_clients} clients; use a smaller public-size",
+                )
             if self.partitioner == "shards":
                 shards = self.num_clients * self.shards_per_client
                 need(

@@ -40,6 +40,9 @@ class DatasetSpec:
 
 SPECS = {
     "digits": DatasetSpec("digits", (1, 8, 8), 10, 1797, False),
+    # The digits, each client group seeing them under its own rotation (IFCA's rotated MNIST,
+    # Ghosh et al. 2020): a clustered federation whose true clusters are known.
+    "rotated-digits": DatasetSpec("rotated-digits", (1, 8, 8), 10, 1797, False),
     "mnist": DatasetSpec("mnist", (1, 28, 28), 10, 60000, True),
     "fashion-mnist": DatasetSpec("fashion-mnist", (1, 28, 28), 10, 60000, True),
     "cifar10": DatasetSpec("cifar10", (3, 32, 32), 10, 50000, True),
@@ -214,7 +217,7 @@ def load_cifar10(data_dir: str | None) -> Dataset:
     )
 
 
-def load_digits(test_fraction: float, seed: int) -> Dataset:
+def load_digits(test_fraction: float, seed: int, name: str = "digits") -> Dataset:
     from sklearn.datasets import load_digits as sk_digits
     from sklearn.model_selection import train_test_split
 
@@ -224,7 +227,7 @@ def load_digits(test_fraction: float, seed: int) -> Dataset:
     x_tr, x_te, y_tr, y_te = train_test_split(
         x, y, test_size=test_fraction, random_state=seed, stratify=y
     )
-    return Dataset(SPECS["digits"], Split(x_tr, y_tr), Split(x_te, y_te))
+    return Dataset(SPECS[name], Split(x_tr, y_tr), Split(x_te, y_te))
 
 
 def make_synthetic32(train_size: int = 4000, test_size: int = 1000, seed: int = 0) -> Dataset:
@@ -253,8 +256,8 @@ def make_synthetic32(train_size: int = 4000, test_size: int = 1000, seed: int = 
 def load(name: str, data_dir: str = "", test_fraction: float = 0.2, seed: int = 42) -> Dataset:
     """Load a registered dataset (cached per process, so simulated clients share it)."""
     spec(name)
-    if name == "digits":
-        return load_digits(test_fraction, seed)
+    if name in ("digits", "rotated-digits"):  # rotated-digits turns each client's share (client_split)
+        return load_digits(test_fraction, seed, name)
     if name == "synthetic32":
         return make_synthetic32()
     if name == "cifar10":
@@ -310,31 +313,110 @@ def partition(
         ) from None
 
 
-def client_split(config, partition_id: int, num_partitions: int) -> Split:
-    """The training examples of one client under a run config."""
-    dataset = load(config.dataset, config.data_dir, config.test_fraction, config.seed)
+# ---------------------------------------------------------------------------------------
+# Rotations (rotated-digits): client group g sees every image turned by g * 360/k degrees.
+
+
+def rotation_group(config, partition_id: int) -> int:
+    """The rotation (the true cluster) of a client: partitions take the k rotations in turn."""
+    return partition_id % config.rotation_count()
+
+
+def rotate(x: np.ndarray, group: int, groups: int) -> np.ndarray:
+    """Images ``x`` (N x C x H x W) turned counter-clockwise by group * 360/groups degrees; exact
+    for multiples of 90 degrees, bilinear otherwise."""
+    angle = 360.0 * group / groups
+    if angle % 90 == 0:
+        return np.ascontiguousarray(np.rot90(x, int(angle // 90) % 4, axes=(2, 3)))
+    from scipy.ndimage import rotate as nd_rotate
+
+    return nd_rotate(x, angle, axes=(3, 2), reshape=False, order=1, mode="constant").astype(np.float32)
+
+
+def _client_view(config, partition_id: int, split: Split) -> Split:
+    """A client's examples as that client sees them (rotated under rotated-digits)."""
+    if config.dataset != "rotated-digits":
+        return split
+    return Split(rotate(split.x, rotation_group(config, partition_id), config.rotation_count()), split.y)
+
+
+def test_split(config) -> Split:
+    """The server's test split. Under rotated-digits, example i is turned as rotation group
+    i mod k would see it, so every rotation is tested equally."""
+    test = load(config.dataset, config.data_dir, config.test_fraction, config.seed).test
+    if config.dataset != "rotated-digits":
+        return test
+    k = config.rotation_count()
+    x = test.x.copy()
+    for group in range(k):
+        x[group::k] = rotate(test.x[group::k], group, k)
+    return Split(x, test.y)
+
+
+def _public_and_private(config) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the public set (fedmd: public-size examples, a seeded draw from the train split)
+    and of the rest, which the clients partition among themselves. No public set: all private."""
+    size = len(load(config.dataset, config.data_dir, config.test_fraction, config.seed).train)
+    public = config.public_size_count()
+    if not public:
+        return np.arange(0), np.arange(size)
+    order = np.random.default_rng([config.seed, 0xFED]).permutation(size)
+    return np.sort(order[:public]), np.sort(order[public:])
+
+
+def public_split(config) -> Split:
+    """The public set FedMD's clients describe to each other (its labels are never used)."""
+    train = load(config.dataset, config.data_dir, config.test_fraction, config.seed).train
+    indices = _public_and_private(config)[0]
+    return Split(train.x[indices], train.y[indices])
+
+
+def _partition_of(config, partition_id: int, num_partitions: int) -> np.ndarray:
+    """Indices (into the train split) of one client's whole partition."""
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
-    indices = partition(
-        dataset.train.y,
-        num_partitions,
-        config.partitioner,
-        alpha=config.dirichlet_alpha,
-        shards=config.shards_per_client,
-        seed=config.seed,
-    )[partition_id]
-    return Split(dataset.train.x[indices], dataset.train.y[indices])
+    labels = load(config.dataset, config.data_dir, config.test_fraction, config.seed).train.y
+    private = _public_and_private(config)[1]
+    return private[partition(
+        labels[private], num_partitions, config.partitioner,
+        alpha=config.dirichlet_alpha, shards=config.shards_per_client, seed=config.seed,
+    )[partition_id]]
+
+
+def _examples(config, partition_id: int, indices: np.ndarray) -> Split:
+    train = load(config.dataset, config.data_dir, config.test_fraction, config.seed).train
+    return _client_view(config, partition_id, Split(train.x[indices], train.y[indices]))
+
+
+def client_split(config, partition_id: int, num_partitions: int) -> Split:
+    """The training examples of one client under a run config."""
+    indices = _partition_of(config, partition_id, num_partitions)
+    return _examples(config, partition_id, _local_holdout(config, partition_id, indices)[0])
+
+
+def _local_holdout(config, partition_id: int, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) indices of a client's partition: local-test-fraction of it, chosen by a seeded
+    shuffle, is its own test set, drawn from the same skewed distribution as its training data."""
+    if not config.local_test_fraction:
+        return indices, indices[:0]
+    order = np.random.default_rng([config.seed, partition_id]).permutation(len(indices))
+    cut = int(round(len(indices) * config.local_test_fraction))
+    return np.sort(indices[order[cut:]]), np.sort(indices[order[:cut]])
 
 
 def client_test_split(config, partition_id: int, num_partitions: int) -> Split:
-    """One client's share of the test split (a seeded, near-equal IID slice), for federated
-    evaluation: the example-weighted mean of all shares' accuracies is the test accuracy."""
+    """One client's test data, for federated evaluation: a seeded, near-equal IID slice of the test
+    split (the example-weighted mean of all slices' accuracies is the test accuracy), or with
+    local-test-fraction the held-out part of the client's own partition."""
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
+    if config.local_test_fraction:
+        indices = _partition_of(config, partition_id, num_partitions)
+        return _examples(config, partition_id, _local_holdout(config, partition_id, indices)[1])
     test = load(config.dataset, config.data_dir, config.test_fraction, config.seed).test
     order = np.random.default_rng(config.seed).permutation(len(test))
     indices = np.sort(np.array_split(order, num_partitions)[partition_id])
-    return Split(test.x[indices], test.y[indices])
+    return _client_view(config, partition_id, Split(test.x[indices], test.y[indices]))
 
 
 # ---------------------------------------------------------------------------------------

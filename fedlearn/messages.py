@@ -21,6 +21,7 @@ AUTH_RECORD = "auth"
 HE_RECORD = "he"  # privacy=he: how to read the encrypted model (request) or contribution (reply)
 SECAGG_RECORD = "secagg"  # privacy=secagg: a stage's keys, shares and the round's plan
 NUM_EXAMPLES_KEY = "num-examples"
+PERSONAL_RECORD = "personal"  # fedper: a node's own layers, in its Flower context (never sent)
 
 
 def payload_digest(content: RecordDict) -> str:

@@ -132,5 +132,41 @@ def numpy_state(model: nn.Module) -> dict:
     return {name: value.detach().cpu().numpy() for name, value in model.state_dict().items()}
 
 
+def layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The modules that hold parameters of their own (linear and conv layers), input to output."""
+    return [(name, m) for name, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
+
+
+def personal_names(config, model: nn.Module) -> frozenset[str]:
+    """State-dict names that never leave a client: under fedper, the parameters of the last
+    personal-layers layers (the head); nothing otherwise."""
+    count = config.personal_layer_count()
+    if not count:
+        return frozenset()
+    head = layers(model)[-count:]
+    return frozenset(f"{name}.{p}" if name else p for name, module in head for p, _ in module.named_parameters(recurse=False))
+
+
+def shared_state(config, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The part of the model that is federated: every tensor but the personal ones."""
+    personal = personal_names(config, model)
+    return {name: value for name, value in model.state_dict().items() if name not in personal}
+
+
+def shared_numpy_state(config, model: nn.Module) -> dict:
+    return {name: value.detach().cpu().numpy() for name, value in shared_state(config, model).items()}
+
+
+def load_shared(model: nn.Module, config, state: dict[str, torch.Tensor]) -> None:
+    """Load the federated part into ``model``; its personal layers stay as they are."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    personal = personal_names(config, model)
+    if unexpected or set(missing) != personal:
+        raise ValueError(
+            f"the received model does not fit {config.model}: missing {sorted(set(missing) - personal)}, "
+            f"unexpected {sorted(unexpected)}"
+        )
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -1,4 +1,5 @@
-"""Flower strategies by name. We configure Flower's own implementations; we do not rewrite them."""
+"""Strategies by name. We configure Flower's own implementations and do not rewrite them; ours
+(fedlearn.ifca) build on Flower's FedAvg for what Flower lacks."""
 
 from __future__ import annotations
 
@@ -8,7 +9,11 @@ from typing import Any
 from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp import strategy as fl
 
-from fedlearn.config import RunConfig
+import torch
+
+from fedlearn import distillation, models
+from fedlearn.config import DISTILLATION_STRATEGIES, RunConfig
+from fedlearn.ifca import IFCA
 
 MetricsAggregator = Callable[[list[RecordDict], str], MetricRecord]
 
@@ -27,6 +32,9 @@ def _specific(config: RunConfig) -> dict[str, Any]:
         "fedmedian": {},
         "fedtrimmedavg": {"beta": config.trimmed_beta},
         "krum": {"num_malicious_nodes": config.krum_malicious},
+        "ifca": {"clusters": config.cluster_count()},
+        "fedper": {},
+        "fedmd": {},
     }[config.strategy]
 
 
@@ -40,7 +48,23 @@ CLASSES = {
     "fedmedian": fl.FedMedian,
     "fedtrimmedavg": fl.FedTrimmedAvg,
     "krum": fl.Krum,
+    "ifca": IFCA,  # ours: Flower has one global model per run
+    # FedPer (Arivazhagan et al. 2019) is FedAvg on the shared layers: clients keep their head
+    # (fedlearn.models.personal_names), so the server's model is the body alone.
+    "fedper": fl.FedAvg,
+    # FedMD (Li & Wang 2019) is FedAvg on the clients' class probabilities on a public set: each
+    # client keeps its own model (fedlearn.distillation), the server's "model" is the consensus.
+    "fedmd": fl.FedAvg,
 }
+
+
+def initial_state(config: RunConfig) -> dict[str, torch.Tensor]:
+    """What server and clients exchange as the global state, at its start: the seeded model,
+    without fedper's personal layers; fedmd's uniform consensus on the public set. (ifca packs
+    several of these, see fedlearn.ifca.)"""
+    if config.strategy in DISTILLATION_STRATEGIES:
+        return distillation.initial_consensus(config)
+    return models.shared_state(config, models.for_run(config))
 
 
 def build(

@@ -289,7 +289,7 @@ class AccessGrid(GridWrapper):
             if request is None:
                 raise Rejected(f"unrequested reply: node {reply.metadata.src_node_id} was not asked to train")
             if self.check_update is None:
-                _check_update(content, self.model)
+                check_plain_update(content, self.model)
             else:
                 try:
                     self.check_update(content)
@@ -324,7 +324,7 @@ def _size(n: int) -> str:
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n:,} bytes"
 
 
-def _check_update(content, sent: ArrayRecord) -> None:
+def check_plain_update(content, sent: ArrayRecord) -> None:
     """The update must have the global model's arrays, shapes and dtypes, all finite."""
     got = content["arrays"] if "arrays" in content else None
     if not isinstance(got, ArrayRecord):

@@ -24,8 +24,8 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from crypto import signing
 from crypto.digest import arrays_digest
-from fedlearn import data, models, strategies
-from fedlearn.config import RunConfig
+from fedlearn import data, ifca, models, strategies
+from fedlearn.config import CLUSTERED_STRATEGIES, RunConfig
 from fedlearn.errors import RoundFailed
 from fedlearn.checkpoint import Checkpoint, CheckpointError
 from fedlearn.runs import RoundRecord, RunStore, load_run_config
@@ -34,16 +34,18 @@ from fedlearn import audit as audit_log
 from fedlearn.audit import AuditLog
 from server.access import (
     AccessGrid,
+    check_plain_update,
     RoundAccess,
     load_credentials,
     load_run_audit_key,
     open_audited_run,
     reopen_audited_run,
 )
+from fedlearn.messages import NODE_RECORD, PARTITION_KEY
 from fedlearn.secagg import STAGE_MESSAGE_TYPES
 from server.grid import DropoutGrid, MeteredGrid, PartitionOrderedGrid, short_reason
 from server.he import HEStrategy, load_public_key, provision_he
-from server.resume import ResumedStrategy, restore_strategy_state, strategy_state
+from server.resume import ResumedStrategy, innermost, restore_strategy_state, strategy_state
 from server.secagg import SecAggStrategy
 
 RoundCallback = Callable[[RoundRecord], None]
@@ -138,13 +140,14 @@ def run_federation(
         config, checkpoint = load_checkpoint(resume_dir)
     # Everything that can fail on bad input fails before the run directory exists.
     # The server needs the test split only when it evaluates (never under he).
-    test = None if config.evaluates_on_clients() else data.load(config.dataset, config.data_dir, config.test_fraction, config.seed).test
+    test = None if config.evaluates_on_clients() else data.test_split(config)
     device = select_device(config.device)
     policy, audit_key = load_credentials(config)
     if resume_dir is not None and audit_key is None:
         audit_key = load_run_audit_key(resume_dir)
     he_key = load_public_key(config)
     model = global_model(config)  # the initial weights; evaluates each round's model when the server does
+    shared = strategies.initial_state(config)  # what is federated (fedper: no head; fedmd: a consensus)
     ordered = PartitionOrderedGrid(grid)
     nodes = ordered.wait_for_nodes(config.min_available_clients, config.round_timeout)
     if config.fraction_train < 1 or 0 < config.fraction_evaluate < 1 or config.dropout_rate > 0:
@@ -158,8 +161,10 @@ def run_federation(
         config = provision_he(store.directory, config)
         store.update_config(config)
         he_key = load_public_key(config)  # the server reads back the public context only
-    initial = ArrayRecord(model.state_dict())
+    clustered = config.strategy in CLUSTERED_STRATEGIES
+    initial = ifca.initial_arrays(config) if clustered else ArrayRecord(shared)
     client_metrics: dict[str, float] = {}  # this round's client-side metrics, for the round record
+    client_accuracy: dict[str, float] = {}  # this round's test accuracy of each client (by partition id)
     facts = {"versions": software_versions(), "nodes_connected": len(nodes)}
     if checkpoint is None:
         run = open_audited_run(config, store, policy, audit_key, {**facts, "initial_model": arrays_digest(numpy_arrays(initial))})
@@ -172,6 +177,10 @@ def run_federation(
         def aggregate(replies: list[RecordDict], weight_key: str) -> MetricRecord:
             metrics = aggregate_metricrecords(replies, weight_key)
             client_metrics.update({f"{prefix}_{k}": float(v) for k, v in metrics.items() if k != weight_key})
+            if prefix == "federated":  # personalised and distilled models differ per client: keep each one's
+                for content in replies:
+                    if NODE_RECORD in content and "accuracy" in content["metrics"]:
+                        client_accuracy[str(content[NODE_RECORD][PARTITION_KEY])] = float(content["metrics"]["accuracy"])
             return metrics
 
         return aggregate
@@ -180,19 +189,23 @@ def run_federation(
         config, train_metrics_aggr_fn=capture("train"), evaluate_metrics_aggr_fn=capture("federated")
     )
     if he_key is not None:
-        strategy = HEStrategy(strategy, config, he_key, models.numpy_state(model))
+        strategy = HEStrategy(strategy, config, he_key, numpy_arrays(ArrayRecord(shared)))
     elif config.privacy == "secagg":
-        strategy = SecAggStrategy(strategy, config, models.numpy_state(model))
+        strategy = SecAggStrategy(strategy, config, numpy_arrays(ArrayRecord(shared)))
     if checkpoint is not None:
         restore_strategy_state(strategy, checkpoint.strategy, checkpoint.layout)
-    check = getattr(strategy, "check_reply", None)  # privacy modes whose updates are not plain arrays
+    check = None if clustered else getattr(strategy, "check_reply", None)  # privacy modes' updates are not plain arrays
+    template = ArrayRecord(shared)  # the names, shapes and dtypes an update must have
+    if clustered:  # a plain update of one cluster model, and a valid cluster number
+        def check(content):
+            check_plain_update(content, template)
+            strategy.check_reply(content)
     faulty = None
     if config.dropout_rate > 0:
         stage = STAGE_MESSAGE_TYPES[config.dropout_stage]
         faulty = DropoutGrid(ordered, config.dropout_rate, stage, config.seed, ordered.partitions)
-    template = ArrayRecord(model.state_dict())  # the names, shapes and dtypes an update must have
     access = AccessGrid(faulty or ordered, run.policy, audit, store.run_id, model=template, check_update=check,
-                        max_update_bytes=config.max_update_bytes(models.count_parameters(model)))
+                        max_update_bytes=config.max_update_bytes(sum(t.numel() for t in shared.values())))
     metered = MeteredGrid(access)
 
     state = {"arrays": initial, "clock": time.perf_counter(), "audit_seconds": 0.0}
@@ -213,10 +226,12 @@ def run_federation(
         seen = access.take_round()
         exchange_audit = audit.seconds - state["audit_seconds"]  # appends while replies came in
         audit_started = time.perf_counter()
+        clusters = cluster_facts(server_round)
         if server_round:
             audit_round(audit, server_round, arrays, seen, {
                 "accuracy": accuracy, "loss": loss, "clients": traffic.replies, "failures": traffic.failures,
                 "rejected": seen.rejected, "client_metrics": dict(client_metrics), "privacy": privacy_facts(seen, server_round),
+                **({"clusters": clusters} if clusters else {}),
             })
         state["audit_seconds"] = audit.seconds
         timings = {
@@ -234,9 +249,12 @@ def run_federation(
             clients=traffic.replies,
             failures=traffic.failures,
             rejected=seen.rejected,
-            extra={**client_metrics, **{k: round(v, 6) for k, v in timings.items()}},
+            extra={**client_metrics, **{k: round(v, 6) for k, v in timings.items()},
+                   **({"cluster_agreement": clusters["agreement"]} if clusters and truth else {}),
+                   **({"client_accuracy": dict(sorted(client_accuracy.items(), key=lambda kv: int(kv[0])))} if client_accuracy else {})},
         )
         client_metrics.clear()
+        client_accuracy.clear()
         state["clock"] = now
         store.add_round(record)
         on_round(record)
@@ -263,6 +281,18 @@ def run_federation(
             round=server_round, model=numpy_arrays(arrays), strategy=state_arrays, layout=layout,
             config_digest=config.digest(), audit_seq=audit.seq, audit_head=audit.head, python_random=random.getstate(),
         ).save(store.directory)
+
+    truth = {p: data.rotation_group(config, p) for p in range(config.num_clients)} if config.dataset == "rotated-digits" else None
+
+    def cluster_facts(server_round: int) -> dict | None:
+        """ifca: the cluster each client trained this round, and how well that recovers the true groups."""
+        if not clustered or server_round not in innermost(strategy).membership:
+            return None
+        membership = innermost(strategy).membership[server_round]
+        facts = {"membership": {str(c): k for c, k in membership.items()}}
+        if truth:
+            facts["agreement"] = ifca.agreement(membership, truth)
+        return facts
 
     def privacy_facts(seen: RoundAccess, server_round: int) -> dict:
         facts = {"mode": config.privacy}
@@ -303,6 +333,8 @@ def run_federation(
         audit.close()
         raise
     final = numpy_arrays(state["arrays"])
+    if clustered:
+        ifca.write_membership(store.directory, innermost(strategy).membership, truth)
     if isinstance(strategy, HEStrategy):
         model_file = store.save_model(final, name="model.he.safetensors", metadata=strategy.state_metadata())
     else:

@@ -40,7 +40,7 @@ def _he_generate(args: argparse.Namespace) -> int:
 def _decrypt_model(args: argparse.Namespace) -> int:
     from safetensors.numpy import save
 
-    from fedlearn import he, models
+    from fedlearn import he, strategies
     from fedlearn.config import RunConfig, load_toml
     from fedlearn.runs import atomic_write
 
@@ -51,7 +51,7 @@ def _decrypt_model(args: argparse.Namespace) -> int:
     if out.exists():
         raise ConfigError([f"{out} already exists; remove it or choose another --out"])
     config = RunConfig.from_flat(load_toml(args.run_dir / "config.toml"))
-    template = models.numpy_state(models.for_run(config, seeded=False))
+    template = {k: v.numpy() for k, v in strategies.initial_state(config).items()}
     try:
         arrays = he.decrypt_saved_model(source, HEKey.load(args.key, secret=True), template)
     except HEKeyError:

@@ -46,7 +46,7 @@ def client_replies(config, messages, server_round, rng):
     replies, clear = [], []
     for msg in messages:
         node = msg.metadata.dst_node_id
-        received = received_model(msg, config)
+        received = received_model(msg, config, RecordDict())
         local = {k: (v + rng.normal(0, 0.05, v.shape)).astype(v.dtype) for k, v in received.arrays.items()}
         task = NodeTask(config, server_round, node, split=None)
         metrics = MetricRecord({"num-examples": COUNTS[node]})
@@ -122,7 +122,7 @@ def test_a_node_without_the_right_secret_context_fails_before_training(tmp_path,
     initial = ArrayRecord({k: Array(v) for k, v in template.items()})
     (msg, *_) = list(strategy.configure_train(1, initial, ConfigRecord(config.to_flat()), CountingGrid()))
     with pytest.raises(ConfigError, match="no secret HE context: start it with --node-config 'he-secret=PATH'"):
-        received_model(msg, config.replace(he_secret=""))
+        received_model(msg, config.replace(he_secret=""), RecordDict())
     other, _ = generate_pair(tmp_path / "other", "bfv", 3)
     with pytest.raises(ConfigError, match="belongs to another HE key pair"):
-        received_model(msg, config.replace(he_secret=str(other)))
+        received_model(msg, config.replace(he_secret=str(other)), RecordDict())

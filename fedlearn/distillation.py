@@ -1,0 +1,80 @@
+"""FedMD (Li & Wang 2019): heterogeneous models that learn from each other through what they
+say about a public, unlabeled set.
+
+Each client owns a model of its own architecture (``fedmd-models``, given out by partition id)
+that never leaves it. A round: the client digests the consensus (distils its model towards the
+averaged class probabilities on the public set), revisits its private data (``local-epochs`` of
+ordinary training), then sends its own class probabilities on the public set. The server's
+"model" is the consensus, a ``public-size x classes`` array and their example-weighted average:
+a weighted sum, so it runs under secure aggregation and HE like FedAvg does. Probabilities,
+not logits: they lie in [0, 1], which gives the fixed-point encodings a range known in advance.
+
+With ``distill-epochs=0`` nothing from other clients reaches a model: that is local-only
+training on the same data, models and seeds, the baseline FedMD must beat.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedlearn import data, models
+from fedlearn.training import select_device
+
+SOFT_LABELS = "soft-labels"  # the consensus (request) or a client's probabilities (reply)
+PRIVATE_MODEL = "fedmd-model"  # a client's own model, in its Flower context between rounds
+
+
+def architecture(config, partition_id: int) -> str:
+    """The model a client owns: fedmd-models taken in turn by partition id (else model)."""
+    names = config.fedmd_model_names()
+    return names[partition_id % len(names)]
+
+
+def private_model(config, partition_id: int) -> nn.Module:
+    """A client's model at its seeded initial weights (seed and partition id, so a local-only
+    run starts every client where its fedmd run does)."""
+    spec = data.spec(config.dataset)
+    name = architecture(config, partition_id)
+    options = {"hidden": config.mlp_hidden} if name == "mlp" else {}
+    return models.build(name, spec.shape, spec.num_classes, seed=config.seed + 1000 * (partition_id + 1), **options)
+
+
+def initial_consensus(config) -> dict[str, torch.Tensor]:
+    """Uniform class probabilities: round 1 has no consensus to digest."""
+    classes = data.spec(config.dataset).num_classes
+    return {SOFT_LABELS: torch.full((config.public_size_count(), classes), 1.0 / classes)}
+
+
+@torch.no_grad()
+def soft_labels(model: nn.Module, public: np.ndarray, device: torch.device, batch_size: int = 512) -> np.ndarray:
+    """The model's class probabilities on the public set."""
+    model.to(device).eval()
+    out = [torch.softmax(model(torch.from_numpy(public[i : i + batch_size]).to(device)).float(), 1).cpu()
+           for i in range(0, len(public), batch_size)]
+    return torch.cat(out).numpy().astype(np.float32)
+
+
+def digest(model: nn.Module, public: np.ndarray, consensus: np.ndarray, config, *, seed: int) -> float:
+    """Distil ``model`` towards the consensus probabilities (KL divergence) for distill-epochs;
+    returns the last epoch's mean loss."""
+    device = select_device(config.device)
+    model.to(device).train()
+    x = torch.from_numpy(public).to(device)
+    target = torch.from_numpy(np.clip(consensus, 0.0, None)).to(device)
+    target = target / target.sum(1, keepdim=True).clamp_min(1e-12)  # the encodings' rounding leaves sums near 1
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.distill_lr)
+    generator = torch.Generator().manual_seed(seed)
+    loss_sum = 0.0
+    for _ in range(config.distill_epochs):
+        order, loss_sum = torch.randperm(len(x), generator=generator).to(device), 0.0
+        for start in range(0, len(x), config.batch_size):
+            batch = order[start : start + config.batch_size]
+            optimizer.zero_grad(set_to_none=True)
+            log_probs = torch.log_softmax(model(x[batch]).float(), 1)
+            loss = nn.functional.kl_div(log_probs, target[batch], reduction="batchmean")
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.item() * len(batch)
+    return loss_sum / max(len(x), 1)
