@@ -27,12 +27,12 @@ from flwr.clientapp import ClientApp
 from crypto import signing
 from crypto.he import HEKey, HEKeyError
 from clients import secagg
-from fedlearn import data, distillation, he, ifca, models, strategies
+from fedlearn import data, distillation, he, ifca, models, multimodel, packing, strategies
 from fedlearn.access import NODE_KEY_NAME, update_statement
-from fedlearn.config import CLUSTERED_STRATEGIES, DISTILLATION_STRATEGIES, RunConfig
+from fedlearn.config import CLUSTERED_STRATEGIES, DISTILLATION_STRATEGIES, MULTIMODEL_STRATEGIES, RunConfig
 from fedlearn.errors import ConfigError
 from fedlearn.messages import AUTH_RECORD, HE_RECORD, NODE_RECORD, NUM_EXAMPLES_KEY, PARTITION_KEY, PERSONAL_RECORD, payload_digest
-from fedlearn.training import check_finite, client_seed, evaluate, select_device, train
+from fedlearn.training import TrainResult, check_finite, client_seed, evaluate, select_device, train
 
 NODE_OVERRIDES = ("data-dir", "device", "he-secret")
 
@@ -181,9 +181,10 @@ def keep_personal_layers(model: torch.nn.Module, config: RunConfig, state: Recor
 def received_model(msg: Message, config: RunConfig, node_state: RecordDict) -> GlobalModel:
     """The model to train or test: the global model of ``msg`` (clear arrays, or under privacy=he
     the decrypted aggregate) with this node's personal layers (fedper) from ``node_state``. Under
-    fedmd the global state is the consensus and there is no model (None)."""
-    fedmd = config.strategy in DISTILLATION_STRATEGIES  # the global state is a consensus, not a model
-    model = None if fedmd else models.for_run(config, seeded=False)
+    fedmd and multimodel there is no single model (None): see ``arrays``."""
+    # fedmd's global state is a consensus, multimodel's several models: no one model to load
+    single = config.strategy not in DISTILLATION_STRATEGIES + MULTIMODEL_STRATEGIES
+    model = models.for_run(config, seeded=False) if single else None
     if model is not None:
         model.load_state_dict(personal_layers(model, config, node_state), strict=False)
     record = msg.content["arrays"]
@@ -236,6 +237,33 @@ def private_model(task: NodeTask, state: RecordDict) -> torch.nn.Module:
     return model
 
 
+def train_several(task: NodeTask, arrays: dict, seed: int) -> tuple[dict[str, torch.Tensor], TrainResult]:
+    """multimodel: train this round's share of the run's models, each from the global one and
+    with the seed a FedAvg run of that model alone would use; the packed trained models."""
+    config = task.config
+    states = packing.unpack(arrays, config.model_names())
+    done, results = {}, []
+    for name in multimodel.assignment(config, task.partition_id, task.server_round):
+        module = multimodel.load(config, states[name], name)
+        results.append(trained(module, task, seed))
+        done[name] = module.state_dict()
+    packed = {f"{name}{packing.SEPARATOR}{k}": v.detach().cpu() for name, state in done.items() for k, v in state.items()}
+    mean = TrainResult(results[0].num_examples, float(np.mean([r.loss for r in results])),
+                       float(np.mean([r.accuracy for r in results])), sum(r.steps for r in results))
+    return packed, mean
+
+
+def evaluate_several(task: NodeTask, arrays: dict, test: data.Split) -> MetricRecord:
+    """multimodel: every model of the run on this node's test data; the mean, and each model's."""
+    states = packing.unpack(arrays, task.config.model_names())
+    device = select_device(task.config.device)
+    results = {name: evaluate(multimodel.load(task.config, states[name], name), test, device) for name in states}
+    metrics = {"num-examples": len(test), "loss": float(np.mean([l for l, _ in results.values()])),
+               "accuracy": float(np.mean([a for _, a in results.values()]))}
+    metrics.update({f"accuracy-{name}": acc for name, (_, acc) in results.items()})
+    return MetricRecord(metrics)
+
+
 def chosen_cluster(msg: Message, task: NodeTask) -> tuple[torch.nn.Module, ConfigRecord]:
     """ifca: the cluster model with the lowest loss on this node's training data, and the
     record that tells the server which one it is."""
@@ -244,30 +272,49 @@ def chosen_cluster(msg: Message, task: NodeTask) -> tuple[torch.nn.Module, Confi
     return modules[cluster], ifca.cluster_record(cluster, losses)
 
 
+def trained(model: torch.nn.Module, task: NodeTask, seed: int) -> TrainResult:
+    """Train ``model`` on this node's data; refuse NaN/Inf weights (diverged) before they are sent."""
+    result = train(model, task.split, task.config, task.server_round, seed=seed)
+    check_finite(model.state_dict())
+    return result
+
+
+def fedmd_round(task: NodeTask, consensus: np.ndarray, node_state: RecordDict, seed: int) -> tuple[dict, TrainResult]:
+    """fedmd: digest the consensus (from round 2 on), revisit the private data, describe the public set."""
+    config, model = task.config, private_model(task, node_state)
+    public = data.public_split(config).x
+    if task.server_round > 1 and config.distill_epochs:
+        distillation.digest(model, public, consensus, config, seed=seed)
+    result = trained(model, task, seed)
+    node_state[distillation.PRIVATE_MODEL] = ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    probabilities = distillation.soft_labels(model, public, select_device(config.device))
+    return {distillation.SOFT_LABELS: torch.from_numpy(probabilities)}, result
+
+
+def local_update(msg: Message, context: Context, task: NodeTask, seed: int):
+    """This round's work on the node, by strategy: (what it sends before any privacy encoding,
+    its training result, the global state it received, extra reply records)."""
+    config = task.config
+    if config.strategy in CLUSTERED_STRATEGIES:
+        model, record = chosen_cluster(msg, task)
+        result = trained(model, task, seed)
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}, result, None, {ifca.IFCA_RECORD: record}
+    received = received_model(msg, config, context.state)
+    if config.strategy in MULTIMODEL_STRATEGIES:
+        return (*train_several(task, received.arrays, seed), received, {})
+    if config.strategy in DISTILLATION_STRATEGIES:
+        return (*fedmd_round(task, received.arrays[distillation.SOFT_LABELS], context.state, seed), received, {})
+    result = trained(received.model, task, seed)
+    keep_personal_layers(received.model, config, context.state)
+    return {k: v.detach().cpu() for k, v in models.shared_state(config, received.model).items()}, result, received, {}
+
+
 @app.train()
 def train_handler(msg: Message, context: Context) -> Message:
     task = node_task(msg, context)
     key = signing_key(msg, context, task)  # a missing key fails before training, not after
-    extra = {}
-    fedmd = task.config.strategy in DISTILLATION_STRATEGIES
     seed = client_seed(task.config.seed, task.server_round, task.partition_id)
-    if task.config.strategy in CLUSTERED_STRATEGIES:
-        model, extra[ifca.IFCA_RECORD] = chosen_cluster(msg, task)
-    else:
-        received = received_model(msg, task.config, context.state)
-        model = private_model(task, context.state) if fedmd else received.model
-    if fedmd and task.server_round > 1 and task.config.distill_epochs:  # round 1 has no consensus yet
-        public = data.public_split(task.config).x
-        distillation.digest(model, public, received.arrays[distillation.SOFT_LABELS], task.config, seed=seed)
-    result = train(model, task.split, task.config, task.server_round, seed=seed)
-    check_finite(model.state_dict())
-    if fedmd:
-        context.state[distillation.PRIVATE_MODEL] = ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()})
-        probabilities = distillation.soft_labels(model, data.public_split(task.config).x, select_device(task.config.device))
-        state = {distillation.SOFT_LABELS: torch.from_numpy(probabilities)}
-    else:
-        keep_personal_layers(model, task.config, context.state)
-        state = {k: v.detach().cpu() for k, v in models.shared_state(task.config, model).items()}
+    state, result, received, extra = local_update(msg, context, task, seed)
     metrics = MetricRecord({"num-examples": result.num_examples, "loss": result.loss, "accuracy": result.accuracy})
     if task.config.privacy == "plain":
         records = {"arrays": ArrayRecord(state)}
@@ -311,6 +358,9 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
         test = data.test_split(task.config)  # every client owns a different model: test each on all of it
     else:
         test = data.client_test_split(task.config, task.partition_id, task.config.num_clients)
+    if task.config.strategy in MULTIMODEL_STRATEGIES:
+        metrics = evaluate_several(task, received_model(msg, task.config, context.state).arrays, test)
+        return reply(msg, task.partition_id, signing_key(msg, context, task), metrics=metrics)
     if task.config.strategy in CLUSTERED_STRATEGIES:
         model = chosen_cluster(msg, task)[0]  # chosen on training data, as in training: never on the test split
     elif task.config.strategy in DISTILLATION_STRATEGIES:

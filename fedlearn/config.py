@@ -31,7 +31,7 @@ DROPOUT_STAGES = ("advertise", "share", "train", "unmask")
 SECAGG_ONLY_STAGES = ("advertise", "share", "unmask")
 # Strategies whose aggregate is a weighted sum of the updates: the only ones HE can run, since
 # the server adds ciphertexts and never sees an update (or the model) in clear.
-SUM_STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedper", "fedmd")
+SUM_STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedper", "fedmd", "multimodel")
 # Strategies that need each update in clear: no privacy mode that hides updates can run them.
 PER_UPDATE_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum")
 # Names the registries in data, models and strategies implement (tests/test_config.py keeps them
@@ -49,7 +49,10 @@ STRATEGIES = (
     "ifca",
     "fedper",
     "fedmd",
+    "multimodel",
 )
+# Strategies that train several named models (``models``) in one run.
+MULTIMODEL_STRATEGIES = ("multimodel",)
 # Strategies whose clients each own a model the server never sees: it holds a consensus instead.
 DISTILLATION_STRATEGIES = ("fedmd",)
 # Strategies whose clients keep part of the model to themselves: only they can evaluate it.
@@ -100,7 +103,8 @@ class RunConfig:
     strategy: str = "fedavg"
     clusters: int = 0  # ifca: cluster models (0: the rotations of rotated-digits, else 2)
     personal_layers: int = 0  # fedper: last layers each client keeps to itself (0: 1, the classifier)
-    fedmd_models: str = ""  # fedmd: comma-separated architectures, given to clients in turn by partition id (empty: model)
+    models: str = ""  # comma-separated architectures: multimodel's models; fedmd's, given to clients in turn (empty: model)
+    models_per_client: int = 0  # multimodel: models each client trains per round, in turn (0: all of them)
     public_size: int = 0  # fedmd: examples of the train split set aside as the public unlabeled set (0: a tenth)
     distill_epochs: int = 1  # fedmd: epochs of distillation towards the consensus per round (0: local-only training)
     distill_lr: float = 0.001  # fedmd: Adam learning rate of the distillation
@@ -224,8 +228,8 @@ class RunConfig:
             )
         )
 
-    def fedmd_model_names(self) -> list[str]:
-        return [m.strip() for m in self.fedmd_models.split(",") if m.strip()] or [self.model]
+    def model_names(self) -> list[str]:
+        return [m.strip() for m in self.models.split(",") if m.strip()] or [self.model]
 
     def public_size_count(self) -> int:
         """Examples in fedmd's public set (0 for every other strategy)."""
@@ -348,15 +352,13 @@ class RunConfig:
                     f"evaluate-on=server cannot work with strategy={self.strategy}: every client owns its model and the "
                     "server holds only their consensus on the public set; use evaluate-on=clients (or auto)"
                 )
-            unknown = [m for m in self.fedmd_model_names() if m not in MODELS]
-            if unknown:
-                problems.append(f"fedmd-models: unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
             if self.public_size < 0:
                 problems.append(f"public-size={self.public_size}: must be >= 1, or 0 for a tenth of the training data")
         else:
-            for key, default in (("fedmd-models", ""), ("public-size", 0), ("distill-epochs", 1), ("distill-lr", 0.001)):
+            for key, default in (("public-size", 0), ("distill-epochs", 1), ("distill-lr", 0.001)):
                 if getattr(self, key.replace("-", "_")) != default:
                     problems.append(f"{key} only applies to strategy=fedmd")
+        problems += self._model_set_problems()
         if self.distill_epochs < 0:
             problems.append(f"distill-epochs={self.distill_epochs}: must be >= 0 (0 = local-only training, no distillation)")
         if self.distill_lr <= 0:
@@ -375,6 +377,34 @@ class RunConfig:
                 f"rotations={self.rotations}: must be between 1 and num-clients={self.num_clients} "
                 "(every rotation needs a client), or 0 for 4"
             )
+        return problems
+
+    def _model_set_problems(self) -> list[str]:
+        problems = []
+        names = self.model_names()
+        if self.strategy not in MULTIMODEL_STRATEGIES + DISTILLATION_STRATEGIES:
+            if self.models:
+                problems.append("models only applies to strategy=multimodel or fedmd (use model for one model)")
+        else:
+            unknown = [m for m in names if m not in MODELS]
+            if unknown:
+                problems.append(f"models: unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+        if self.strategy in MULTIMODEL_STRATEGIES:
+            if len(names) < 2 or len(set(names)) != len(names):
+                problems.append(
+                    f"strategy=multimodel needs models= two or more different architectures, got {self.models!r} "
+                    "(each model is named by its architecture, so each can appear once)"
+                )
+            if not 0 <= self.models_per_client <= len(names):
+                problems.append(f"models-per-client={self.models_per_client}: must be between 1 and {len(names)}, or 0 for all")
+            elif self.privacy != "plain" and self.models_per_client not in (0, len(names)):
+                problems.append(
+                    f"models-per-client={self.models_per_client} cannot work with privacy={self.privacy}: the server adds "
+                    "the same masked or encrypted vector from every client, so every client must train every model; "
+                    "set models-per-client=0, or privacy=plain"
+                )
+        elif self.models_per_client:
+            problems.append(f"models-per-client={self.models_per_client} only applies to strategy=multimodel")
         return problems
 
     def validate(self) -> None:
@@ -472,10 +502,10 @@ class RunConfig:
                     f"strategy={self.strategy} with personal-layers={self.personal_layer_count()}: model={self.model} has "
                     f"{depth} layer(s), and at least one must be shared; use a deeper model or fewer personal layers",
                 )
-            for name in self.fedmd_model_names() if self.strategy in DISTILLATION_STRATEGIES else ():
+            for name in self.model_names() if self.strategy in DISTILLATION_STRATEGIES + MULTIMODEL_STRATEGIES else ():
                 why = models.incompatibility(name, spec.shape) if name in MODELS else None
                 if why:
-                    problems.append(f"fedmd-models: {name} with dataset={self.dataset}: {why}")
+                    problems.append(f"models: {name} with dataset={self.dataset}: {why}")
             if self.strategy in DISTILLATION_STRATEGIES and self.public_size >= 0:
                 public = self.public_size_count()
                 need(

@@ -1,7 +1,7 @@
 """FedMD (Li & Wang 2019): heterogeneous models that learn from each other through what they
 say about a public, unlabeled set.
 
-Each client owns a model of its own architecture (``fedmd-models``, given out by partition id)
+Each client owns a model of its own architecture (``models``, given out by partition id)
 that never leaves it. A round: the client digests the consensus (distils its model towards the
 averaged class probabilities on the public set), revisits its private data (``local-epochs`` of
 ordinary training), then sends its own class probabilities on the public set. The server's
@@ -27,8 +27,8 @@ PRIVATE_MODEL = "fedmd-model"  # a client's own model, in its Flower context bet
 
 
 def architecture(config, partition_id: int) -> str:
-    """The model a client owns: fedmd-models taken in turn by partition id (else model)."""
-    names = config.fedmd_model_names()
+    """The model a client owns: models taken in turn by partition id (else model)."""
+    names = config.model_names()
     return names[partition_id % len(names)]
 
 

@@ -5,7 +5,7 @@ one with the lowest loss on its own training data, trains only that one and says
 trained; the server averages each cluster's updates apart. Clients whose data come from the
 same distribution end up on the same model, without anyone telling the server who they are.
 
-All k models travel as one ArrayRecord, each array named ``cluster-<j>/<name>``, so Flower's
+All k models travel as one ArrayRecord (fedlearn.packing: ``cluster-<j>/<name>``), so Flower's
 round loop, checkpoints and the audit digests handle them like one model. A client's update is
 one model under its plain names (what access control checks), plus the ``ifca`` record that
 names the cluster.
@@ -19,14 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from logging import WARNING
 
-from fedlearn import models
+from fedlearn import models, packing
 from fedlearn.data import Split
 from fedlearn.messages import NODE_RECORD, PARTITION_KEY
 from fedlearn.training import evaluate
@@ -35,30 +35,20 @@ IFCA_RECORD = "ifca"
 CLUSTER_KEY = "cluster"
 
 
-def cluster_prefix(cluster: int) -> str:
-    return f"cluster-{cluster}/"
+def cluster_name(cluster: int) -> str:
+    return f"cluster-{cluster}"
 
 
 def pack(states: list[dict]) -> ArrayRecord:
     """k models (numpy or torch state dicts) as one ArrayRecord."""
-    arrays = {}
-    for j, state in enumerate(states):
-        for name, value in state.items():
-            value = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-            arrays[cluster_prefix(j) + name] = Array(value)
-    return ArrayRecord(arrays)
+    return packing.pack({cluster_name(j): state for j, state in enumerate(states)})
 
 
 def unpack(record: ArrayRecord, clusters: int) -> list[dict[str, np.ndarray]]:
     """The k models of ``record`` as numpy state dicts under their plain names."""
-    states: list[dict[str, np.ndarray]] = [{} for _ in range(clusters)]
-    for key, array in record.items():
-        head, _, name = key.partition("/")
-        j = int(head.removeprefix("cluster-")) if head.startswith("cluster-") else -1
-        if not 0 <= j < clusters or not name:
-            raise ValueError(f"array {key!r} is not cluster-<0..{clusters - 1}>/<name>: not an ifca model")
-        states[j][name] = array.numpy()
-    return states
+    names = [cluster_name(j) for j in range(clusters)]
+    states = packing.unpack(record, names)
+    return [states[name] for name in names]
 
 
 def initial_arrays(config) -> ArrayRecord:

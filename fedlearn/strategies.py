@@ -11,9 +11,10 @@ from flwr.serverapp import strategy as fl
 
 import torch
 
-from fedlearn import distillation, models
-from fedlearn.config import DISTILLATION_STRATEGIES, RunConfig
+from fedlearn import distillation, models, multimodel
+from fedlearn.config import DISTILLATION_STRATEGIES, MULTIMODEL_STRATEGIES, RunConfig
 from fedlearn.ifca import IFCA
+from fedlearn.multimodel import MultiModel
 
 MetricsAggregator = Callable[[list[RecordDict], str], MetricRecord]
 
@@ -35,6 +36,7 @@ def _specific(config: RunConfig) -> dict[str, Any]:
         "ifca": {"clusters": config.cluster_count()},
         "fedper": {},
         "fedmd": {},
+        "multimodel": {"names": config.model_names()},
     }[config.strategy]
 
 
@@ -55,15 +57,18 @@ CLASSES = {
     # FedMD (Li & Wang 2019) is FedAvg on the clients' class probabilities on a public set: each
     # client keeps its own model (fedlearn.distillation), the server's "model" is the consensus.
     "fedmd": fl.FedAvg,
+    "multimodel": MultiModel,  # ours: several models, each averaged over the clients that trained it
 }
 
 
 def initial_state(config: RunConfig) -> dict[str, torch.Tensor]:
     """What server and clients exchange as the global state, at its start: the seeded model,
-    without fedper's personal layers; fedmd's uniform consensus on the public set. (ifca packs
-    several of these, see fedlearn.ifca.)"""
+    without fedper's personal layers; fedmd's uniform consensus on the public set; multimodel's
+    models, packed (ifca packs its clusters itself, see fedlearn.ifca)."""
     if config.strategy in DISTILLATION_STRATEGIES:
         return distillation.initial_consensus(config)
+    if config.strategy in MULTIMODEL_STRATEGIES:
+        return multimodel.initial_state(config)
     return models.shared_state(config, models.for_run(config))
 
 

@@ -32,6 +32,7 @@ from fedlearn.audit import AuditLog
 from fedlearn.checkpoint import CheckpointError
 from fedlearn.config import RunConfig
 from fedlearn.errors import AccessDenied, ConfigError
+from fedlearn.packing import SEPARATOR
 from fedlearn.messages import AUTH_RECORD, NODE_RECORD, PARTITION_KEY, payload_digest
 from fedlearn.runs import RunStore
 from server.grid import GridWrapper, payload_bytes
@@ -339,6 +340,14 @@ def check_plain_update(content, sent: ArrayRecord) -> None:
             )
         if not np.isfinite(_values(theirs)).all():
             raise Rejected(f"non-finite update: {name} contains NaN or Inf")
+
+
+def check_models_update(content, packed: ArrayRecord) -> None:
+    """A multimodel update: whole models of the run (packed, fedlearn.packing), any subset of them."""
+    trained = {key.partition(SEPARATOR)[0] for key in content["arrays"]} if "arrays" in content else set()
+    if not trained:
+        raise Rejected("malformed update: it holds none of the run's models")
+    check_plain_update(content, ArrayRecord({k: a for k, a in packed.items() if k.partition(SEPARATOR)[0] in trained}))
 
 
 def _values(array) -> np.ndarray:

@@ -24,8 +24,8 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from crypto import signing
 from crypto.digest import arrays_digest
-from fedlearn import data, ifca, models, strategies
-from fedlearn.config import CLUSTERED_STRATEGIES, RunConfig
+from fedlearn import data, ifca, models, multimodel, packing, strategies
+from fedlearn.config import CLUSTERED_STRATEGIES, MULTIMODEL_STRATEGIES, RunConfig
 from fedlearn.errors import RoundFailed
 from fedlearn.checkpoint import Checkpoint, CheckpointError
 from fedlearn.runs import RoundRecord, RunStore, load_run_config
@@ -34,6 +34,7 @@ from fedlearn import audit as audit_log
 from fedlearn.audit import AuditLog
 from server.access import (
     AccessGrid,
+    check_models_update,
     check_plain_update,
     RoundAccess,
     load_credentials,
@@ -162,6 +163,7 @@ def run_federation(
         store.update_config(config)
         he_key = load_public_key(config)  # the server reads back the public context only
     clustered = config.strategy in CLUSTERED_STRATEGIES
+    several = config.strategy in MULTIMODEL_STRATEGIES  # named models, each evaluated and saved on its own
     initial = ifca.initial_arrays(config) if clustered else ArrayRecord(shared)
     client_metrics: dict[str, float] = {}  # this round's client-side metrics, for the round record
     client_accuracy: dict[str, float] = {}  # this round's test accuracy of each client (by partition id)
@@ -200,6 +202,9 @@ def run_federation(
         def check(content):
             check_plain_update(content, template)
             strategy.check_reply(content)
+    elif several and config.privacy == "plain":  # whole models of the run, the ones the client trained
+        def check(content):
+            check_models_update(content, template)
     faulty = None
     if config.dropout_rate > 0:
         stage = STAGE_MESSAGE_TYPES[config.dropout_stage]
@@ -213,7 +218,13 @@ def run_federation(
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         state["arrays"] = arrays
-        if not config.evaluates_on_clients():
+        per_model: dict[str, float] = {}  # multimodel: each model's accuracy; the run's is their mean
+        if not config.evaluates_on_clients() and several:
+            states = packing.unpack(arrays, config.model_names())
+            results = {name: evaluate(multimodel.load(config, states[name], name), test, device) for name in states}
+            per_model = {name: acc for name, (_, acc) in results.items()}
+            loss, accuracy = (float(np.mean([r[i] for r in results.values()])) for i in (0, 1))
+        elif not config.evaluates_on_clients():
             model.load_state_dict(arrays.to_torch_state_dict())
             loss, accuracy = evaluate(model, test, device)
         elif server_round == 0:
@@ -221,6 +232,8 @@ def run_federation(
         else:
             loss = client_metrics.get("federated_loss", float("nan"))
             accuracy = client_metrics.get("federated_accuracy", float("nan"))
+            per_model = {name: client_metrics[f"federated_accuracy-{name}"] for name in config.model_names()
+                         if several and f"federated_accuracy-{name}" in client_metrics}
         now = time.perf_counter()
         traffic = metered.take_traffic()
         seen = access.take_round()
@@ -232,6 +245,8 @@ def run_federation(
                 "accuracy": accuracy, "loss": loss, "clients": traffic.replies, "failures": traffic.failures,
                 "rejected": seen.rejected, "client_metrics": dict(client_metrics), "privacy": privacy_facts(seen, server_round),
                 **({"clusters": clusters} if clusters else {}),
+                **({"model_accuracy": per_model} if per_model else {}),
+                **({"trained": innermost(strategy).trained.get(server_round, {})} if several and hasattr(innermost(strategy), "trained") else {}),
             })
         state["audit_seconds"] = audit.seconds
         timings = {
@@ -251,7 +266,8 @@ def run_federation(
             rejected=seen.rejected,
             extra={**client_metrics, **{k: round(v, 6) for k, v in timings.items()},
                    **({"cluster_agreement": clusters["agreement"]} if clusters and truth else {}),
-                   **({"client_accuracy": dict(sorted(client_accuracy.items(), key=lambda kv: int(kv[0])))} if client_accuracy else {})},
+                   **({"client_accuracy": dict(sorted(client_accuracy.items(), key=lambda kv: int(kv[0])))} if client_accuracy else {}),
+                   **({"model_accuracy": per_model} if per_model else {})},
         )
         client_metrics.clear()
         client_accuracy.clear()
@@ -339,6 +355,9 @@ def run_federation(
         model_file = store.save_model(final, name="model.he.safetensors", metadata=strategy.state_metadata())
     else:
         model_file = store.save_model(final)
+    if several and not isinstance(strategy, HEStrategy):  # and each model in a file of its own
+        for name, arrays in packing.unpack(state["arrays"], config.model_names()).items():
+            store.save_model(arrays, name=f"model-{name}.safetensors", metadata={"model": name})
     audit.append("run_end", store.rounds[-1].round, {
         "status": "stopped at target accuracy" if stopped_early else "completed",
         "final_model": arrays_digest(final),

@@ -6,8 +6,9 @@
     python -m simulations.bench access-overhead
     python -m simulations.bench secagg-round --models mlp,cnn --clients 10,50
     python -m simulations.bench ifca-rotated-digits --seeds 42,43,44
-    python -m simulations.bench personalisation
+    python -m simulations.bench personalisation --dataset mnist --rounds 10
     python -m simulations.bench fedmd
+    python -m simulations.bench multimodel
 
 Each measurement runs `fedlearn simulate` in a fresh subprocess (so Ray starts clean and
 memory is attributable), while this process samples the resident memory of the whole
@@ -250,17 +251,23 @@ def per_client_comparison(ours: dict[str, float], baseline: dict[str, float]) ->
 
 def personalisation(args: argparse.Namespace) -> list[dict]:
     """FedPer vs FedAvg under Dirichlet(0.1) label skew (presets fedper-/fedavg-dirichlet-digits,
-    which differ only in the strategy), seed by seed in one run: each client's accuracy on its own
-    held-out data, under the presets' privacy mode (secagg)."""
+    which differ only in the strategy; --dataset mnist runs them on MNIST), seed by seed in one
+    run: each client's accuracy on its own held-out data, under the presets' privacy mode (secagg).
+    ``pooled``: all clients' local test examples together; ``mean``: the mean of the clients'."""
     entries = []
+    data = f"dataset='{args.dataset}' data-dir='{args.data_dir}' mlp-hidden=128" if args.dataset == "mnist" else ""
     for seed in [int(s) for s in args.seeds.split(",")]:
         runs = {}
         for strategy in ("fedavg", "fedper"):
-            print(f"[personalisation] {strategy}, seed {seed} ...", flush=True)
-            runs[strategy] = simulate_once(f"seed={seed}", preset=f"{strategy}-dirichlet-digits")
+            print(f"[personalisation] {strategy} on {args.dataset}, seed {seed} ...", flush=True)
+            runs[strategy] = simulate_once(f"seed={seed} num-rounds={args.rounds} {data}", preset=f"{strategy}-dirichlet-digits")
         fedavg, fedper = client_accuracies(runs["fedavg"]), client_accuracies(runs["fedper"])
         figures = {
+            "dataset": args.dataset,
             "seed": seed,
+            "rounds": args.rounds,
+            "fedavg_pooled_accuracy": round(runs["fedavg"]["summary"]["final_accuracy"], 4),
+            "fedper_pooled_accuracy": round(runs["fedper"]["summary"]["final_accuracy"], 4),
             "fedavg_mean_client_accuracy": round(statistics.mean(fedavg.values()), 4),
             "fedper_mean_client_accuracy": round(statistics.mean(fedper.values()), 4),
             **per_client_comparison(fedper, fedavg),
@@ -299,6 +306,35 @@ def fedmd(args: argparse.Namespace) -> list[dict]:
         }
         print(f"    {json.dumps(figures)}", flush=True)
         entries.append(record("fedmd", figures, runs["fedmd_secagg"]))
+    return entries
+
+
+def multimodel_vs_separate(args: argparse.Namespace) -> list[dict]:
+    """One multimodel run of three architectures (preset multimodel-digits, secagg, every client
+    training every model) vs one FedAvg run per architecture on the same job, in one run: each
+    model's accuracy side by side, and the wall time and bytes of one run vs all three."""
+    entries = []
+    names = ["logreg", "mlp", "mnist-cnn"]
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        print(f"[multimodel] multimodel, seed {seed} ...", flush=True)
+        together = simulate_once(f"seed={seed}", preset="multimodel-digits")
+        alone = {}
+        for name in names:
+            print(f"[multimodel] fedavg model={name}, seed {seed} ...", flush=True)
+            alone[name] = simulate_once(f"seed={seed} strategy=fedavg models='' model={name}", preset="multimodel-digits")
+        per_model = together["metrics"][-1]["model_accuracy"]
+        figures = {
+            "seed": seed,
+            **{f"{name}_multimodel": round(per_model[name], 4) for name in names},
+            **{f"{name}_alone": round(alone[name]["summary"]["final_accuracy"], 4) for name in names},
+            "max_accuracy_difference": max(abs(per_model[n] - alone[n]["summary"]["final_accuracy"]) for n in names),
+            "multimodel_wall_seconds": together["wall_seconds"],
+            "separate_wall_seconds": round(sum(run["wall_seconds"] for run in alone.values()), 2),
+            "multimodel_bytes": together["summary"]["bytes_up"] + together["summary"]["bytes_down"],
+            "separate_bytes": sum(run["summary"]["bytes_up"] + run["summary"]["bytes_down"] for run in alone.values()),
+        }
+        print(f"    {json.dumps(figures)}", flush=True)
+        entries.append(record("multimodel", figures, together))
     return entries
 
 
@@ -673,6 +709,13 @@ def _seeds_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", default="42,43,44")
 
 
+def _personalisation_args(p: argparse.ArgumentParser) -> None:
+    _seeds_args(p)
+    p.add_argument("--dataset", default="digits", choices=["digits", "mnist"])
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--data-dir", default=os.environ.get("FEDLEARN_DATA_DIR", str(REPO.parent / "shared" / "data")))
+
+
 def _ifca_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", default="42,43,44")
     p.add_argument("--rounds", type=int, default=30)
@@ -692,8 +735,9 @@ SCENARIOS["access-overhead"] = (access_overhead, _overhead_args)
 SCENARIOS["secagg-round"] = (secagg_round, _secagg_round_args)
 SCENARIOS["mcmahan-2nn"] = (mcmahan_2nn, _mcmahan_args)
 SCENARIOS["ifca-rotated-digits"] = (ifca_rotated_digits, _ifca_args)
-SCENARIOS["personalisation"] = (personalisation, _seeds_args)
+SCENARIOS["personalisation"] = (personalisation, _personalisation_args)
 SCENARIOS["fedmd"] = (fedmd, _seeds_args)
+SCENARIOS["multimodel"] = (multimodel_vs_separate, _seeds_args)
 
 
 def report(scenario: str, commit: str | None = None) -> str:

@@ -15,7 +15,7 @@ from fedlearn.config import RunConfig
 from fedlearn.errors import ConfigError
 from tests import simulated
 
-FEDMD = {"strategy": "fedmd", "fedmd-models": "logreg,mlp,mnist-cnn", "privacy": "plain", "num-clients": 6}
+FEDMD = {"strategy": "fedmd", "models": "logreg,mlp,mnist-cnn", "privacy": "plain", "num-clients": 6}
 
 
 def config(**overrides) -> RunConfig:
@@ -29,7 +29,7 @@ def test_clients_take_the_architectures_in_turn_from_their_own_seeds():
     for name, value in first.state_dict().items():
         assert torch.equal(value, again.state_dict()[name])
     assert not torch.equal(first.state_dict()["1.weight"], other.state_dict()["1.weight"])
-    assert config(**{"fedmd-models": ""}).fedmd_model_names() == ["mlp"]
+    assert config(**{"models": ""}).model_names() == ["mlp"]
 
 
 def test_the_public_set_is_kept_out_of_every_client_partition():
@@ -75,12 +75,12 @@ def test_digesting_moves_a_model_towards_the_consensus():
     "overrides, expected",
     [
         ({"evaluate-on": "server"}, "evaluate-on=server cannot work with strategy=fedmd"),
-        ({"fedmd-models": "mlp,resnet"}, "fedmd-models: unknown model"),
+        ({"models": "mlp,resnet"}, "models: unknown model"),
         ({"public-size": 1435}, "public-size=1435 leaves 2 of digits"),
         ({"distill-epochs": -1}, "distill-epochs=-1: must be >= 0"),
-        ({"strategy": "fedavg", "fedmd-models": ""}, None),
-        ({"strategy": "fedavg", "fedmd-models": "", "public-size": 10}, "public-size only applies to strategy=fedmd"),
-        ({"strategy": "fedavg", "fedmd-models": "", "distill-epochs": 3}, "distill-epochs only applies to strategy=fedmd"),
+        ({"strategy": "fedavg", "models": ""}, None),
+        ({"strategy": "fedavg", "models": "", "public-size": 10}, "public-size only applies to strategy=fedmd"),
+        ({"strategy": "fedavg", "models": "", "distill-epochs": 3}, "distill-epochs only applies to strategy=fedmd"),
     ],
 )
 def test_config_errors_name_the_problem(overrides, expected):

@@ -101,7 +101,7 @@ def test_local_test_data_is_held_out_of_the_clients_own_partition():
     np.testing.assert_array_equal(data.client_test_split(cfg, 3, 10).x, data.client_test_split(cfg, 3, 10).x)
 
 
-@pytest.mark.parametrize("privacy", ["plain", "secagg"])
+@pytest.mark.parametrize("privacy", ["plain", pytest.param("secagg", marks=pytest.mark.slow)])
 def test_fedper_in_a_flower_simulation_never_sends_the_head(tmp_path, privacy):
     """Real Flower rounds: every update holds the body alone, the saved global model has no head,
     and the clients' personal models test well on their own skewed data."""

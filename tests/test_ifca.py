@@ -106,9 +106,9 @@ def test_pack_and_unpack_round_trip_and_refuse_foreign_arrays():
     for j in range(3):
         for name in ("w", "b"):
             np.testing.assert_array_equal(back[j][name], states[j][name])
-    with pytest.raises(ValueError, match="not an ifca model"):
+    with pytest.raises(ValueError, match="not <model>/<name> for a model of cluster-0, cluster-1"):
         ifca.unpack(record, 2)  # cluster-2 is outside a 2-cluster run
-    with pytest.raises(ValueError, match="not an ifca model"):
+    with pytest.raises(ValueError, match="not <model>/<name>"):
         ifca.unpack(ArrayRecord({"w": Array(np.zeros(2, np.float32))}), 2)
 
 

@@ -9,7 +9,7 @@ from fedlearn import strategies
 from fedlearn.config import STRATEGIES, RunConfig
 from tests.messages import message
 
-OURS = ("ifca",)
+OURS = ("ifca", "multimodel")
 
 
 @pytest.mark.parametrize("name", STRATEGIES)
@@ -17,6 +17,8 @@ def test_every_strategy_name_builds_flowers_class(name):
     extra = {"strategy": name, "privacy": "plain"}  # fedmedian, krum... need updates in clear
     if name == "fedprox":
         extra["proximal-mu"] = 0.01
+    if name == "multimodel":
+        extra["models"] = "logreg,mlp"
     config = RunConfig.from_flat(extra)
     built = strategies.build(config)
     assert type(built) is strategies.CLASSES[name]

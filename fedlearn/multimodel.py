@@ -1,0 +1,86 @@
+"""Several models in one run (``strategy=multimodel``): different architectures trained by the
+same clients, each with its own aggregate, metrics and saved file.
+
+The models travel packed (fedlearn.packing, ``<model>/<array>``). Each round a client trains
+``models-per-client`` of them, taken in turn by partition id and round so every model gets its
+share of clients, and replies with those alone; the server averages each model over the clients
+that trained it (Flower's FedAvg weighting) and keeps the others. With every client training
+every model (``models-per-client=0``) the packed models are one weighted sum, so they run under
+secagg and he, and each model follows exactly the trajectory of its own FedAvg run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+from fedlearn import data, models, packing
+
+
+def build_model(config, name: str, *, seeded: bool = True) -> torch.nn.Module:
+    """Model ``name`` of the run, from the run's seed: the start its own FedAvg run would have."""
+    spec = data.spec(config.dataset)
+    options = {"hidden": config.mlp_hidden} if name == "mlp" else {}
+    return models.build(name, spec.shape, spec.num_classes, seed=config.seed if seeded else None, **options)
+
+
+def initial_state(config) -> dict[str, torch.Tensor]:
+    return {f"{name}{packing.SEPARATOR}{k}": v for name in config.model_names()
+            for k, v in build_model(config, name).state_dict().items()}
+
+
+def assignment(config, partition_id: int, server_round: int) -> list[str]:
+    """The models a client trains this round."""
+    names = config.model_names()
+    count = config.models_per_client or len(names)
+    if count == len(names):
+        return names
+    first = (partition_id + server_round) % len(names)
+    return [names[(first + i) % len(names)] for i in range(count)]
+
+
+def load(config, state: dict[str, np.ndarray], name: str) -> torch.nn.Module:
+    module = build_model(config, name, seeded=False)
+    module.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()})
+    return module
+
+
+class MultiModel(FedAvg):
+    """FedAvg's sampling and weighting, one average per model. ``trained[round]`` counts the
+    clients that trained each model."""
+
+    def __init__(self, names: list[str], **kwargs):
+        super().__init__(**kwargs)
+        self.names = names
+        self.trained: dict[int, dict[str, int]] = {}
+        self._current: ArrayRecord | None = None
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self._current = arrays
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
+        if not valid or self._current is None:
+            return None, None
+        states = packing.unpack(self._current, self.names)
+        counts = {}
+        for name in self.names:
+            contents = []
+            for reply in valid:
+                mine = {k: a for k, a in reply.content["arrays"].items() if k.startswith(name + packing.SEPARATOR)}
+                if mine:
+                    contents.append(RecordDict({"arrays": ArrayRecord(mine), "metrics": reply.content["metrics"]}))
+            if contents:
+                states[name] = packing.unpack(aggregate_arrayrecords(contents, self.weighted_by_key), [name])[name]
+            counts[name] = len(contents)
+        self.trained[server_round] = counts
+        metrics = self.train_metrics_aggr_fn([r.content for r in valid], self.weighted_by_key)
+        return packing.pack(states), metrics
