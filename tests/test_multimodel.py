@@ -136,3 +136,16 @@ def test_clients_training_one_model_each_in_a_flower_simulation(tmp_path):
     ends = [r["data"] for r in ends if r["event"] == "round_end"]
     assert all(r["trained"] == {"logreg": 1, "mlp": 1, "mnist-cnn": 1} for r in ends)
     assert all(set(r["model_accuracy"]) == {"logreg", "mlp", "mnist-cnn"} for r in ends)
+
+
+@pytest.mark.slow
+def test_multimodel_under_secagg_matches_plain(tmp_path):
+    """Every client training every model: the packed models are one masked sum, and each model's
+    accuracy under secagg is plain's within the encoding's rounding."""
+    base = {**MULTI, "num-clients": 4, "num-rounds": 3, "out-dir": str(tmp_path)}
+    plain, _ = simulated.run(RunConfig.from_flat(base))
+    masked, _ = simulated.run(RunConfig.from_flat({**base, "privacy": "secagg"}))
+    accuracy = {name: json.loads((tmp_path / s["run_id"] / "metrics.json").read_text())[-1]["model_accuracy"]
+                for name, s in (("plain", plain), ("secagg", masked))}
+    for model, value in accuracy["plain"].items():
+        assert accuracy["secagg"][model] == pytest.approx(value, abs=0.02)
