@@ -57,6 +57,12 @@ MULTIMODEL_STRATEGIES = ("multimodel",)
 DISTILLATION_STRATEGIES = ("fedmd",)
 # Strategies whose clients keep part of the model to themselves: only they can evaluate it.
 PERSONAL_STRATEGIES = ("fedper",)
+# Why the server cannot test what these strategies train.
+SERVER_CANNOT_EVALUATE = {
+    "ifca": "the server holds several cluster models and no data to pick one per client",
+    "fedper": "every client keeps its own last layers, so the server has no whole model to test",
+    "fedmd": "every client owns its model and the server holds only their consensus on the public set",
+}
 # Strategies that keep several models and pick one per client from its plaintext losses and
 # update: the server must see which model each client trained and its update in clear.
 CLUSTERED_STRATEGIES = ("ifca",)
@@ -318,7 +324,7 @@ class RunConfig:
             )
         return problems
 
-    def _clustering_problems(self) -> list[str]:
+    def _collaborative_problems(self) -> list[str]:
         problems = []
         if self.strategy in CLUSTERED_STRATEGIES:
             if self.privacy != "plain":
@@ -327,31 +333,21 @@ class RunConfig:
                     "model with the lowest loss and the server averages each cluster's updates apart, so it must see "
                     "every update in clear and which cluster it belongs to; set privacy=plain"
                 )
-            if self.evaluate_on == "server":
-                problems.append(
-                    f"evaluate-on=server cannot work with strategy={self.strategy}: the server holds several cluster "
-                    "models and no data to pick one per client; use evaluate-on=clients (or auto)"
-                )
             if self.clusters and self.clusters < 2:
                 problems.append(f"clusters={self.clusters}: must be >= 2 (1 cluster is fedavg), or 0 for auto")
         elif self.clusters:
             problems.append(f"clusters={self.clusters} only applies to strategy=ifca")
+        if self.evaluate_on == "server" and self.strategy in SERVER_CANNOT_EVALUATE:
+            problems.append(
+                f"evaluate-on=server cannot work with strategy={self.strategy}: {SERVER_CANNOT_EVALUATE[self.strategy]}; "
+                "use evaluate-on=clients (or auto)"
+            )
         if self.strategy in PERSONAL_STRATEGIES:
-            if self.evaluate_on == "server":
-                problems.append(
-                    f"evaluate-on=server cannot work with strategy={self.strategy}: every client keeps its own last "
-                    "layers, so the server has no whole model to test; use evaluate-on=clients (or auto)"
-                )
             if self.personal_layers < 0:
                 problems.append(f"personal-layers={self.personal_layers}: must be >= 1, or 0 for 1 (the classifier)")
         elif self.personal_layers:
             problems.append(f"personal-layers={self.personal_layers} only applies to strategy=fedper")
         if self.strategy in DISTILLATION_STRATEGIES:
-            if self.evaluate_on == "server":
-                problems.append(
-                    f"evaluate-on=server cannot work with strategy={self.strategy}: every client owns its model and the "
-                    "server holds only their consensus on the public set; use evaluate-on=clients (or auto)"
-                )
             if self.public_size < 0:
                 problems.append(f"public-size={self.public_size}: must be >= 1, or 0 for a tenth of the training data")
         else:
@@ -458,7 +454,7 @@ class RunConfig:
             self.dropout_stage not in SECAGG_ONLY_STAGES or self.privacy == "secagg",
             f"dropout-stage={self.dropout_stage} is a secure-aggregation stage: it needs privacy=secagg (use train)",
         )
-        problems += self._clustering_problems()
+        problems += self._collaborative_problems()
         if self.privacy == "secagg":
             problems += self._secagg_problems()
         if self.privacy == "he":

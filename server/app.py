@@ -25,7 +25,13 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from crypto import signing
 from crypto.digest import arrays_digest
 from fedlearn import data, ifca, models, multimodel, packing, strategies
-from fedlearn.config import CLUSTERED_STRATEGIES, MULTIMODEL_STRATEGIES, RunConfig
+from fedlearn.config import (
+    CLUSTERED_STRATEGIES,
+    DISTILLATION_STRATEGIES,
+    MULTIMODEL_STRATEGIES,
+    PERSONAL_STRATEGIES,
+    RunConfig,
+)
 from fedlearn.errors import RoundFailed
 from fedlearn.checkpoint import Checkpoint, CheckpointError
 from fedlearn.runs import RoundRecord, RunStore, load_run_config
@@ -123,6 +129,12 @@ def load_checkpoint(run_dir: Path) -> tuple[RunConfig, Checkpoint]:
         )
     if checkpoint.config_digest != config.digest():
         raise CheckpointError(f"{run_dir}/config.toml changed since the checkpoint was written; restore it to resume")
+    if config.strategy in PERSONAL_STRATEGIES + DISTILLATION_STRATEGIES:
+        raise CheckpointError(
+            f"strategy={config.strategy} cannot be resumed: part of what it trains lives on the clients (in their "
+            "Flower context), not in the server's checkpoint, and a resumed run would restart it from scratch; "
+            "start a new run"
+        )
     if checkpoint.round >= config.num_rounds:
         raise CheckpointError(f"{run_dir} already ran all {config.num_rounds} rounds: nothing to resume")
     return config, checkpoint

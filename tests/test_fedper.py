@@ -15,6 +15,8 @@ from fedlearn import data, models
 from fedlearn.config import RunConfig
 from fedlearn.errors import ConfigError
 from fedlearn.runs import load_model
+from fedlearn.checkpoint import CheckpointError
+from server.app import load_checkpoint
 from tests import simulated
 
 FEDPER = {"strategy": "fedper", "privacy": "plain"}
@@ -121,3 +123,6 @@ def test_fedper_in_a_flower_simulation_never_sends_the_head(tmp_path, privacy):
     assert set(load_model(run_dir / "model.safetensors")) == {"1.weight", "1.bias"}
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics[-1]["accuracy"] > 0.85 and metrics[-1]["federated_accuracy"] == metrics[-1]["accuracy"]
+    # The heads live on the clients, so no server checkpoint can resume the run.
+    with pytest.raises(CheckpointError, match="strategy=fedper cannot be resumed"):
+        load_checkpoint(run_dir)
