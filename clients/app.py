@@ -27,7 +27,7 @@ from flwr.clientapp import ClientApp
 from crypto import signing
 from crypto.he import HEKey, HEKeyError
 from clients import secagg
-from fedlearn import data, distillation, he, ifca, models, multimodel, packing, strategies
+from fedlearn import data, distillation, he, ifca, models, multimodel, strategies
 from fedlearn.access import NODE_KEY_NAME, update_statement
 from fedlearn.config import CLUSTERED_STRATEGIES, DISTILLATION_STRATEGIES, MULTIMODEL_STRATEGIES, RunConfig
 from fedlearn.errors import ConfigError
@@ -237,33 +237,6 @@ def private_model(task: NodeTask, state: RecordDict) -> torch.nn.Module:
     return model
 
 
-def train_several(task: NodeTask, arrays: dict, seed: int) -> tuple[dict[str, torch.Tensor], TrainResult]:
-    """multimodel: train this round's share of the run's models, each from the global one and
-    with the seed a FedAvg run of that model alone would use; the packed trained models."""
-    config = task.config
-    states = packing.unpack(arrays, config.model_names())
-    done, results = {}, []
-    for name in multimodel.assignment(config, task.partition_id, task.server_round):
-        module = multimodel.load(config, states[name], name)
-        results.append(trained(module, task, seed))
-        done[name] = module.state_dict()
-    packed = {f"{name}{packing.SEPARATOR}{k}": v.detach().cpu() for name, state in done.items() for k, v in state.items()}
-    mean = TrainResult(results[0].num_examples, float(np.mean([r.loss for r in results])),
-                       float(np.mean([r.accuracy for r in results])), sum(r.steps for r in results))
-    return packed, mean
-
-
-def evaluate_several(task: NodeTask, arrays: dict, test: data.Split) -> MetricRecord:
-    """multimodel: every model of the run on this node's test data; the mean, and each model's."""
-    states = packing.unpack(arrays, task.config.model_names())
-    device = select_device(task.config.device)
-    results = {name: evaluate(multimodel.load(task.config, states[name], name), test, device) for name in states}
-    metrics = {"num-examples": len(test), "loss": float(np.mean([l for l, _ in results.values()])),
-               "accuracy": float(np.mean([a for _, a in results.values()]))}
-    metrics.update({f"accuracy-{name}": acc for name, (_, acc) in results.items()})
-    return MetricRecord(metrics)
-
-
 def chosen_cluster(msg: Message, task: NodeTask) -> tuple[torch.nn.Module, ConfigRecord]:
     """ifca: the cluster model with the lowest loss on this node's training data, and the
     record that tells the server which one it is."""
@@ -301,7 +274,7 @@ def local_update(msg: Message, context: Context, task: NodeTask, seed: int):
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}, result, None, {ifca.IFCA_RECORD: record}
     received = received_model(msg, config, context.state)
     if config.strategy in MULTIMODEL_STRATEGIES:
-        return (*train_several(task, received.arrays, seed), received, {})
+        return (*multimodel.train_models(config, received.arrays, task.split, task.partition_id, task.server_round, seed), received, {})
     if config.strategy in DISTILLATION_STRATEGIES:
         return (*fedmd_round(task, received.arrays[distillation.SOFT_LABELS], context.state, seed), received, {})
     result = trained(received.model, task, seed)
@@ -359,7 +332,7 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     else:
         test = data.client_test_split(task.config, task.partition_id, task.config.num_clients)
     if task.config.strategy in MULTIMODEL_STRATEGIES:
-        metrics = evaluate_several(task, received_model(msg, task.config, context.state).arrays, test)
+        metrics = MetricRecord(multimodel.evaluate_models(task.config, received_model(msg, task.config, context.state).arrays, test))
         return reply(msg, task.partition_id, signing_key(msg, context, task), metrics=metrics)
     if task.config.strategy in CLUSTERED_STRATEGIES:
         model = chosen_cluster(msg, task)[0]  # chosen on training data, as in training: never on the test split

@@ -16,12 +16,13 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedlearn import data, models, packing
+from fedlearn.data import Split
+from fedlearn.training import TrainResult, check_finite, evaluate, select_device, train
 
 
 def build_model(config, name: str, *, seeded: bool = True) -> torch.nn.Module:
@@ -84,3 +85,30 @@ class MultiModel(FedAvg):
         self.trained[server_round] = counts
         metrics = self.train_metrics_aggr_fn([r.content for r in valid], self.weighted_by_key)
         return packing.pack(states), metrics
+
+
+def train_models(config, arrays, split: Split, partition_id: int, server_round: int, seed: int) -> tuple[dict, TrainResult]:
+    """A client's round: train its share of the run's models, each from the global one and with
+    the seed a FedAvg run of that model alone would use. The packed trained models, and their
+    mean training result."""
+    states = packing.unpack(arrays, config.model_names())
+    packed, results = {}, []
+    for name in assignment(config, partition_id, server_round):
+        module = load(config, states[name], name)
+        results.append(train(module, split, config, server_round, seed=seed))
+        check_finite(module.state_dict())
+        packed.update({f"{name}{packing.SEPARATOR}{k}": v.detach().cpu() for k, v in module.state_dict().items()})
+    mean = TrainResult(results[0].num_examples, float(np.mean([r.loss for r in results])),
+                       float(np.mean([r.accuracy for r in results])), sum(r.steps for r in results))
+    return packed, mean
+
+
+def evaluate_models(config, arrays, test: Split) -> dict[str, float]:
+    """Every model of the run on ``test``: the mean loss and accuracy, and each model's accuracy."""
+    states = packing.unpack(arrays, config.model_names())
+    device = select_device(config.device)
+    results = {name: evaluate(load(config, states[name], name), test, device) for name in config.model_names()}
+    metrics = {"num-examples": len(test), "loss": float(np.mean([loss for loss, _ in results.values()])),
+               "accuracy": float(np.mean([acc for _, acc in results.values()]))}
+    metrics.update({f"accuracy-{name}": acc for name, (_, acc) in results.items()})
+    return metrics

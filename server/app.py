@@ -232,10 +232,9 @@ def run_federation(
         state["arrays"] = arrays
         per_model: dict[str, float] = {}  # multimodel: each model's accuracy; the run's is their mean
         if not config.evaluates_on_clients() and several:
-            states = packing.unpack(arrays, config.model_names())
-            results = {name: evaluate(multimodel.load(config, states[name], name), test, device) for name in states}
-            per_model = {name: acc for name, (_, acc) in results.items()}
-            loss, accuracy = (float(np.mean([r[i] for r in results.values()])) for i in (0, 1))
+            metrics = multimodel.evaluate_models(config, arrays, test)
+            loss, accuracy = metrics["loss"], metrics["accuracy"]
+            per_model = {name: metrics[f"accuracy-{name}"] for name in config.model_names()}
         elif not config.evaluates_on_clients():
             model.load_state_dict(arrays.to_torch_state_dict())
             loss, accuracy = evaluate(model, test, device)
