@@ -41,6 +41,23 @@ def test_packing_round_trips_and_names_what_is_missing_or_foreign():
         packing.unpack(record, ["a"])
 
 
+@given(st.dictionaries(
+    st.text("abcxyz-", min_size=1, max_size=6),
+    st.dictionaries(st.text("wbv.0123", min_size=1, max_size=6), st.integers(0, 4), min_size=1, max_size=4),
+    min_size=1, max_size=4,
+))
+def test_packing_round_trips_any_models(layout):
+    """Property: any set of models (names without the separator) packs and unpacks unchanged."""
+    rng = np.random.default_rng(0)
+    states = {m: {n: rng.normal(size=(size,)).astype(np.float32) for n, size in arrays.items()} for m, arrays in layout.items()}
+    back = packing.unpack(packing.pack(states), list(states))
+    assert set(back) == set(states)
+    for model, arrays in states.items():
+        assert set(back[model]) == set(arrays)
+        for name, value in arrays.items():
+            np.testing.assert_array_equal(back[model][name], value)
+
+
 def test_each_round_every_model_gets_clients():
     cfg = config(**{"models-per-client": 1})
     for server_round in range(1, 4):
