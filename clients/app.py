@@ -288,6 +288,8 @@ def train_handler(msg: Message, context: Context) -> Message:
     key = signing_key(msg, context, task)  # a missing key fails before training, not after
     seed = client_seed(task.config.seed, task.server_round, task.partition_id)
     state, result, received, extra = local_update(msg, context, task, seed)
+    if task.config.is_slow(task.partition_id):  # a simulated straggler (slow-fraction, slow-seconds)
+        time.sleep(task.config.slow_seconds)
     metrics = MetricRecord({"num-examples": result.num_examples, "loss": result.loss, "accuracy": result.accuracy})
     if task.config.privacy == "plain":
         records = {"arrays": ArrayRecord(state)}

@@ -50,7 +50,10 @@ STRATEGIES = (
     "fedper",
     "fedmd",
     "multimodel",
+    "fedbuff",
 )
+# Strategies that aggregate updates as they arrive, not in synchronous rounds.
+ASYNCHRONOUS_STRATEGIES = ("fedbuff",)
 # Strategies that train several named models (``models``) in one run.
 MULTIMODEL_STRATEGIES = ("multimodel",)
 # Strategies whose clients each own a model the server never sees: it holds a consensus instead.
@@ -111,6 +114,8 @@ class RunConfig:
     personal_layers: int = 0  # fedper: last layers each client keeps to itself (0: 1, the classifier)
     models: str = ""  # comma-separated architectures: multimodel's models; fedmd's, given to clients in turn (empty: model)
     models_per_client: int = 0  # multimodel: models each client trains per round, in turn (0: all of them)
+    buffer_size: int = 0  # fedbuff: updates per server update (0: half the clients)
+    staleness_exponent: float = 0.5  # fedbuff: an update s server updates old weighs (1 + s) ** -exponent
     public_size: int = 0  # fedmd: examples of the train split set aside as the public unlabeled set (0: a tenth)
     distill_epochs: int = 1  # fedmd: epochs of distillation towards the consensus per round (0: local-only training)
     distill_lr: float = 0.001  # fedmd: Adam learning rate of the distillation
@@ -140,6 +145,9 @@ class RunConfig:
     secagg_timeout: float = 120.0  # seconds for each key stage (advertise, share, unmask); training has round-timeout
     dropout_rate: float = 0.0  # fault injection: fraction of the sampled clients that vanish each round (seeded)
     dropout_stage: str = "train"  # where they vanish: train, or under secagg also advertise, share, unmask
+    slow_fraction: float = 0.0  # simulated stragglers: this seeded fraction of the clients take slow-seconds longer to train
+    slow_seconds: float = 0.0  # how much longer each of their training replies takes
+    client_resources_num_cpus: float = 1.0  # simulation: CPUs each simulated client reserves (fewer: more clients at once)
 
     # -- conversions ---------------------------------------------------------------
     @classmethod
@@ -246,6 +254,17 @@ class RunConfig:
         from fedlearn import data
 
         return max(1, data.spec(self.dataset).approx_train_size(self.test_fraction) // 10)
+
+    def buffer_count(self) -> int:
+        """Updates per fedbuff server update."""
+        return self.buffer_size or max(1, self.num_clients // 2)
+
+    def is_slow(self, partition_id: int) -> bool:
+        """Whether a client is one of the simulated stragglers (a seeded choice of partitions)."""
+        import random
+
+        count = int(self.slow_fraction * self.num_clients + 0.5)
+        return partition_id in random.Random(f"slow/{self.seed}").sample(range(self.num_clients), count)
 
     def personal_layer_count(self) -> int:
         """Layers a fedper client keeps to itself (0 for every other strategy)."""
@@ -355,6 +374,7 @@ class RunConfig:
                 if getattr(self, key.replace("-", "_")) != default:
                     problems.append(f"{key} only applies to strategy=fedmd")
         problems += self._model_set_problems()
+        problems += self._asynchronous_problems()
         if self.distill_epochs < 0:
             problems.append(f"distill-epochs={self.distill_epochs}: must be >= 0 (0 = local-only training, no distillation)")
         if self.distill_lr <= 0:
@@ -373,6 +393,39 @@ class RunConfig:
                 f"rotations={self.rotations}: must be between 1 and num-clients={self.num_clients} "
                 "(every rotation needs a client), or 0 for 4"
             )
+        return problems
+
+    def _asynchronous_problems(self) -> list[str]:
+        problems = []
+        if self.strategy in ASYNCHRONOUS_STRATEGIES:
+            if self.privacy != "plain":
+                problems.append(
+                    f"strategy={self.strategy} cannot run with privacy={self.privacy}: it adds each update as it arrives, "
+                    "weighted by its staleness, while secure aggregation and he only ever reveal the sum of a fixed "
+                    "group of clients; set privacy=plain"
+                )
+            if not 0 <= self.buffer_size <= self.num_clients:
+                problems.append(f"buffer-size={self.buffer_size}: must be between 1 and num-clients={self.num_clients}, or 0 for half")
+            if self.staleness_exponent < 0:
+                problems.append(f"staleness-exponent={self.staleness_exponent}: must be >= 0 (0 = stale updates count fully)")
+            if self.dropout_rate > 0:
+                problems.append(
+                    "dropout-rate injects dropouts into synchronous rounds; strategy=fedbuff has none "
+                    "(simulate slow clients with slow-fraction and slow-seconds)"
+                )
+        else:
+            for key, default in (("buffer-size", 0), ("staleness-exponent", 0.5)):
+                if getattr(self, key.replace("-", "_")) != default:
+                    problems.append(f"{key} only applies to strategy=fedbuff")
+        if not 0.0 <= self.slow_fraction <= 1.0:
+            problems.append(f"slow-fraction={self.slow_fraction}: must be in [0, 1]")
+        if self.slow_seconds < 0 or (self.slow_seconds > 0) != (self.slow_fraction > 0):
+            problems.append(
+                f"slow-fraction={self.slow_fraction} and slow-seconds={self.slow_seconds}: set both (stragglers and "
+                "their delay) or neither"
+            )
+        if self.client_resources_num_cpus <= 0:
+            problems.append(f"client-resources-num-cpus={self.client_resources_num_cpus}: must be > 0")
         return problems
 
     def _model_set_problems(self) -> list[str]:

@@ -13,6 +13,7 @@ import torch
 
 from fedlearn import distillation, models, multimodel
 from fedlearn.config import DISTILLATION_STRATEGIES, MULTIMODEL_STRATEGIES, RunConfig
+from fedlearn.fedbuff import FedBuff
 from fedlearn.ifca import IFCA
 from fedlearn.multimodel import MultiModel
 
@@ -37,6 +38,8 @@ def _specific(config: RunConfig) -> dict[str, Any]:
         "fedper": {},
         "fedmd": {},
         "multimodel": {"names": config.model_names()},
+        "fedbuff": {"buffer_size": config.buffer_count(), "staleness_exponent": config.staleness_exponent,
+                    "server_lr": config.server_lr},
     }[config.strategy]
 
 
@@ -58,6 +61,7 @@ CLASSES = {
     # client keeps its own model (fedlearn.distillation), the server's "model" is the consensus.
     "fedmd": fl.FedAvg,
     "multimodel": MultiModel,  # ours: several models, each averaged over the clients that trained it
+    "fedbuff": FedBuff,  # ours: asynchronous buffered aggregation (Flower's round loop is synchronous)
 }
 
 

@@ -177,6 +177,9 @@ class AccessGrid(GridWrapper):
         self._seen: set[tuple[str, str]] = set()  # (key fingerprint, nonce) already accepted
         self._started = 0  # the last round with a round_start record
         self._round = RoundAccess()
+        self._pending: dict[str, Message] = {}  # pushed requests (fedbuff) by message id, until their reply
+        self._asynchronous = False  # set by the first push: a node may then send several updates a round
+        self._node_of: dict[str, int] = {}  # asynchronous: the node each key answers for
 
     def take_round(self) -> RoundAccess:
         taken, self._round = self._round, RoundAccess()
@@ -212,6 +215,40 @@ class AccessGrid(GridWrapper):
             facts = {"node_id": node_id, "kind": request.metadata.message_type, "reason": reason}
             self.audit.append("node_failed", server_round, facts, sync=False)
         self.audit.sync()  # every verdict is on disk before the strategy aggregates
+        return checked
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Asynchronous strategies (fedbuff) push requests one by one: each gets its own challenge,
+        kept with the request until its reply is pulled and checked like a synchronous one."""
+        messages = list(messages)
+        challenged = [m for m in messages if role_for(m.metadata.message_type) is not None]
+        self._asynchronous = self._asynchronous or bool(challenged)
+        for message in challenged:
+            server_round = int(message.content["config"]["server-round"])
+            nonce = secrets.token_hex(16)
+            message.content[AUTH_RECORD] = ConfigRecord({"run-id": self.run_id, "round": server_round, "nonce": nonce})
+            if role_for(message.metadata.message_type) == "trainer" and server_round != self._started:
+                self.audit.append("round_start", server_round, {"nonce": nonce, "sampled": [message.metadata.dst_node_id]}, sync=False)
+                self._started = server_round
+        ids = list(self._grid.push_messages(messages))
+        for message in challenged:  # the Grid gives each message its id as it pushes it
+            self._pending[message.metadata.message_id] = message
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        checked = []
+        for reply in self._grid.pull_messages(message_ids):
+            request = self._pending.pop(reply.metadata.reply_to_message_id, None)
+            if request is None:
+                checked.append(reply)
+                continue
+            challenge = request.content[AUTH_RECORD]
+            server_round = int(challenge["round"])
+            if server_round != self._updates_round:
+                self._updates_round, self._updaters, self._update_from = server_round, set(), {}
+            checked.append(self._check(reply, request, server_round, str(challenge["nonce"])))
+        if checked:
+            self.audit.sync()
         return checked
 
     def _check(self, reply: Message, request: Message | None, server_round: int, nonce: str) -> Message:
@@ -278,7 +315,7 @@ class AccessGrid(GridWrapper):
             raise Rejected("replayed nonce: this signed reply answers another request")
         who = facts.get("node", fingerprint[:16])
         if is_update:
-            self._check_duplicate(fingerprint, who, facts["payload"])
+            self._check_duplicate(fingerprint, who, facts["payload"], reply.metadata.src_node_id)
         if (fingerprint, nonce) in self._seen:
             raise Rejected(
                 f"duplicate reply: {who} already answered this request "
@@ -300,11 +337,16 @@ class AccessGrid(GridWrapper):
             self._update_from[facts["payload"]] = who
         self._seen.add((fingerprint, nonce))
 
-    def _check_duplicate(self, fingerprint: str, who: str, payload: str) -> None:
+    def _check_duplicate(self, fingerprint: str, who: str, payload: str, node_id: int) -> None:
         """One update per identity and round: a second one means a resent reply or two SuperNodes
         sharing a key, and a copy of another node's update would count its data twice (a free
-        rider, or a node echoing a victim's update to outweigh it)."""
-        if fingerprint in self._updaters:
+        rider, or a node echoing a victim's update to outweigh it). Asynchronous rounds (fedbuff)
+        take several updates from a node, so there an identity must answer from one node only."""
+        if self._asynchronous:
+            bound = self._node_of.setdefault(fingerprint, node_id)
+            if bound != node_id:
+                raise Rejected(f"duplicate identity: {who}'s key already answers for node {bound} (two SuperNodes share one node key?)")
+        elif fingerprint in self._updaters:
             raise Rejected(f"duplicate update: node {who} already sent an update this round (two SuperNodes share one node key?)")
         if payload in self._update_from:
             raise Rejected(f"duplicate update: identical to the update from {self._update_from[payload]}")

@@ -26,6 +26,7 @@ from crypto import signing
 from crypto.digest import arrays_digest
 from fedlearn import data, ifca, models, multimodel, packing, strategies
 from fedlearn.config import (
+    ASYNCHRONOUS_STRATEGIES,
     CLUSTERED_STRATEGIES,
     DISTILLATION_STRATEGIES,
     MULTIMODEL_STRATEGIES,
@@ -134,6 +135,11 @@ def load_checkpoint(run_dir: Path) -> tuple[RunConfig, Checkpoint]:
             f"strategy={config.strategy} cannot be resumed: part of what it trains lives on the clients (in their "
             "Flower context), not in the server's checkpoint, and a resumed run would restart it from scratch; "
             "start a new run"
+        )
+    if config.strategy in ASYNCHRONOUS_STRATEGIES:
+        raise CheckpointError(
+            f"strategy={config.strategy} cannot be resumed: the updates in flight and in its buffer are not in the "
+            "checkpoint; start a new run"
         )
     if checkpoint.round >= config.num_rounds:
         raise CheckpointError(f"{run_dir} already ran all {config.num_rounds} rounds: nothing to resume")
@@ -258,6 +264,7 @@ def run_federation(
                 **({"clusters": clusters} if clusters else {}),
                 **({"model_accuracy": per_model} if per_model else {}),
                 **({"trained": innermost(strategy).trained.get(server_round, {})} if several and hasattr(innermost(strategy), "trained") else {}),
+                **({"staleness": innermost(strategy).staleness.get(server_round, [])} if config.strategy in ASYNCHRONOUS_STRATEGIES else {}),
             })
         state["audit_seconds"] = audit.seconds
         timings = {

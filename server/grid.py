@@ -115,6 +115,21 @@ class MeteredGrid(GridWrapper):
         return replies
 
 
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        self._traffic.bytes_down += total_payload_bytes(messages)
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        replies = list(self._grid.pull_messages(message_ids))
+        ok = [r for r in replies if not r.has_error()]
+        self._traffic.bytes_up += total_payload_bytes(ok)
+        self._traffic.errors += [r.error.reason for r in replies if r.has_error()]
+        self._traffic.replies += sum(1 for r in ok if r.metadata.message_type == MessageType.TRAIN)
+        self._traffic.failures += sum(1 for r in replies if r.has_error())
+        return replies
+
+
 class PartitionOrderedGrid(GridWrapper):
     """Lists node IDs and replies by the partition each node reports; unknown nodes come last."""
 

@@ -9,6 +9,7 @@
     python -m simulations.bench personalisation --dataset mnist --rounds 10
     python -m simulations.bench fedmd
     python -m simulations.bench multimodel
+    python -m simulations.bench fedbuff
 
 Each measurement runs `fedlearn simulate` in a fresh subprocess (so Ray starts clean and
 memory is attributable), while this process samples the resident memory of the whole
@@ -335,6 +336,44 @@ def multimodel_vs_separate(args: argparse.Namespace) -> list[dict]:
         }
         print(f"    {json.dumps(figures)}", flush=True)
         entries.append(record("multimodel", figures, together))
+    return entries
+
+
+def fedbuff_vs_fedavg(args: argparse.Namespace) -> list[dict]:
+    """FedBuff vs synchronous FedAvg with stragglers (slow-fraction of the clients take
+    slow-seconds longer per update), side by side in one run: FedAvg runs its rounds, FedBuff
+    runs until it reaches FedAvg's final accuracy; wall time to that accuracy in each."""
+    entries = []
+    common = (f"privacy=plain num-clients={args.clients} slow-fraction={args.slow_fraction} "
+              f"slow-seconds={args.slow_seconds} client-resources-num-cpus={args.cpus_per_client}")
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        print(f"[fedbuff] fedavg, seed {seed} ...", flush=True)
+        fedavg = simulate_once(f"{common} seed={seed} strategy=fedavg num-rounds={args.rounds}")
+        target = fedavg["summary"]["final_accuracy"]
+        print(f"[fedbuff] fedbuff to accuracy {target:.4f}, seed {seed} ...", flush=True)
+        fedbuff = simulate_once(f"{common} seed={seed} strategy=fedbuff num-rounds={args.max_updates} target-accuracy={target}")
+
+        def seconds_to(run: dict, skip_first: bool) -> float | None:
+            rounds = [m for m in run["metrics"] if m["round"] > (1 if skip_first else 0)]
+            reached = [i for i, m in enumerate(rounds) if m["accuracy"] >= target]
+            return round(sum(m["seconds"] for m in rounds[: reached[0] + 1]), 2) if reached else None
+
+        figures = {
+            "seed": seed,
+            "clients": args.clients,
+            "slow_fraction": args.slow_fraction,
+            "slow_seconds": args.slow_seconds,
+            "target_accuracy": round(target, 4),
+            "fedavg_rounds": args.rounds,
+            "fedbuff_server_updates": fedbuff["metrics"][-1]["round"],
+            "fedbuff_reached": fedbuff["summary"]["final_accuracy"] >= target,
+            "fedavg_seconds": seconds_to(fedavg, False),
+            "fedbuff_seconds": seconds_to(fedbuff, False),
+            "fedavg_seconds_after_round_1": seconds_to(fedavg, True),
+            "fedbuff_seconds_after_update_1": seconds_to(fedbuff, True),
+        }
+        print(f"    {json.dumps(figures)}", flush=True)
+        entries.append(record("fedbuff", figures, fedbuff))
     return entries
 
 
@@ -716,6 +755,16 @@ def _personalisation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=os.environ.get("FEDLEARN_DATA_DIR", str(REPO.parent / "shared" / "data")))
 
 
+def _fedbuff_args(p: argparse.ArgumentParser) -> None:
+    _seeds_args(p)
+    p.add_argument("--clients", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=10, help="fedavg's rounds; fedbuff runs to its final accuracy")
+    p.add_argument("--max-updates", type=int, default=100, help="fedbuff's server updates at the most")
+    p.add_argument("--slow-fraction", type=float, default=0.3)
+    p.add_argument("--slow-seconds", type=float, default=2.0)
+    p.add_argument("--cpus-per-client", type=float, default=0.2, help="Ray CPUs per client: 0.2 lets 10 run at once on 2 cores")
+
+
 def _ifca_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", default="42,43,44")
     p.add_argument("--rounds", type=int, default=30)
@@ -738,6 +787,7 @@ SCENARIOS["ifca-rotated-digits"] = (ifca_rotated_digits, _ifca_args)
 SCENARIOS["personalisation"] = (personalisation, _personalisation_args)
 SCENARIOS["fedmd"] = (fedmd, _seeds_args)
 SCENARIOS["multimodel"] = (multimodel_vs_separate, _seeds_args)
+SCENARIOS["fedbuff"] = (fedbuff_vs_fedavg, _fedbuff_args)
 
 
 def report(scenario: str, commit: str | None = None) -> str:

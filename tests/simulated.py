@@ -41,6 +41,6 @@ def run(config: RunConfig, record: bool = False):
         recorders.append(recorder)
         summary.update(run_federation(recorder, config, on_round=lambda r: None))
 
-    engine.simulate(app, client_app, config.num_clients)
+    engine.simulate(app, client_app, config.num_clients, num_cpus_per_client=config.client_resources_num_cpus)
     assert summary, "the simulation ended without a result"
     return summary, (recorders[0] if record else None)

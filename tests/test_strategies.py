@@ -9,7 +9,7 @@ from fedlearn import strategies
 from fedlearn.config import STRATEGIES, RunConfig
 from tests.messages import message
 
-OURS = ("ifca", "multimodel")
+OURS = ("ifca", "multimodel", "fedbuff")
 
 
 @pytest.mark.parametrize("name", STRATEGIES)
