@@ -60,6 +60,13 @@ MULTIMODEL_STRATEGIES = ("multimodel",)
 DISTILLATION_STRATEGIES = ("fedmd",)
 # Strategies whose clients keep part of the model to themselves: only they can evaluate it.
 PERSONAL_STRATEGIES = ("fedper",)
+# Why these strategies need every update in clear (privacy=plain).
+NEEDS_PLAIN = {
+    "ifca": "each client picks the cluster model with the lowest loss and the server averages each cluster's "
+    "updates apart, so it must see every update in clear and which cluster it belongs to",
+    "fedbuff": "it adds each update as it arrives, weighted by its staleness, while secure aggregation and he only "
+    "ever reveal the sum of a fixed group of clients",
+}
 # Why the server cannot test what these strategies train.
 SERVER_CANNOT_EVALUATE = {
     "ifca": "the server holds several cluster models and no data to pick one per client",
@@ -345,13 +352,12 @@ class RunConfig:
 
     def _collaborative_problems(self) -> list[str]:
         problems = []
+        if self.privacy != "plain" and self.strategy in NEEDS_PLAIN:
+            problems.append(
+                f"strategy={self.strategy} cannot run with privacy={self.privacy}: {NEEDS_PLAIN[self.strategy]}; "
+                "set privacy=plain"
+            )
         if self.strategy in CLUSTERED_STRATEGIES:
-            if self.privacy != "plain":
-                problems.append(
-                    f"strategy={self.strategy} cannot run with privacy={self.privacy}: each client picks the cluster "
-                    "model with the lowest loss and the server averages each cluster's updates apart, so it must see "
-                    "every update in clear and which cluster it belongs to; set privacy=plain"
-                )
             if self.clusters and self.clusters < 2:
                 problems.append(f"clusters={self.clusters}: must be >= 2 (1 cluster is fedavg), or 0 for auto")
         elif self.clusters:
@@ -398,12 +404,6 @@ class RunConfig:
     def _asynchronous_problems(self) -> list[str]:
         problems = []
         if self.strategy in ASYNCHRONOUS_STRATEGIES:
-            if self.privacy != "plain":
-                problems.append(
-                    f"strategy={self.strategy} cannot run with privacy={self.privacy}: it adds each update as it arrives, "
-                    "weighted by its staleness, while secure aggregation and he only ever reveal the sum of a fixed "
-                    "group of clients; set privacy=plain"
-                )
             if not 0 <= self.buffer_size <= self.num_clients:
                 problems.append(f"buffer-size={self.buffer_size}: must be between 1 and num-clients={self.num_clients}, or 0 for half")
             if self.staleness_exponent < 0:
