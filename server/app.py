@@ -292,7 +292,8 @@ def run_federation(
         state["clock"] = now
         store.add_round(record)
         on_round(record)
-        if server_round and traffic.replies == 0:
+        # (fedbuff's server updates come from its buffer, which may hold updates pulled before)
+        if server_round and traffic.replies == 0 and config.strategy not in ASYNCHRONOUS_STRATEGIES:
             first = (
                 short_reason(traffic.errors[0])
                 if traffic.errors

@@ -202,3 +202,23 @@ def test_fedbuff_in_a_flower_simulation_with_a_straggler(tmp_path):
     verdict = audit.verify(run_dir / "audit.jsonl", signing.load_public(run_dir / "audit.pub"))
     assert verdict.ok, verdict.summary()
     assert summary["final_accuracy"] > 0.7
+
+
+def test_several_server_updates_from_one_pull(run_identity):
+    """Replies that arrive together fill the buffer several times over: each fill is a server
+    update of its own, evaluated in turn."""
+    grid = AsyncGrid(delays={1: 1, 2: 1, 3: 1, 4: 1}, deltas={1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0})
+    seen = []
+    strategy(buffer_size=1).start(grid, ArrayRecord({"w": Array(np.zeros(1, np.float32))}), num_rounds=4, timeout=60,
+                                  train_config=ConfigRecord({}), evaluate_fn=lambda r, a: seen.append(r))
+    assert seen == [0, 1, 2, 3, 4]
+
+
+def test_server_updates_without_new_replies_in_a_flower_simulation(tmp_path):
+    """Buffer 1 and clients that answer together: some server updates come only from updates
+    pulled earlier, and the run goes on (it once stopped there as if no client had answered)."""
+    cfg = config(**{"num-clients": 3, "num-rounds": 8, "buffer-size": 1, "client-resources-num-cpus": 0.5,
+                    "out-dir": str(tmp_path)})
+    summary, _ = simulated.run(cfg)
+    metrics = json.loads((tmp_path / summary["run_id"] / "metrics.json").read_text())
+    assert [m["round"] for m in metrics] == list(range(9))
