@@ -93,6 +93,7 @@ class IFCA(FedAvg):
         super().__init__(**kwargs)
         self.clusters = clusters
         self.membership: dict[int, dict[int, int]] = {}
+        self.reseeded: dict[int, dict[int, int]] = {}  # round -> {cluster: partition whose model restarted it}
         self._current: ArrayRecord | None = None
 
     def summary(self) -> None:
@@ -113,6 +114,7 @@ class IFCA(FedAvg):
             return None, None
         groups: dict[int, list[RecordDict]] = {}
         members: dict[int, int] = {}
+        fits: list[tuple[float, int, RecordDict]] = []  # (loss on its own cluster, cluster, reply)
         for reply in valid:
             try:
                 cluster = cluster_of(reply.content, self.clusters)
@@ -122,13 +124,31 @@ class IFCA(FedAvg):
             groups.setdefault(cluster, []).append(reply.content)
             if NODE_RECORD in reply.content:
                 members[int(reply.content[NODE_RECORD][PARTITION_KEY])] = cluster
+            losses = reply.content[IFCA_RECORD].get("losses", [])
+            if len(losses) == self.clusters:
+                fits.append((float(losses[cluster]), cluster, reply.content))
         states = unpack(self._current, self.clusters)
         for cluster, contents in groups.items():
             average = aggregate_arrayrecords(contents, self.weighted_by_key)
             states[cluster] = {name: array.numpy() for name, array in average.items()}
         self.membership[server_round] = dict(sorted(members.items()))
+        self._reseed_empty(server_round, states, groups, fits)
         metrics = self.train_metrics_aggr_fn([r.content for r in valid], self.weighted_by_key)
         return pack(states), metrics
+
+
+    def _reseed_empty(self, server_round: int, states: list[dict], groups: dict, fits: list) -> None:
+        """A cluster no client chose this round restarts from the trained model of the client its
+        own cluster fits worst (highest loss), taken from a cluster it shares with others: the
+        k-means remedy for an empty cluster (restart it at the worst-explained point). Without
+        it a cluster whose random start never wins a client stays dead, and two groups share a
+        model for good."""
+        empty = [j for j in range(self.clusters) if j not in groups]
+        candidates = sorted((f for f in fits if len(groups[f[1]]) > 1), key=lambda f: -f[0])
+        for j, (_, _, content) in zip(empty, candidates):
+            states[j] = {name: array.numpy() for name, array in content["arrays"].items()}
+            self.reseeded.setdefault(server_round, {})[j] = int(content[NODE_RECORD][PARTITION_KEY]) if NODE_RECORD in content else -1
+            log(WARNING, "ifca: no client chose cluster %d in round %d; restarted it from the worst-fitting client's model", j, server_round)
 
 
 def agreement(membership: dict[int, int], truth: dict[int, int]) -> float:

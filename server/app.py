@@ -325,6 +325,9 @@ def run_federation(
             return None
         membership = innermost(strategy).membership[server_round]
         facts = {"membership": {str(c): k for c, k in membership.items()}}
+        restarted = innermost(strategy).reseeded.get(server_round)
+        if restarted:
+            facts["restarted"] = {str(j): p for j, p in restarted.items()}  # cluster -> client whose model restarted it
         if truth:
             facts["agreement"] = ifca.agreement(membership, truth)
         return facts

@@ -157,7 +157,8 @@ def strategy(clusters: int) -> ifca.IFCA:
 )
 def test_each_cluster_is_the_weighted_mean_of_its_own_updates(run_identity, updates):
     """Property: cluster j becomes the example-weighted mean of the updates that chose j; a
-    cluster no client chose keeps its model; membership names who chose what."""
+    cluster no client chose keeps its model (these replies carry no losses to restart it from);
+    membership names who chose what."""
     current = [{"w": np.full(4, 100.0 + j, np.float32)} for j in range(3)]
     ifc = strategy(3)
     ifc._current = ifca.pack(current)
@@ -173,6 +174,30 @@ def test_each_cluster_is_the_weighted_mean_of_its_own_updates(run_identity, upda
             np.testing.assert_array_equal(result[j]["w"], current[j]["w"])
     assert ifc.membership[1] == {i: c for i, (c, _, _) in enumerate(updates)}
     assert metrics["loss"] == pytest.approx(1.0)
+
+
+def test_an_empty_cluster_restarts_from_the_worst_fitting_client(run_identity):
+    """No client chose cluster 2: it restarts from the trained model of the client that fits its
+    own (shared) cluster worst; a client alone in its cluster is never taken from it."""
+    ifc = strategy(3)
+    ifc._current = ifca.pack([{"w": np.full(2, 100.0 + j, np.float32)} for j in range(3)])
+
+    def fitted(partition, cluster, value, losses):
+        message = reply(partition, cluster, {"w": np.full(2, value, np.float32)}, 10)
+        message.content[ifca.IFCA_RECORD]["losses"] = losses
+        return message
+
+    replies = [
+        fitted(0, 0, 1.0, [0.2, 2.0, 2.0]),
+        fitted(1, 0, 5.0, [0.9, 2.0, 2.0]),  # the worst fit of a shared cluster
+        fitted(2, 1, 7.0, [3.0, 1.5, 2.0]),  # fits worse, but alone in cluster 1
+    ]
+    packed, _ = ifc.aggregate_train(4, replies)
+    result = ifca.unpack(packed, 3)
+    np.testing.assert_allclose(result[0]["w"], 3.0)
+    np.testing.assert_allclose(result[1]["w"], 7.0)
+    np.testing.assert_allclose(result[2]["w"], 5.0)
+    assert ifc.reseeded == {4: {2: 1}}
 
 
 @pytest.mark.parametrize("bad", [None, 3, -1, True, "0"])
