@@ -302,7 +302,7 @@ class RunConfig:
     def _he_problems(self) -> list[str]:
         why = "the server only adds ciphertexts and never sees an update or the model in clear"
         problems = []
-        if self.strategy not in SUM_STRATEGIES + CLUSTERED_STRATEGIES:  # ifca: its own message
+        if self.strategy not in SUM_STRATEGIES + tuple(NEEDS_PLAIN):  # those have a message of their own
             problems.append(
                 f"strategy={self.strategy} cannot run with privacy=he: it needs "
                 + ("each update in clear" if self.strategy in PER_UPDATE_STRATEGIES else "a non-linear step on the clear aggregate")
