@@ -168,8 +168,10 @@ def run_federation(
     model = global_model(config)  # the initial weights; evaluates each round's model when the server does
     shared = strategies.initial_state(config)  # what is federated (fedper: no head; fedmd: a consensus)
     ordered = PartitionOrderedGrid(grid)
-    nodes = ordered.wait_for_nodes(config.min_available_clients, config.round_timeout)
-    if config.fraction_train < 1 or 0 < config.fraction_evaluate < 1 or config.dropout_rate > 0:
+    subset = config.fraction_train < 1 or 0 < config.fraction_evaluate < 1 or config.dropout_rate > 0
+    nodes = ordered.wait_for_nodes(config.min_available_clients, config.round_timeout,
+                                   expected=config.num_clients if subset else 0)
+    if subset:
         # Sampling a subset, or dropping some: make it pick the same partitions for the same seed.
         ordered.discover(nodes, config.round_timeout)
     if checkpoint is not None:

@@ -136,9 +136,13 @@ class PartitionOrderedGrid(GridWrapper):
     def __init__(self, grid: Grid):
         super().__init__(grid)
         self.partitions: dict[int, int] = {}
+        self._discovery_timeout: float | None = None  # set once discover() ran: keep asking newcomers
+        self._asked: set[int] = set()  # nodes asked once (one that did not answer is not asked again)
 
-    def wait_for_nodes(self, min_nodes: int, timeout: float) -> list[int]:
-        """Connected node IDs once there are ``min_nodes``; a clear error after ``timeout``."""
+    def wait_for_nodes(self, min_nodes: int, timeout: float, expected: int = 0, grace: float = 5.0) -> list[int]:
+        """Connected node IDs once there are ``min_nodes``; a clear error after ``timeout``. With
+        ``expected``, wait up to ``grace`` seconds more for that many (all partitions), so that a
+        sampled subset is drawn from every node rather than from the first to connect."""
         deadline = time.monotonic() + timeout
         while len(nodes := list(self._grid.get_node_ids())) < min_nodes:
             if time.monotonic() > deadline:
@@ -147,10 +151,17 @@ class PartitionOrderedGrid(GridWrapper):
                     f"within {timeout:.0f} s: start more nodes or lower min-available-clients"
                 )
             time.sleep(0.5)
+        settle = time.monotonic() + grace
+        while len(nodes) < expected and time.monotonic() < settle:
+            time.sleep(0.1)
+            nodes = list(self._grid.get_node_ids())
         return nodes
 
     def discover(self, nodes: Iterable[int], timeout: float) -> dict[int, int]:
         """Ask each of ``nodes`` for its partition id (one QUERY message each)."""
+        self._discovery_timeout = timeout
+        nodes = list(nodes)
+        self._asked.update(nodes)
         query = RecordDict({"config": ConfigRecord({"ask": PARTITION_KEY})})
         messages = [Message(query, dst_node_id=node, message_type=MessageType.QUERY) for node in nodes]
         for reply in self._grid.send_and_receive(messages, timeout=timeout):
@@ -164,7 +175,14 @@ class PartitionOrderedGrid(GridWrapper):
         return (partition if partition is not None else 1 << 62, node)
 
     def get_node_ids(self) -> Iterable[int]:
-        return sorted(self._grid.get_node_ids(), key=self._rank)
+        """Connected nodes in partition order. Nodes that connected after discovery are asked
+        first: Flower's simulation registers its nodes while the ServerApp already runs, so the
+        first discovery may have seen only some, and sampling would then follow random node IDs."""
+        nodes = list(self._grid.get_node_ids())
+        newcomers = [n for n in nodes if n not in self._asked]
+        if self._discovery_timeout is not None and newcomers:
+            self.discover(newcomers, self._discovery_timeout)
+        return sorted(nodes, key=self._rank)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         replies = self._grid.send_and_receive(messages, timeout=timeout)

@@ -71,10 +71,16 @@ def test_partition_ordered_grid_lists_nodes_by_partition(monkeypatch):
     ordered = grid_module.PartitionOrderedGrid(stub)
     assert ordered.discover(ordered.wait_for_nodes(min_nodes=3, timeout=5), timeout=5) == {17: 0, 500: 1, 901: 2}
     assert all(m.metadata.message_type == MessageType.QUERY for m in stub.sent)
+    # A node that connects after discovery (Flower's simulation registers nodes while the
+    # ServerApp runs) is asked for its partition before the next listing, once.
     stub.nodes.append(33)
-    assert list(ordered.get_node_ids()) == [17, 500, 901, 33]
-    # Replies come back in partition order too, so aggregation adds them in a fixed order.
     stub.partitions[33] = 5
+    asked = len(stub.sent)
+    assert list(ordered.get_node_ids()) == [17, 500, 901, 33]
+    assert [m.metadata.dst_node_id for m in stub.sent[asked:]] == [33] and ordered.partitions[33] == 5
+    list(ordered.get_node_ids())
+    assert len(stub.sent) == asked + 1
+    # Replies come back in partition order too, so aggregation adds them in a fixed order.
     replies = ordered.send_and_receive([message(RecordDict(), dst=n) for n in (901, 33, 17, 500)])
     assert [r.metadata.src_node_id for r in replies] == [17, 500, 901, 33]
 
