@@ -144,6 +144,7 @@ def test_every_model_of_a_multimodel_run_is_its_own_fedavg_run(tmp_path):
         assert alone["final_accuracy"] == pytest.approx(metrics[-1]["model_accuracy"][name])
 
 
+@pytest.mark.slow
 def test_clients_training_one_model_each_in_a_flower_simulation(tmp_path):
     cfg = config(**{"num-clients": 3, "num-rounds": 3, "models-per-client": 1, "out-dir": str(tmp_path)})
     summary, recorder = simulated.run(cfg, record=True)
