@@ -35,10 +35,7 @@ def architecture(config, partition_id: int) -> str:
 def private_model(config, partition_id: int) -> nn.Module:
     """A client's model at its seeded initial weights (seed and partition id, so a local-only
     run starts every client where its fedmd run does)."""
-    spec = data.spec(config.dataset)
-    name = architecture(config, partition_id)
-    options = {"hidden": config.mlp_hidden} if name == "mlp" else {}
-    return models.build(name, spec.shape, spec.num_classes, seed=config.seed + 1000 * (partition_id + 1), **options)
+    return models.for_run(config, name=architecture(config, partition_id), seed=config.seed + 1000 * (partition_id + 1))
 
 
 def initial_consensus(config) -> dict[str, torch.Tensor]:

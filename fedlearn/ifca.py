@@ -53,7 +53,7 @@ def unpack(record: ArrayRecord, clusters: int) -> list[dict[str, np.ndarray]]:
 
 def initial_arrays(config) -> ArrayRecord:
     """k models from k seeds: clusters must start apart, or every client picks the same one."""
-    return pack([models.for_run(config.replace(seed=config.seed + j)).state_dict() for j in range(config.cluster_count())])
+    return pack([models.for_run(config, seed=config.seed + j).state_dict() for j in range(config.cluster_count())])
 
 
 def load_cluster_models(record: ArrayRecord, config) -> list[torch.nn.Module]:

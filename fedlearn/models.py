@@ -117,14 +117,17 @@ def build(name: str, shape: Shape, num_classes: int, seed: int | None = None, **
         return REGISTRY[name](shape, num_classes, **options)
 
 
-def for_run(config, *, seeded: bool = True) -> nn.Module:
+def for_run(config, *, seeded: bool = True, name: str | None = None, seed: int | None = None) -> nn.Module:
     """The run's model for its dataset: at the run's seeded initial weights, or unseeded (a
-    container to load received weights into)."""
+    container to load received weights into). ``name`` builds another architecture of the run
+    (multimodel, fedmd), ``seed`` starts from another seed (ifca's clusters, fedmd's clients)."""
     from fedlearn import data
 
     spec = data.spec(config.dataset)
-    options = {"hidden": config.mlp_hidden} if config.model == "mlp" else {}
-    return build(config.model, spec.shape, spec.num_classes, seed=config.seed if seeded else None, **options)
+    name = name or config.model
+    options = {"hidden": config.mlp_hidden} if name == "mlp" else {}
+    start = (config.seed if seed is None else seed) if seeded else None
+    return build(name, spec.shape, spec.num_classes, seed=start, **options)
 
 
 def numpy_state(model: nn.Module) -> dict:
@@ -151,10 +154,6 @@ def shared_state(config, model: nn.Module) -> dict[str, torch.Tensor]:
     """The part of the model that is federated: every tensor but the personal ones."""
     personal = personal_names(config, model)
     return {name: value for name, value in model.state_dict().items() if name not in personal}
-
-
-def shared_numpy_state(config, model: nn.Module) -> dict:
-    return {name: value.detach().cpu().numpy() for name, value in shared_state(config, model).items()}
 
 
 def load_shared(model: nn.Module, config, state: dict[str, torch.Tensor]) -> None:

@@ -20,16 +20,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from fedlearn import data, models, packing
+from fedlearn import models, packing
 from fedlearn.data import Split
 from fedlearn.training import TrainResult, check_finite, evaluate, select_device, train
 
 
 def build_model(config, name: str, *, seeded: bool = True) -> torch.nn.Module:
     """Model ``name`` of the run, from the run's seed: the start its own FedAvg run would have."""
-    spec = data.spec(config.dataset)
-    options = {"hidden": config.mlp_hidden} if name == "mlp" else {}
-    return models.build(name, spec.shape, spec.num_classes, seed=config.seed if seeded else None, **options)
+    return models.for_run(config, name=name, seeded=seeded)
 
 
 def initial_state(config) -> dict[str, torch.Tensor]:
