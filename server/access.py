@@ -192,17 +192,12 @@ class AccessGrid(GridWrapper):
             return self._grid.send_and_receive(messages, timeout=timeout)
         kind = kinds.pop() if len(kinds) == 1 else "mixed"
         server_round = int(messages[0].content["config"]["server-round"])
-        if server_round != self._updates_round:  # a new round: every node may send one update again
-            self._updates_round, self._updaters, self._update_from = server_round, set(), {}
-        nonce = secrets.token_hex(16)
-        challenge = ConfigRecord({"run-id": self.run_id, "round": server_round, "nonce": nonce})
+        self._enter_round(server_round)
+        nonce, challenge = self._challenge(server_round)
         for content in {id(m.content): m.content for m in messages}.values():
             content[AUTH_RECORD] = challenge
-        if role_for(kind) == "trainer" and server_round != self._started:
-            # The round's first training message: plain training, or secure aggregation's first stage.
-            sampled = [m.metadata.dst_node_id for m in messages]
-            self.audit.append("round_start", server_round, {"nonce": nonce, "sampled": sampled}, sync=False)
-            self._started = server_round
+        if role_for(kind) == "trainer":
+            self._audit_round_start(server_round, nonce, [m.metadata.dst_node_id for m in messages])
         sent = {m.metadata.dst_node_id: m for m in messages}
         checked, replied = [], set()
         for reply in self._grid.send_and_receive(messages, timeout=timeout):
@@ -217,6 +212,20 @@ class AccessGrid(GridWrapper):
         self.audit.sync()  # every verdict is on disk before the strategy aggregates
         return checked
 
+    def _challenge(self, server_round: int) -> tuple[str, ConfigRecord]:
+        nonce = secrets.token_hex(16)
+        return nonce, ConfigRecord({"run-id": self.run_id, "round": server_round, "nonce": nonce})
+
+    def _enter_round(self, server_round: int) -> None:
+        if server_round != self._updates_round:  # a new round: every node may send one update again
+            self._updates_round, self._updaters, self._update_from = server_round, set(), {}
+
+    def _audit_round_start(self, server_round: int, nonce: str, sampled: list[int]) -> None:
+        """The round's first training message (plain training, or secure aggregation's first stage)."""
+        if server_round != self._started:
+            self.audit.append("round_start", server_round, {"nonce": nonce, "sampled": sampled}, sync=False)
+            self._started = server_round
+
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Asynchronous strategies (fedbuff) push requests one by one: each gets its own challenge,
         kept with the request until its reply is pulled and checked like a synchronous one."""
@@ -225,11 +234,9 @@ class AccessGrid(GridWrapper):
         self._asynchronous = self._asynchronous or bool(challenged)
         for message in challenged:
             server_round = int(message.content["config"]["server-round"])
-            nonce = secrets.token_hex(16)
-            message.content[AUTH_RECORD] = ConfigRecord({"run-id": self.run_id, "round": server_round, "nonce": nonce})
-            if role_for(message.metadata.message_type) == "trainer" and server_round != self._started:
-                self.audit.append("round_start", server_round, {"nonce": nonce, "sampled": [message.metadata.dst_node_id]}, sync=False)
-                self._started = server_round
+            nonce, message.content[AUTH_RECORD] = self._challenge(server_round)
+            if role_for(message.metadata.message_type) == "trainer":
+                self._audit_round_start(server_round, nonce, [message.metadata.dst_node_id])
         ids = list(self._grid.push_messages(messages))
         for message in challenged:  # the Grid gives each message its id as it pushes it
             self._pending[message.metadata.message_id] = message
@@ -244,8 +251,7 @@ class AccessGrid(GridWrapper):
                 continue
             challenge = request.content[AUTH_RECORD]
             server_round = int(challenge["round"])
-            if server_round != self._updates_round:
-                self._updates_round, self._updaters, self._update_from = server_round, set(), {}
+            self._enter_round(server_round)
             checked.append(self._check(reply, request, server_round, str(challenge["nonce"])))
         if checked:
             self.audit.sync()
