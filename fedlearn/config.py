@@ -126,6 +126,7 @@ class RunConfig:
     public_size: int = 0  # fedmd: examples of the train split set aside as the public unlabeled set (0: a tenth)
     distill_epochs: int = 1  # fedmd: epochs of distillation towards the consensus per round (0: local-only training)
     distill_lr: float = 0.001  # fedmd: Adam learning rate of the distillation
+    consensus_temperature: float = 0.5  # fedmd: < 1 sharpens the consensus before it is distilled (1: as averaged, as in FedMD)
     privacy: str = "secagg"  # secure by default: the server sees only the sum (README: why not he)
     seed: int = 42
     device: str = "auto"
@@ -376,7 +377,7 @@ class RunConfig:
             if self.public_size < 0:
                 problems.append(f"public-size={self.public_size}: must be >= 1, or 0 for a tenth of the training data")
         else:
-            for key, default in (("public-size", 0), ("distill-epochs", 1), ("distill-lr", 0.001)):
+            for key, default in (("public-size", 0), ("distill-epochs", 1), ("distill-lr", 0.001), ("consensus-temperature", 0.5)):
                 if getattr(self, key.replace("-", "_")) != default:
                     problems.append(f"{key} only applies to strategy=fedmd")
         problems += self._model_set_problems()
@@ -385,6 +386,8 @@ class RunConfig:
             problems.append(f"distill-epochs={self.distill_epochs}: must be >= 0 (0 = local-only training, no distillation)")
         if self.distill_lr <= 0:
             problems.append(f"distill-lr={self.distill_lr}: must be > 0")
+        if not self.consensus_temperature > 0:
+            problems.append(f"consensus-temperature={self.consensus_temperature}: must be > 0 (1 = the consensus as averaged, < 1 sharpens it)")
         if not 0.0 <= self.local_test_fraction < 1.0:
             problems.append(f"local-test-fraction={self.local_test_fraction}: must be in [0, 1) (0 = test on the common test split)")
         elif self.local_test_fraction > 0 and self.evaluate_on == "server":

@@ -9,6 +9,12 @@ ordinary training), then sends its own class probabilities on the public set. Th
 a weighted sum, so it runs under secure aggregation and HE like FedAvg does. Probabilities,
 not logits: they lie in [0, 1], which gives the fixed-point encodings a range known in advance.
 
+The average of several models' probabilities is less confident than any of them (where they
+disagree it spreads out), so distilling it as it is teaches each model to hedge.
+``consensus-temperature`` below 1 sharpens it first, ``p ** (1/T)`` renormalised: the entropy
+reduction averaging of DS-FL (Itahara et al. 2021). Clients sharpen what they decrypt or unmask,
+so it works under every privacy mode (the server never sees the consensus under he).
+
 With ``distill-epochs=0`` nothing from other clients reaches a model: that is local-only
 training on the same data, models and seeds, the baseline FedMD must beat.
 """
@@ -53,14 +59,23 @@ def soft_labels(model: nn.Module, public: np.ndarray, device: torch.device, batc
     return torch.cat(out).numpy().astype(np.float32)
 
 
+def sharpened(consensus: np.ndarray, temperature: float) -> np.ndarray:
+    """Class probabilities raised to 1/temperature and renormalised per example (softmax of
+    log p / T): the same most likely class, lower entropy for T < 1; T = 1 only renormalises."""
+    log_p = np.log(np.clip(consensus, 1e-12, None).astype(np.float64)) / temperature
+    log_p -= log_p.max(1, keepdims=True)
+    p = np.exp(log_p)
+    return (p / p.sum(1, keepdims=True)).astype(np.float32)
+
+
 def digest(model: nn.Module, public: np.ndarray, consensus: np.ndarray, config, *, seed: int) -> float:
-    """Distil ``model`` towards the consensus probabilities (KL divergence) for distill-epochs;
-    returns the last epoch's mean loss."""
+    """Distil ``model`` towards the consensus probabilities, sharpened by consensus-temperature
+    (KL divergence), for distill-epochs; returns the last epoch's mean loss."""
     device = select_device(config.device)
     model.to(device).train()
     x = torch.from_numpy(public).to(device)
-    target = torch.from_numpy(np.clip(consensus, 0.0, None)).to(device)
-    target = target / target.sum(1, keepdim=True).clamp_min(1e-12)  # the encodings' rounding leaves sums near 1
+    # sharpened() also renormalises: the encodings' rounding leaves sums near 1, values near 0 below it
+    target = torch.from_numpy(sharpened(consensus, config.consensus_temperature)).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.distill_lr)
     generator = torch.Generator().manual_seed(seed)
     loss_sum = 0.0

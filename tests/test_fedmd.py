@@ -8,6 +8,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from crypto import signing
 from fedlearn import audit, data, distillation, models
@@ -71,6 +74,33 @@ def test_digesting_moves_a_model_towards_the_consensus():
     assert divergence() < 0.5 * before
 
 
+probability_rows = hnp.arrays(np.float32, st.tuples(st.integers(1, 8), st.integers(2, 10)),
+                              elements=st.floats(0.0, 1.0, width=32)).filter(lambda a: (a.sum(1) > 1e-3).all())
+
+
+def entropy(p: np.ndarray) -> np.ndarray:
+    return -(p * np.log(np.clip(p, 1e-12, None))).sum(1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(probability_rows, st.floats(0.1, 0.99))
+def test_sharpening_keeps_the_likeliest_class_and_lowers_entropy(rows, temperature):
+    consensus = rows / rows.sum(1, keepdims=True)
+    sharp = distillation.sharpened(consensus, temperature)
+    np.testing.assert_allclose(sharp.sum(1), 1.0, rtol=1e-5)
+    top = consensus.max(1)
+    assert np.all(sharp[np.arange(len(sharp)), consensus.argmax(1)] >= top - 1e-6)  # the likeliest class gains
+    assert np.all(entropy(sharp) <= entropy(consensus) + 1e-5)
+    np.testing.assert_allclose(distillation.sharpened(consensus, 1.0), consensus, atol=1e-6)  # T = 1 leaves it as averaged
+
+
+def test_sharpening_renormalises_what_the_encodings_rounded():
+    rounded = np.array([[0.7, 0.3000004, -2e-7], [0.2, 0.2, 0.5999]], np.float32)  # fixed-point rounding, a hair below 0
+    sharp = distillation.sharpened(rounded, 0.5)
+    assert np.all(sharp >= 0) and np.allclose(sharp.sum(1), 1.0)
+    np.testing.assert_allclose(sharp[0, :2], np.array([0.49, 0.09]) / 0.58, rtol=1e-4)
+
+
 @pytest.mark.parametrize(
     "overrides, expected",
     [
@@ -78,6 +108,8 @@ def test_digesting_moves_a_model_towards_the_consensus():
         ({"models": "mlp,resnet"}, "models: unknown model"),
         ({"public-size": 1435}, "public-size=1435 leaves 2 of digits"),
         ({"distill-epochs": -1}, "distill-epochs=-1: must be >= 0"),
+        ({"consensus-temperature": 0}, "consensus-temperature=0.0: must be > 0"),
+        ({"strategy": "fedavg", "models": "", "consensus-temperature": 0.8}, "consensus-temperature only applies to strategy=fedmd"),
         ({"strategy": "fedavg", "models": ""}, None),
         ({"strategy": "fedavg", "models": "", "public-size": 10}, "public-size only applies to strategy=fedmd"),
         ({"strategy": "fedavg", "models": "", "distill-epochs": 3}, "distill-epochs only applies to strategy=fedmd"),
