@@ -282,14 +282,16 @@ def personalisation(args: argparse.Namespace) -> list[dict]:
 
 def fedmd(args: argparse.Namespace) -> list[dict]:
     """FedMD with three architectures (preset fedmd-digits, secagg) vs each client's local-only
-    training (distill-epochs=0: the same models, seeds and data, nothing shared), and the same
-    FedMD job under plain and he, seed by seed in one run."""
+    training (distill-epochs=0: the same models, seeds and data, nothing shared), the same
+    FedMD job under plain and he, and with the consensus distilled as averaged
+    (consensus-temperature=1, FedMD's original), seed by seed in one run."""
     entries = []
     arms = {
         "local": "distill-epochs=0",
         "fedmd_secagg": "",
         "fedmd_plain": "privacy=plain",
         "fedmd_he": "privacy=he",
+        "fedmd_averaged": "consensus-temperature=1",
     }
     for seed in [int(s) for s in args.seeds.split(",")]:
         runs = {}
@@ -302,6 +304,7 @@ def fedmd(args: argparse.Namespace) -> list[dict]:
             "local_mean_accuracy": round(statistics.mean(local.values()), 4),
             **{f"{arm}_mean_accuracy": round(statistics.mean(client_accuracies(runs[arm]).values()), 4) for arm in arms if arm != "local"},
             **per_client_comparison(client_accuracies(runs["fedmd_secagg"]), local),
+            "averaged_clients_better": per_client_comparison(client_accuracies(runs["fedmd_averaged"]), local)["clients_better"],
             "upload_bytes_per_round_secagg": runs["fedmd_secagg"]["metrics"][-1]["bytes_up"],
             "upload_bytes_per_round_he": runs["fedmd_he"]["metrics"][-1]["bytes_up"],
         }

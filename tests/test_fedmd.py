@@ -74,6 +74,21 @@ def test_digesting_moves_a_model_towards_the_consensus():
     assert divergence() < 0.5 * before
 
 
+def test_digesting_a_sharpened_consensus_makes_a_more_confident_model():
+    public_cfg = config(**{"public-size": 100})
+    split = data.public_split(public_cfg)
+    public = split.x
+    teacher = np.full((len(public), 10), 0.07, np.float32)  # a hedging consensus: 0.37 on the true class
+    teacher[np.arange(len(public)), split.y] += 0.3
+    entropies = {}
+    for temperature in (1.0, 0.5):
+        student = distillation.private_model(public_cfg, 0)
+        cfg = config(**{"public-size": 100, "distill-epochs": 20, "distill-lr": 0.01, "consensus-temperature": temperature})
+        distillation.digest(student, public, teacher, cfg, seed=1)
+        entropies[temperature] = entropy(distillation.soft_labels(student, public, torch.device("cpu"))).mean()
+    assert entropies[0.5] < 0.8 * entropies[1.0]
+
+
 probability_rows = hnp.arrays(np.float32, st.tuples(st.integers(1, 8), st.integers(2, 10)),
                               elements=st.floats(0.0, 1.0, width=32)).filter(lambda a: (a.sum(1) > 1e-3).all())
 
