@@ -26,7 +26,7 @@ from flwr.clientapp import ClientApp
 
 from crypto import signing
 from crypto.he import HEKey, HEKeyError
-from clients import secagg
+from clients import ddp, secagg
 from fedlearn import data, distillation, he, ifca, models, multimodel, strategies
 from fedlearn.access import NODE_KEY_NAME, update_statement
 from fedlearn.config import CLUSTERED_STRATEGIES, DISTILLATION_STRATEGIES, MULTIMODEL_STRATEGIES, RunConfig
@@ -246,8 +246,10 @@ def chosen_cluster(msg: Message, task: NodeTask) -> tuple[torch.nn.Module, Confi
 
 
 def trained(model: torch.nn.Module, task: NodeTask, seed: int) -> TrainResult:
-    """Train ``model`` on this node's data; refuse NaN/Inf weights (diverged) before they are sent."""
-    result = train(model, task.split, task.config, task.server_round, seed=seed)
+    """Train ``model`` on this node's data (in ddp-world-size processes when > 1); refuse NaN/Inf
+    weights (diverged) before they are sent."""
+    fit = ddp.train_data_parallel if task.config.ddp_world_size > 1 else train
+    result = fit(model, task.split, task.config, task.server_round, seed=seed)
     check_finite(model.state_dict())
     return result
 

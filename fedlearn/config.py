@@ -23,6 +23,8 @@ from fedlearn.errors import ConfigError
 OPTIMIZERS = ("sgd", "momentum", "adam")
 PARTITIONERS = ("iid", "dirichlet", "shards")
 DEVICES = ("auto", "cpu", "cuda")
+AMP_MODES = ("auto", "bf16", "fp16", "off")  # CUDA only: CPU training is always fp32
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")  # torch.compile's modes
 PRIVACY_MODES = ("plain", "he", "secagg")
 HE_SCHEMES = ("bfv", "ckks")
 EVALUATE_ON = ("auto", "server", "clients")
@@ -76,6 +78,8 @@ SERVER_CANNOT_EVALUATE = {
 # Strategies that keep several models and pick one per client from its plaintext losses and
 # update: the server must see which model each client trained and its update in clear.
 CLUSTERED_STRATEGIES = ("ifca",)
+# Strategies whose clients train one model per round: their local epochs can be a DDP job.
+DDP_STRATEGIES = tuple(s for s in STRATEGIES if s not in MULTIMODEL_STRATEGIES + DISTILLATION_STRATEGIES)
 DATASETS = ("digits", "rotated-digits", "mnist", "fashion-mnist", "cifar10", "synthetic32")
 MODELS = ("logreg", "mlp", "mnist-2nn", "mnist-cnn", "vision-cnn")
 
@@ -156,6 +160,10 @@ class RunConfig:
     slow_fraction: float = 0.0  # simulated stragglers: this seeded fraction of the clients take slow-seconds longer to train
     slow_seconds: float = 0.0  # how much longer each of their training replies takes
     client_resources_num_cpus: float = 1.0  # simulation: CPUs each simulated client reserves (fewer: more clients at once)
+    client_resources_num_gpus: float = 0.0  # simulation: the share of a GPU each simulated client reserves (0.1: ten share one)
+    amp: str = "auto"  # mixed precision on CUDA: auto (bf16 where supported, else fp16 with a GradScaler), bf16, fp16, off
+    compile: str = "off"  # torch.compile the model for local training, in this mode (off: eager)
+    ddp_world_size: int = 1  # processes that train each client's local epochs with DistributedDataParallel (1: no DDP)
 
     # -- conversions ---------------------------------------------------------------
     @classmethod
@@ -429,6 +437,15 @@ class RunConfig:
             )
         if self.client_resources_num_cpus <= 0:
             problems.append(f"client-resources-num-cpus={self.client_resources_num_cpus}: must be > 0")
+        if self.client_resources_num_gpus < 0:
+            problems.append(f"client-resources-num-gpus={self.client_resources_num_gpus}: must be >= 0 (a share of one GPU, e.g. 0.1)")
+        if not 1 <= self.ddp_world_size <= 64:
+            problems.append(f"ddp-world-size={self.ddp_world_size}: must be between 1 (no DDP) and 64 processes")
+        elif self.ddp_world_size > 1 and self.strategy not in DDP_STRATEGIES:
+            problems.append(
+                f"ddp-world-size={self.ddp_world_size} with strategy={self.strategy}: a client trains several models "
+                f"(or distils) there; DDP applies to one model's local epochs ({', '.join(DDP_STRATEGIES)})"
+            )
         return problems
 
     def _model_set_problems(self) -> list[str]:
@@ -493,6 +510,8 @@ class RunConfig:
         choice("optimizer", self.optimizer, OPTIMIZERS)
         choice("partitioner", self.partitioner, PARTITIONERS)
         choice("device", self.device, DEVICES)
+        choice("amp", self.amp, AMP_MODES)
+        choice("compile", self.compile, COMPILE_MODES)
         choice("strategy", self.strategy, STRATEGIES)
         choice("dataset", self.dataset, DATASETS)
         choice("model", self.model, MODELS)

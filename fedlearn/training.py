@@ -23,13 +23,31 @@ def select_device(requested: str) -> torch.device:
     return torch.device("cpu")
 
 
-def _autocast(device: torch.device):
-    """Mixed precision on CUDA (bf16 where supported, else fp16); full precision on CPU."""
-    if device.type != "cuda":
+def mixed_precision(device: torch.device, amp: str):
+    """The autocast context and GradScaler for ``amp`` on ``device``: bf16 needs no scaler, fp16
+    needs one (its narrow exponent underflows small gradients); CPU always trains in fp32."""
+    if device.type != "cuda" or amp == "off":
         return contextlib.nullcontext(), None
-    if torch.cuda.is_bf16_supported():
+    bf16 = torch.cuda.is_bf16_supported()
+    if amp == "bf16" and not bf16:
+        raise ConfigError([f"amp=bf16 but {torch.cuda.get_device_name(device)} has no bf16: use amp=fp16 or amp=auto"])
+    if amp == "bf16" or (amp == "auto" and bf16):
         return torch.autocast("cuda", dtype=torch.bfloat16), None
     return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
+
+
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Host array to ``device``; on CUDA through pinned memory, so the copy can overlap work."""
+    tensor = torch.from_numpy(array)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor
+
+
+def compiled(model: nn.Module, mode: str) -> nn.Module:
+    """``model`` itself (eager) or its torch.compile'd forward, which shares its parameters: the
+    caller's state_dict keeps its names either way."""
+    return model if mode == "off" else torch.compile(model, mode=mode)
 
 
 def make_optimizer(model: nn.Module, config: RunConfig, lr: float) -> torch.optim.Optimizer:
@@ -54,16 +72,30 @@ class TrainResult:
 
 
 def train(
-    model: nn.Module, split: Split, config: RunConfig, server_round: int, *, seed: int
+    model: nn.Module,
+    split: Split,
+    config: RunConfig,
+    server_round: int,
+    *,
+    seed: int,
+    device: torch.device | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> TrainResult:
-    """Train ``model`` in place for ``local-epochs`` epochs on ``split``."""
-    device = select_device(config.device)
+    """Train ``model`` in place for ``local-epochs`` epochs on ``split``.
+
+    ``shard`` is (rank, world size) when ``model`` is one DistributedDataParallel replica: every
+    rank draws the same batches and trains on every world-th example of each, with its loss
+    scaled by world / batch so that DDP's gradient average is the whole batch's mean gradient,
+    the gradient one process would take. The returned metrics cover every rank.
+    """
+    device = device or select_device(config.device)
+    rank, world = shard
     model.to(device).train()
-    x = torch.from_numpy(split.x).to(device)
-    y = torch.from_numpy(split.y).to(device)
+    forward = compiled(model, config.compile)
+    x, y = to_device(split.x, device), to_device(split.y, device)
     optimizer = make_optimizer(model, config, round_lr(config, server_round))
-    autocast, scaler = _autocast(device)
-    loss_fn = nn.CrossEntropyLoss()
+    autocast, scaler = mixed_precision(device, config.amp)
+    loss_fn = nn.CrossEntropyLoss(reduction="mean" if world == 1 else "sum")
     # FedProx: keep the received global weights to pull the local ones towards them.
     global_params = (
         [p.detach().clone() for p in model.parameters()] if config.proximal_mu > 0 else None
@@ -77,11 +109,14 @@ def train(
         correct = torch.zeros((), dtype=torch.long, device=device)
         for start in range(0, n, config.batch_size):
             batch = order[start : start + config.batch_size]
-            xb, yb = x[batch], y[batch]
+            mine = batch[rank::world] if world > 1 else batch
+            xb, yb = x[mine], y[mine]
             optimizer.zero_grad(set_to_none=True)
             with autocast:
-                logits = model(xb)
+                logits = forward(xb)
                 data_loss = loss_fn(logits, yb)
+                if world > 1:
+                    data_loss = data_loss * (world / len(batch))
             loss = data_loss.float()
             if config.l1 > 0:
                 loss = loss + config.l1 * sum(p.abs().sum() for p in model.parameters())
@@ -101,8 +136,12 @@ def train(
             else:
                 optimizer.step()
             steps += 1
-            loss_sum += data_loss.detach().float() * len(batch)
+            loss_sum += data_loss.detach().float() * (len(batch) / world)
             correct += (logits.argmax(1) == yb).sum()
+    if world > 1:  # every rank saw its share of each batch: the epoch's figures are their sum
+        totals = torch.stack([loss_sum, correct.to(loss_sum.dtype)])
+        torch.distributed.all_reduce(totals)
+        loss_sum, correct = totals[0], totals[1].round().long()
     return TrainResult(n, loss_sum.item() / max(n, 1), correct.item() / max(n, 1), steps)
 
 

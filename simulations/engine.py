@@ -11,6 +11,8 @@ import logging
 import os
 import warnings
 
+from fedlearn.errors import ConfigError
+
 QUIET_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -32,7 +34,14 @@ def quiet_flower(verbose: bool) -> None:
 
 def simulate(server_app, client_app, num_clients: int, *, num_cpus_per_client: float = 1.0,
              num_gpus_per_client: float = 0.0, verbose: bool = False) -> None:
-    """Run ``server_app`` against ``num_clients`` simulated ClientApps (Ray actors)."""
+    """Run ``server_app`` against ``num_clients`` simulated ClientApps (Ray actors); each reserves
+    ``num_gpus_per_client`` of a GPU (0.1: ten clients share one)."""
+    if num_gpus_per_client > 0:
+        import torch
+
+        if not torch.cuda.is_available():  # Ray would wait forever for a GPU that is not there
+            raise ConfigError([f"client-resources-num-gpus={num_gpus_per_client} but no CUDA GPU is visible here: "
+                               "set it to 0 to simulate on CPU"])
     quiet_flower(verbose)
     from flwr.simulation import run_simulation
 

@@ -52,7 +52,8 @@ def run(config: RunConfig, *, console: Console | None = None, verbose: bool = Fa
 
         server_app = make_server_app(config, on_round=on_round, on_finish=on_finish)
         engine.simulate(server_app, client_app, config.num_clients, verbose=verbose,
-                        num_cpus_per_client=config.client_resources_num_cpus)
+                        num_cpus_per_client=config.client_resources_num_cpus,
+                        num_gpus_per_client=config.client_resources_num_gpus)
     if not summary:
         raise RuntimeError("the simulation ended without a result; rerun with --verbose to see Flower's logs")
     console.print(summary_table(summary))

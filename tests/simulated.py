@@ -41,6 +41,7 @@ def run(config: RunConfig, record: bool = False):
         recorders.append(recorder)
         summary.update(run_federation(recorder, config, on_round=lambda r: None))
 
-    engine.simulate(app, client_app, config.num_clients, num_cpus_per_client=config.client_resources_num_cpus)
+    engine.simulate(app, client_app, config.num_clients, num_cpus_per_client=config.client_resources_num_cpus,
+                    num_gpus_per_client=config.client_resources_num_gpus)
     assert summary, "the simulation ended without a result"
     return summary, (recorders[0] if record else None)
