@@ -10,6 +10,7 @@
     python -m simulations.bench fedmd
     python -m simulations.bench multimodel
     python -m simulations.bench fedbuff
+    python -m simulations.bench throughput
 
 Each measurement runs `fedlearn simulate` in a fresh subprocess (so Ray starts clean and
 memory is attributable), while this process samples the resident memory of the whole
@@ -705,6 +706,36 @@ def deploy_latency(args: argparse.Namespace) -> list[dict]:
     return entries
 
 
+def training_throughput(args: argparse.Namespace) -> list[dict]:
+    """Local training samples/s, fedlearn's client loop vs a bare torch loop on the same device
+    and batch size (and on CUDA, AMP vs fp32), side by side; on CUDA also a 10-client simulation
+    whose clients share the one GPU (client-resources-num-gpus=0.1)."""
+    import torch
+
+    from simulations import throughput
+
+    entries = []
+    for name in args.models.split(","):
+        print(f"[throughput] {name}, {args.examples} examples x {args.epochs} epochs, batch {args.batch_size} ...", flush=True)
+        figures = throughput.measure(name, examples=args.examples, batch_size=args.batch_size, epochs=args.epochs,
+                                     repeats=args.repeats, device=args.device)
+        print(f"    {json.dumps(figures)}", flush=True)
+        entries.append(record("throughput", figures, {"config": f"model={name} batch-size={args.batch_size} device={args.device}"}))
+    if torch.cuda.is_available() and args.device != "cpu":
+        shared = ("model=vision-cnn dataset=synthetic32 num-clients=10 num-rounds=5 privacy=plain device=cuda "
+                  "client-resources-num-gpus=0.1 client-resources-num-cpus=1")
+        print("[throughput] 10 simulated clients sharing one GPU ...", flush=True)
+        run = simulate_once(shared)
+        figures = {"scenario": "10 clients share one GPU", "gpu": torch.cuda.get_device_name(0),
+                   "final_accuracy": run["summary"]["final_accuracy"], "wall_seconds": run["wall_seconds"],
+                   "round_seconds": [m["seconds"] for m in run["metrics"]]}
+        print(f"    {json.dumps(figures)}", flush=True)
+        entries.append(record("throughput-gpu-share", figures, run))
+    else:
+        print("[throughput] no CUDA GPU here: the AMP and shared-GPU measurements need one", flush=True)
+    return entries
+
+
 SCENARIOS: dict[str, tuple[Callable[[argparse.Namespace], list[dict]], Callable[[argparse.ArgumentParser], None]]] = {}
 
 
@@ -788,6 +819,16 @@ SCENARIOS["secagg-round"] = (secagg_round, _secagg_round_args)
 SCENARIOS["mcmahan-2nn"] = (mcmahan_2nn, _mcmahan_args)
 SCENARIOS["ifca-rotated-digits"] = (ifca_rotated_digits, _ifca_args)
 SCENARIOS["personalisation"] = (personalisation, _personalisation_args)
+def _throughput_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models", default="vision-cnn,mnist-cnn")
+    p.add_argument("--examples", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+
+SCENARIOS["throughput"] = (training_throughput, _throughput_args)
 SCENARIOS["fedmd"] = (fedmd, _seeds_args)
 SCENARIOS["multimodel"] = (multimodel_vs_separate, _seeds_args)
 SCENARIOS["fedbuff"] = (fedbuff_vs_fedavg, _fedbuff_args)

@@ -64,3 +64,35 @@ def test_access_overhead_baseline_switch_is_scoped(tmp_path):
     assert (AccessGrid.send_and_receive, AuditLog.append, AuditLog.sync) == original
     log.append("run_start", 0, {})
     assert (tmp_path / "audit.jsonl").read_bytes().count(b"\n") == 1
+
+
+def test_the_bare_loop_and_fedlearns_train_the_same_weights():
+    """The throughput comparison is like for like: same batches, optimizer and loss, so from the
+    same start the two loops end at the same weights; only the bookkeeping differs."""
+    import copy
+
+    import torch
+
+    from fedlearn import models
+    from fedlearn.config import RunConfig
+    from simulations import throughput
+
+    config = RunConfig.from_flat({"model": "mnist-cnn", "dataset": "mnist", "batch-size": 32, "privacy": "plain", "device": "cpu"})
+    split = throughput.random_split((1, 28, 28), 80)
+    bare = models.build("mnist-cnn", (1, 28, 28), 10, seed=0)
+    ours = copy.deepcopy(bare)
+    throughput.bare_loop(bare, split, config, torch.device("cpu"), seed=5)
+    throughput.fedlearn_loop(ours, split, config, torch.device("cpu"), seed=5)
+    for name, value in bare.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[name], value, rtol=0, atol=0)
+
+
+def test_throughput_scenario_records_both_loops(results_dir):
+    args = bench.build_parser().parse_args(
+        ["throughput", "--models", "mnist-cnn", "--examples", "64", "--batch-size", "32", "--repeats", "1", "--device", "cpu"])
+    entries = bench.SCENARIOS["throughput"][0](args)
+    figures = entries[0]["figures"]
+    assert figures["bare_samples_per_s"] > 0 and figures["fedlearn_samples_per_s"] > 0
+    assert figures["fedlearn_vs_bare"] == pytest.approx(figures["fedlearn_samples_per_s"] / figures["bare_samples_per_s"], rel=0.01)
+    assert "amp_vs_fp32" not in figures  # CPU trains in fp32 only
+    assert json.loads((results_dir / "throughput.jsonl").read_text().splitlines()[0]) == entries[0]

@@ -12,8 +12,10 @@ from fedlearn.training import (
     client_seed,
     evaluate,
     make_optimizer,
+    mixed_precision,
     round_lr,
     select_device,
+    to_device,
     train,
 )
 
@@ -117,3 +119,43 @@ def test_client_seeds_differ():
     assert len(seeds) == 15 and all(isinstance(s, int) for s in seeds)
     assert client_seed(1, 1, 1) == client_seed(1, 1, 1)
     assert np.iinfo(np.uint32).max >= max(seeds)
+
+
+@pytest.mark.parametrize("amp", ["auto", "bf16", "fp16", "off"])
+def test_cpu_trains_in_full_precision_whatever_amp_says(amp):
+    autocast, scaler = mixed_precision(CPU, amp)
+    assert scaler is None
+    with autocast:
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    array = np.arange(6, dtype=np.float32)
+    assert to_device(array, CPU).data_ptr() == torch.from_numpy(array).data_ptr()  # no copy on CPU
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_mixed_precision_picks_bf16_without_a_scaler_or_fp16_with_one():
+    gpu = torch.device("cuda")
+    autocast, scaler = mixed_precision(gpu, "fp16")
+    with autocast:
+        assert (torch.ones(2, 2, device=gpu) @ torch.ones(2, 2, device=gpu)).dtype == torch.float16
+    assert scaler is not None
+    assert mixed_precision(gpu, "off")[1] is None
+    if torch.cuda.is_bf16_supported():
+        autocast, scaler = mixed_precision(gpu, "auto")
+        with autocast:
+            assert (torch.ones(2, 2, device=gpu) @ torch.ones(2, 2, device=gpu)).dtype == torch.bfloat16
+        assert scaler is None
+    tensor = to_device(np.ones(4, np.float32), gpu)
+    assert tensor.device.type == "cuda" and tensor.sum().item() == 4
+
+
+@pytest.mark.slow
+def test_a_compiled_model_trains_to_the_eager_weights(digits):
+    """compile=default runs torch.compile's graph (Inductor; on CPU it needs a C++ compiler) and
+    lands on the eager run's weights to float tolerance, under the eager model's own names."""
+    eager_config = RunConfig.from_flat({"model": "mlp", "privacy": "plain"})
+    compiled_config = RunConfig.from_flat({"model": "mlp", "privacy": "plain", "compile": "default"})
+    eager, compiled = fresh(eager_config), fresh(eager_config)
+    train(eager, digits.train, eager_config, 1, seed=3)
+    train(compiled, digits.train, compiled_config, 1, seed=3)
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    torch.testing.assert_close(flat_weights(compiled), flat_weights(eager), atol=1e-5, rtol=1e-4)
