@@ -34,7 +34,7 @@ from fedlearn.errors import ConfigError
 from fedlearn.messages import AUTH_RECORD, HE_RECORD, NODE_RECORD, NUM_EXAMPLES_KEY, PARTITION_KEY, PERSONAL_RECORD, payload_digest
 from fedlearn.training import TrainResult, check_finite, client_seed, evaluate, select_device, train
 
-NODE_OVERRIDES = ("data-dir", "device", "he-secret")
+NODE_OVERRIDES = ("data-dir", "device", "he-secret", "amp", "compile", "ddp-world-size")  # the node's own hardware and files
 
 app = ClientApp()
 
