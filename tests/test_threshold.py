@@ -1,0 +1,128 @@
+"""Threshold CKKS (crypto/threshold.py) with real OpenFHE: a 3-of-5 committee, sums that decrypt
+only with every share, a quorum standing in for members that dropped out, and loud failures
+below the quorum."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+if os.environ.get("FEDLEARN_REQUIRE_OPENFHE"):  # CI installs the bindings: a skip there would hide a failure
+    import openfhe  # noqa: F401
+else:
+    pytest.importorskip("openfhe", reason="OpenFHE's Python bindings are not installed (README: Threshold HE)")
+
+from crypto import threshold
+from crypto.threshold import ThresholdError
+
+MEMBERS, QUORUM = 5, 3
+
+
+@pytest.fixture(scope="module")
+def committee():
+    context = threshold.new_context()
+    shares, public = [], None
+    for member in range(MEMBERS):
+        share = threshold.make_share(context, member, public)
+        shares.append(share)
+        public = share.public
+    backups = [threshold.back_up(share, MEMBERS, QUORUM) for share in shares]
+    return context, shares, public, backups
+
+
+@pytest.fixture(scope="module")
+def updates(committee):
+    context, _, joint, _ = committee
+    rng = np.random.default_rng(0)
+    clear = [rng.uniform(-1, 1, 5000) for _ in range(3)]  # three ciphertexts each (2048 slots)
+    return clear, [threshold.encrypt(context, joint, u) for u in clear]
+
+
+def decrypt_with(context, shares, ciphertexts) -> dict[int, list[bytes]]:
+    return {s.member: threshold.partial_decrypt(context, s, ciphertexts) for s in shares}
+
+
+def test_the_committee_decrypts_the_sum_and_only_the_sum(committee, updates):
+    context, shares, _, _ = committee
+    clear, encrypted = updates
+    assert len(encrypted[0]) == 3
+    total = threshold.add(context, encrypted)
+    values = threshold.fuse(context, decrypt_with(context, shares, total), MEMBERS, 5000)
+    assert np.abs(values - np.sum(clear, axis=0)).max() < 1e-5
+
+
+@pytest.mark.parametrize("holders", [[0], [0, 1], [0, 3]], ids=["one member", "t-1 with the lead", "another t-1"])
+def test_fewer_than_every_share_cannot_decrypt_an_update_or_the_sum(committee, updates, holders):
+    """The refusal, and why it matters: forced through OpenFHE anyway, partials from a subset
+    fuse to noise (which OpenFHE's decoder mostly refuses to decode), for one client's update as
+    for the aggregate."""
+    context, shares, _, _ = committee
+    clear, encrypted = updates
+    total = threshold.add(context, encrypted)
+    with pytest.raises(ThresholdError, match=f"from {len(holders)} of 5 key holders"):
+        threshold.fuse(context, decrypt_with(context, [shares[m] for m in holders], total), MEMBERS, 5000)
+    of = threshold.openfhe()
+    cc = threshold._context(context)
+    for ciphertexts, expected in ((encrypted[0], clear[0]), (total, np.sum(clear, axis=0))):
+        partials = decrypt_with(context, [shares[m] for m in holders], ciphertexts[:1])
+        try:
+            plaintext = cc.MultipartyDecryptFusion([of.DeserializeCiphertextString(p[0], of.BINARY) for p in partials.values()])
+            plaintext.SetLength(threshold.SLOTS)
+            values = np.asarray(plaintext.GetRealPackedValue())
+        except RuntimeError as exc:  # OpenFHE's decoder notices the noise
+            assert "approximation error is too high" in str(exc)
+            continue
+        assert np.median(np.abs(values - expected[: threshold.SLOTS])) > 1.0  # noise, not values in [-3, 3]
+
+
+def test_a_quorum_decrypts_after_the_others_drop_out(committee, updates):
+    """Members 3 and 4 vanish (n - t = 2): members 0-2 pool their Shamir shares of each missing
+    member's sealing key, open its key share, and decrypt in its place."""
+    context, shares, _, backups = committee
+    clear, encrypted = updates
+    total = threshold.add(context, encrypted)
+    present = [0, 1, 2]
+    partials = decrypt_with(context, [shares[m] for m in present], total)
+    for missing in (3, 4):
+        backup = backups[missing]
+        recovered = threshold.recover_share(backup.sealed, missing, [backup.shares[m] for m in present], QUORUM)
+        assert recovered == shares[missing]
+        partials[missing] = threshold.partial_decrypt(context, recovered, total)
+    values = threshold.fuse(context, partials, MEMBERS, 5000)
+    assert np.abs(values - np.sum(clear, axis=0)).max() < 1e-5
+
+
+def test_below_the_quorum_recovery_fails_loudly(committee):
+    _, _, _, backups = committee
+    backup = backups[4]
+    with pytest.raises(ThresholdError, match="2 distinct shares, 3 needed"):
+        threshold.recover_share(backup.sealed, 4, [backup.shares[0], backup.shares[1]], QUORUM)
+    wrong = backups[3].shares[2]  # another member's key's share: same size, wrong secret
+    with pytest.raises(ThresholdError, match="did not open"):
+        threshold.recover_share(backup.sealed, 4, [backup.shares[0], backup.shares[1], wrong], QUORUM)
+    with pytest.raises(ThresholdError, match="did not open"):  # a backup opened as another member's
+        threshold.recover_share(backup.sealed, 3, [backup.shares[m] for m in (0, 1, 2)], QUORUM)
+
+
+def test_bad_input_is_named(committee, updates):
+    context, shares, joint, _ = committee
+    _, encrypted = updates
+    with pytest.raises(ThresholdError, match="not a serialized OpenFHE ciphertext"):
+        threshold.add(context, [encrypted[0], [b"garbage"] * 3])
+    with pytest.raises(ThresholdError, match="different numbers of ciphertexts"):
+        threshold.add(context, [encrypted[0], encrypted[1][:2]])
+    with pytest.raises(ThresholdError, match="not a serialized OpenFHE public key"):
+        threshold.encrypt(context, b"not a key", np.zeros(3))
+    with pytest.raises(ThresholdError, match="first member starts the chain"):
+        threshold.make_share(context, 2, None)
+    with pytest.raises(ThresholdError, match="quorum 6 must be between 1 and the committee's 5"):
+        threshold.back_up(shares[0], MEMBERS, 6)
+
+
+def test_without_openfhe_the_error_says_how_to_get_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "openfhe", None)
+    with pytest.raises(ImportError, match=r"fedlearn\[threshold\]"):
+        threshold.openfhe()
