@@ -11,6 +11,7 @@
     python -m simulations.bench multimodel
     python -m simulations.bench fedbuff
     python -m simulations.bench throughput
+    python -m simulations.bench threshold-ops
 
 Each measurement runs `fedlearn simulate` in a fresh subprocess (so Ray starts clean and
 memory is attributable), while this process samples the resident memory of the whole
@@ -706,6 +707,66 @@ def deploy_latency(args: argparse.Namespace) -> list[dict]:
     return entries
 
 
+def threshold_ops(args: argparse.Namespace) -> list[dict]:
+    """Threshold CKKS (crypto/threshold.py, OpenFHE) on a model-sized vector: per-client encrypt
+    and serialize, the server's add of every client's ciphertexts, each committee member's partial
+    decryption, fusion, recovery of two missing members' key shares by a quorum, bytes per
+    parameter, and the error against numpy's sum, all in this process."""
+    import numpy as np
+
+    from crypto import threshold
+
+    rng = np.random.default_rng(0)
+    members, quorum, params = args.committee, args.quorum, args.params
+    context = threshold.new_context()
+    started = time.perf_counter()
+    shares, public = [], None
+    for member in range(members):
+        shares.append(threshold.make_share(context, member, public))
+        public = shares[-1].public
+    backups = [threshold.back_up(share, members, quorum) for share in shares]
+    ceremony = time.perf_counter() - started
+    updates = [rng.uniform(-0.05, 0.05, params) for _ in range(args.clients)]
+    print(f"[threshold-ops] {args.clients} clients x {params} parameters, committee {quorum} of {members} ...", flush=True)
+    encrypted, encrypt_seconds = [], []
+    for update in updates:
+        started = time.perf_counter()
+        encrypted.append(threshold.encrypt(context, public, update))
+        encrypt_seconds.append(time.perf_counter() - started)
+    started = time.perf_counter()
+    total = threshold.add(context, encrypted)
+    add = time.perf_counter() - started
+    partials, partial_seconds = {}, []
+    for share in shares:
+        started = time.perf_counter()
+        partials[share.member] = threshold.partial_decrypt(context, share, total)
+        partial_seconds.append(time.perf_counter() - started)
+    started = time.perf_counter()
+    values = threshold.fuse(context, partials, members, params)
+    fusion = time.perf_counter() - started
+    started = time.perf_counter()
+    present = list(range(quorum))
+    for missing in range(quorum, members):  # the n - t others dropped out: the quorum opens their shares
+        threshold.recover_share(backups[missing].sealed, missing, [backups[missing].shares[m] for m in present], quorum)
+    recovery = time.perf_counter() - started
+    upload = sum(len(blob) for blob in encrypted[0])
+    figures = {
+        "parameters": params, "clients": args.clients, "committee": members, "quorum": quorum,
+        "ring_dimension": threshold.RING_DIMENSION, "ciphertexts_per_client": len(encrypted[0]),
+        "key_ceremony_s": round(ceremony, 3),
+        "encrypt_s_per_client": round(statistics.median(encrypt_seconds), 3),
+        "server_add_s": round(add, 3),
+        "partial_decrypt_s_per_member": round(statistics.median(partial_seconds), 3),
+        "fusion_s": round(fusion, 3),
+        f"recover_{members - quorum}_shares_s": round(recovery, 4),
+        "upload_bytes_per_param": round(upload / params, 2),
+        "partial_bytes_per_param": round(sum(len(b) for b in partials[0]) / params, 2),
+        "max_abs_error": float(f"{np.abs(values - np.sum(updates, axis=0)).max():.3g}"),
+    }
+    print(f"    {json.dumps(figures)}", flush=True)
+    return [record("threshold-ops", figures, {"config": f"params={params} clients={args.clients} committee={members} quorum={quorum}"})]
+
+
 def training_throughput(args: argparse.Namespace) -> list[dict]:
     """Local training samples/s, fedlearn's client loop vs a bare torch loop on the same device
     and batch size (and on CUDA, AMP vs fp32), side by side; on CUDA also a 10-client simulation
@@ -828,7 +889,15 @@ def _throughput_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
 
+def _threshold_ops_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", type=int, default=1_000_000)
+    p.add_argument("--clients", type=int, default=10)
+    p.add_argument("--committee", type=int, default=5)
+    p.add_argument("--quorum", type=int, default=3)
+
+
 SCENARIOS["throughput"] = (training_throughput, _throughput_args)
+SCENARIOS["threshold-ops"] = (threshold_ops, _threshold_ops_args)
 SCENARIOS["fedmd"] = (fedmd, _seeds_args)
 SCENARIOS["multimodel"] = (multimodel_vs_separate, _seeds_args)
 SCENARIOS["fedbuff"] = (fedbuff_vs_fedavg, _fedbuff_args)

@@ -96,3 +96,14 @@ def test_throughput_scenario_records_both_loops(results_dir):
     assert figures["fedlearn_vs_bare"] == pytest.approx(figures["fedlearn_samples_per_s"] / figures["bare_samples_per_s"], rel=0.01)
     assert "amp_vs_fp32" not in figures  # CPU trains in fp32 only
     assert json.loads((results_dir / "throughput.jsonl").read_text().splitlines()[0]) == entries[0]
+
+
+def test_threshold_ops_scenario_measures_and_checks_the_sum(results_dir):
+    from tests import needs
+
+    needs.openfhe()
+    args = bench.build_parser().parse_args(["threshold-ops", "--params", "5000", "--clients", "3"])
+    figures = bench.SCENARIOS["threshold-ops"][0](args)[0]["figures"]
+    assert figures["ciphertexts_per_client"] == 3 and figures["max_abs_error"] < 1e-5
+    assert figures["upload_bytes_per_param"] > 8  # ciphertexts, not floats
+    assert (results_dir / "threshold-ops.jsonl").is_file()

@@ -31,12 +31,12 @@ def max_difference(a: torch.nn.Module, b: torch.nn.Module) -> float:
 @pytest.mark.parametrize(
     "overrides",
     [
-        {"model": "mlp"},
-        {"model": "mnist-cnn", "local-epochs": 1},
+        pytest.param({"model": "mlp"}, id="mlp"),
+        pytest.param({"model": "mnist-cnn", "local-epochs": 1}, id="mnist-cnn", marks=pytest.mark.slow),
         # the regularisers are added once per rank, not scaled: DDP's average keeps them whole
-        {"model": "mlp", "strategy": "fedprox", "proximal-mu": 0.5, "l1": 1e-4, "clip-grad-norm": 0.5, "optimizer": "adam", "lr": 0.01},
+        pytest.param({"model": "mlp", "strategy": "fedprox", "proximal-mu": 0.5, "l1": 1e-4, "clip-grad-norm": 0.5,
+                      "optimizer": "adam", "lr": 0.01}, id="fedprox-l1-clip-adam", marks=pytest.mark.slow),
     ],
-    ids=["mlp", "mnist-cnn", "fedprox-l1-clip-adam"],
 )
 def test_a_two_process_gloo_client_computes_the_single_process_update(overrides):
     """Same data, seed and starting weights: the 2-rank job's weights and training metrics equal

@@ -4,19 +4,16 @@ below the quorum."""
 
 from __future__ import annotations
 
-import os
 import sys
 
 import numpy as np
 import pytest
 
-if os.environ.get("FEDLEARN_REQUIRE_OPENFHE"):  # CI installs the bindings: a skip there would hide a failure
-    import openfhe  # noqa: F401
-else:
-    pytest.importorskip("openfhe", reason="OpenFHE's Python bindings are not installed (README: Threshold HE)")
-
 from crypto import threshold
 from crypto.threshold import ThresholdError
+from tests import needs
+
+needs.openfhe()
 
 MEMBERS, QUORUM = 5, 3
 
