@@ -87,6 +87,7 @@ def test_the_bare_loop_and_fedlearns_train_the_same_weights():
         torch.testing.assert_close(ours.state_dict()[name], value, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_throughput_scenario_records_both_loops(results_dir):
     args = bench.build_parser().parse_args(
         ["throughput", "--models", "mnist-cnn", "--examples", "64", "--batch-size", "32", "--repeats", "1", "--device", "cpu"])

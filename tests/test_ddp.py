@@ -55,6 +55,7 @@ def test_a_two_process_gloo_client_computes_the_single_process_update(overrides)
     assert result.accuracy == pytest.approx(expected.accuracy, abs=1.5 / len(split))
 
 
+@pytest.mark.slow
 def test_ranks_train_private_copies_and_the_caller_gets_the_trained_weights():
     """torch hands tensors to spawned processes in shared memory: if the ranks stepped those,
     the update would be world-size times too large (the bug this guards against)."""
