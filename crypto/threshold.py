@@ -13,6 +13,11 @@ share per member. Any t members can open a missing member's key share and decryp
 t-1 hold t-1 Shamir shares, which say nothing about the AES key, and AES-GCM refuses to open
 with a wrong one. Below t every path fails loudly: too few shares, too few partials.
 
+Open question before this backs a privacy mode: partial decryptions carry OpenFHE's default
+fixed decryption noise (NoiseFlooding::MP_SD), not statistical noise flooding (CKKS's
+NOISE_FLOODING_DECRYPT, BFV's NOISE_FLOODING_MULTIPARTY, which needs a larger ring); which one
+the he-threshold mode uses, and what its threat model then claims, is still to be decided.
+
 Everything crosses this module's boundary as bytes (OpenFHE's BINARY serialization), so the
 Flower layer only moves blobs. ``openfhe`` is an optional dependency (``fedlearn[threshold]``),
 imported on first use.
