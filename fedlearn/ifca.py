@@ -136,7 +136,6 @@ class IFCA(FedAvg):
         metrics = self.train_metrics_aggr_fn([r.content for r in valid], self.weighted_by_key)
         return pack(states), metrics
 
-
     def _reseed_empty(self, server_round: int, states: list[dict], groups: dict, fits: list) -> None:
         """A cluster no client chose this round restarts from the trained model of the client its
         own cluster fits worst (highest loss), taken from a cluster it shares with others: the

@@ -26,7 +26,7 @@ from fedlearn import data, models
 from fedlearn.config import RunConfig
 from fedlearn.training import make_optimizer, mixed_precision, select_device, train
 
-SHAPES = {"vision-cnn": ((3, 32, 32), "synthetic32"), "mnist-cnn": ((1, 28, 28), "mnist")}
+DATASETS = {"vision-cnn": "synthetic32", "mnist-cnn": "mnist"}  # whose input shape each model is measured on
 
 
 def random_split(shape: tuple[int, ...], examples: int, seed: int = 0) -> data.Split:
@@ -69,15 +69,14 @@ LOOPS = {"bare": bare_loop, "fedlearn": fedlearn_loop}
 def measure(model_name: str, *, examples: int, batch_size: int, epochs: int, repeats: int, device: str = "auto") -> dict:
     """Samples/s of each loop (median of ``repeats`` alternating runs, after one warm-up each),
     and on CUDA of the fedlearn loop in fp32 (amp=off) as well."""
-    shape, dataset = SHAPES[model_name]
-    config = RunConfig.from_flat({"model": model_name, "dataset": dataset, "batch-size": batch_size,
+    config = RunConfig.from_flat({"model": model_name, "dataset": DATASETS[model_name], "batch-size": batch_size,
                                   "local-epochs": epochs, "device": device, "privacy": "plain"})
     target = select_device(config.device)
-    split = random_split(shape, examples)
+    split = random_split(data.spec(config.dataset).shape, examples)
     arms = {name: (loop, config) for name, loop in LOOPS.items()}
     if target.type == "cuda":
         arms["fedlearn_fp32"] = (fedlearn_loop, dataclasses.replace(config, amp="off"))
-    model = models.build(model_name, shape, 10, seed=0)
+    model = models.for_run(config, seed=0)
     seconds: dict[str, list[float]] = {name: [] for name in arms}
     for repeat in range(repeats + 1):  # repeat 0 warms up: allocator, kernels, caches
         for name, (loop, arm_config) in arms.items():
