@@ -26,7 +26,7 @@ from flwr.clientapp import ClientApp
 
 from crypto import signing
 from crypto.he import HEKey, HEKeyError
-from clients import ddp, secagg
+from clients import ddp, secagg, threshold
 from fedlearn import data, distillation, he, ifca, models, multimodel, strategies
 from fedlearn.access import NODE_KEY_NAME, update_statement
 from fedlearn.config import CLUSTERED_STRATEGIES, DISTILLATION_STRATEGIES, MULTIMODEL_STRATEGIES, RunConfig
@@ -299,6 +299,8 @@ def train_handler(msg: Message, context: Context) -> Message:
         local = {k: v.numpy() for k, v in state.items()}
         if task.config.privacy == "he":
             records = encrypted_update(msg, task, received, local, result.num_examples)
+        elif task.config.privacy == "he-threshold":
+            records = threshold.encrypted_update(msg, local, result.num_examples)
         else:
             records = secagg.masked_update(msg, context.state, local, result.num_examples)
     return reply(msg, task.partition_id, key, metrics=metrics, **records, **extra)
@@ -325,6 +327,37 @@ def secagg_share_handler(msg: Message, context: Context) -> Message:
 def secagg_unmask_handler(msg: Message, context: Context) -> Message:
     task = node_task(msg, context)
     return reply(msg, task.partition_id, signing_key(msg, context, task), **secagg.unmask(msg, context.state))
+
+
+def keyholder_reply(msg: Message, context: Context, stage) -> Message:
+    """A key holder's answer to one he-threshold stage (clients/threshold.py), signed."""
+    task = node_task(msg, context)
+    return reply(msg, task.partition_id, signing_key(msg, context, task), **stage(msg, context.state))
+
+
+@app.query("threshold_join")
+def threshold_join_handler(msg: Message, context: Context) -> Message:
+    return keyholder_reply(msg, context, threshold.join)
+
+
+@app.query("threshold_keygen")
+def threshold_keygen_handler(msg: Message, context: Context) -> Message:
+    return keyholder_reply(msg, context, threshold.keygen)
+
+
+@app.query("threshold_hold")
+def threshold_hold_handler(msg: Message, context: Context) -> Message:
+    return keyholder_reply(msg, context, threshold.hold)
+
+
+@app.query("threshold_decrypt")
+def threshold_decrypt_handler(msg: Message, context: Context) -> Message:
+    return keyholder_reply(msg, context, threshold.decrypt)
+
+
+@app.query("threshold_reveal")
+def threshold_reveal_handler(msg: Message, context: Context) -> Message:
+    return keyholder_reply(msg, context, threshold.reveal)
 
 
 @app.evaluate()

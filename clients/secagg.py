@@ -10,8 +10,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from crypto.secagg_protocol import ClientSession
 from fedlearn.config import RunConfig
+from fedlearn.encoding import FixedPointCodec
 from fedlearn.messages import SECAGG_RECORD
-from fedlearn.secagg import MASKED_ARRAY, SESSION_STATE, MaskedCodec, RoundPlan, round_context
+from fedlearn.secagg import MASKED_ARRAY, SESSION_STATE, RoundPlan, round_context
 
 
 def _request(msg: Message) -> ConfigRecord:
@@ -73,7 +74,7 @@ def masked_update(msg: Message, state: RecordDict, local: dict[str, np.ndarray],
     if len(request["sealed"]) != len(holders):
         raise ValueError("the secagg plan has a different number of sealed shares than holders")
     weight = num_examples / plan.weight_cap
-    encoded, clipped = MaskedCodec(local).encode(local, weight, plan)
+    encoded, clipped = FixedPointCodec(local).encode(local, weight, plan)
     masked = session.mask(encoded, holders)
     _keep(session, state, plan.round_id, **{"sealed-ids": holders, "sealed": [bytes(s) for s in request["sealed"]]})
     return {

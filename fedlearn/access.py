@@ -30,10 +30,11 @@ import tomli_w
 
 from crypto import signing
 from crypto.digest import canonical_json, sha256_hex
+from fedlearn import threshold
 from fedlearn.config import RunConfig
 from fedlearn.errors import AccessDenied, ConfigError
 
-ROLES = ("trainer", "evaluator")
+ROLES = ("trainer", "evaluator", "keyholder")
 ROLE_FOR_MESSAGE = {"train": "trainer", "evaluate": "evaluator"}  # by category: "train.secagg_share" too
 UPDATE_PURPOSE = "fedlearn-update-v1"
 RUN_PURPOSE = "fedlearn-run-v1"
@@ -249,7 +250,9 @@ def sign_run(config: RunConfig, policy: AccessPolicy, operator_key) -> str:
 
 
 def role_for(message_type: str) -> str | None:
-    """The role a reply of this type needs (None: not signed, e.g. queries)."""
+    """The role a reply of this type needs (None: not signed, e.g. plain queries)."""
+    if message_type in threshold.MESSAGE_TYPES:  # he-threshold's key ceremony and decryption
+        return "keyholder"
     return ROLE_FOR_MESSAGE.get(message_type.split(".", 1)[0])
 
 

@@ -39,6 +39,7 @@ EVENTS = (
     "round_end",
     "run_end",
     "run_resumed",
+    "key_ceremony",
 )
 FIELDS = frozenset({"seq", "ts", "run_id", "round", "event", "data", "prev", "sig"})
 

@@ -25,12 +25,14 @@ PARTITIONERS = ("iid", "dirichlet", "shards")
 DEVICES = ("auto", "cpu", "cuda")
 AMP_MODES = ("auto", "bf16", "fp16", "off")  # CUDA only: CPU training is always fp32
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")  # torch.compile's modes
-PRIVACY_MODES = ("plain", "he", "secagg")
+PRIVACY_MODES = ("plain", "he", "secagg", "he-threshold")
 HE_SCHEMES = ("bfv", "ckks")
 EVALUATE_ON = ("auto", "server", "clients")
-# Where injected dropouts strike: the secure-aggregation key stages only exist under secagg.
-DROPOUT_STAGES = ("advertise", "share", "train", "unmask")
+# Where injected dropouts strike: the secure-aggregation key stages only exist under secagg, the
+# committee's decryption only under he-threshold.
+DROPOUT_STAGES = ("advertise", "share", "train", "unmask", "decrypt")
 SECAGG_ONLY_STAGES = ("advertise", "share", "unmask")
+THRESHOLD_ONLY_STAGES = ("decrypt",)
 # Strategies whose aggregate is a weighted sum of the updates: the only ones HE can run, since
 # the server adds ciphertexts and never sees an update (or the model) in clear.
 SUM_STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedper", "fedmd", "multimodel")
@@ -155,8 +157,12 @@ class RunConfig:
     secagg_threshold: int = 0  # shares that unmask a client (0: a majority of its neighbourhood)
     secagg_neighbours: int = 0  # SecAgg+ graph: neighbours each client masks with (0: every other client)
     secagg_timeout: float = 120.0  # seconds for each key stage (advertise, share, unmask); training has round-timeout
+    threshold_committee: int = 3  # he-threshold: key holders that share the decryption key (chosen among keyholder nodes)
+    threshold_quorum: int = 0  # he-threshold: members that must take part to decrypt (0: a majority of the committee)
+    threshold_range: float = 0.0  # he-threshold: clip each tensor to threshold-range x its largest global value (0: 2**(value bits/4))
+    threshold_timeout: float = 120.0  # he-threshold: seconds for each key-ceremony and decryption stage
     dropout_rate: float = 0.0  # fault injection: fraction of the sampled clients that vanish each round (seeded)
-    dropout_stage: str = "train"  # where they vanish: train, or under secagg also advertise, share, unmask
+    dropout_stage: str = "train"  # where they vanish: train; under secagg also advertise, share, unmask; under he-threshold decrypt
     slow_fraction: float = 0.0  # simulated stragglers: this seeded fraction of the clients take slow-seconds longer to train
     slow_seconds: float = 0.0  # how much longer each of their training replies takes
     client_resources_num_cpus: float = 1.0  # simulation: CPUs each simulated client reserves (fewer: more clients at once)
@@ -247,6 +253,20 @@ class RunConfig:
 
     def secagg_range_factor(self, value_bits: int) -> float:
         return self.secagg_range or float(2 ** (value_bits // 4))
+
+    def threshold_quorum_size(self) -> int:
+        """Members whose partial decryptions (or recovered shares) a decryption needs."""
+        return self.threshold_quorum or self.threshold_committee // 2 + 1
+
+    def threshold_encoding(self, sampled: int):
+        """The fixed-point encoding whose sum over ``sampled`` clients decrypts exactly."""
+        from crypto.fixedpoint import FixedPoint
+        from crypto.threshold import SUM_BITS
+
+        return FixedPoint.widest(SUM_BITS, sampled)
+
+    def threshold_range_factor(self, value_bits: int) -> float:
+        return self.threshold_range or float(2 ** (value_bits // 4))
 
     def evaluates_on_clients(self) -> bool:
         return self.evaluate_on == "clients" or (
@@ -357,6 +377,37 @@ class RunConfig:
                 f"({sampled} sampled per round" + (f", secagg-neighbours={self.secagg_neighbours})" if size < sampled else ")")
                 + "; 0 picks a majority"
             )
+        return problems
+
+    def _threshold_problems(self) -> list[str]:
+        problems = []
+        if self.strategy in PER_UPDATE_STRATEGIES:
+            problems.append(
+                f"strategy={self.strategy} cannot run with privacy=he-threshold: it needs each update in clear, but "
+                "only the sum is ever decrypted; use a sum strategy (fedavg, fedavgm, fedprox, fedadam, fedyogi, "
+                "fedadagrad), or privacy=plain"
+            )
+        committee, quorum = self.threshold_committee, self.threshold_quorum_size()
+        if not 2 <= committee <= self.num_clients:
+            problems.append(
+                f"threshold-committee={committee}: must be between 2 and num-clients={self.num_clients} (the key "
+                "holders are nodes of the federation)"
+            )
+        elif not 2 <= quorum <= committee:
+            problems.append(
+                f"threshold-quorum={self.threshold_quorum}: must be between 2 and threshold-committee={committee} "
+                "(1 would let one member decrypt alone), or 0 for a majority"
+            )
+        if self.train_sample_size() < 2:
+            problems.append(
+                "privacy=he-threshold needs at least 2 clients per round (the sum of one client is its update): "
+                "sample more clients, or set privacy=plain"
+            )
+        need = problems.append
+        if self.threshold_range < 0:
+            need(f"threshold-range={self.threshold_range}: must be > 0 (a multiple of each tensor's largest value), or 0 for auto")
+        if self.threshold_timeout <= 0:
+            need(f"threshold-timeout={self.threshold_timeout}: must be > 0 seconds")
         return problems
 
     def _collaborative_problems(self) -> list[str]:
@@ -529,7 +580,13 @@ class RunConfig:
             self.dropout_stage not in SECAGG_ONLY_STAGES or self.privacy == "secagg",
             f"dropout-stage={self.dropout_stage} is a secure-aggregation stage: it needs privacy=secagg (use train)",
         )
+        need(
+            self.dropout_stage not in THRESHOLD_ONLY_STAGES or self.privacy == "he-threshold",
+            f"dropout-stage={self.dropout_stage} is the key holders' stage: it needs privacy=he-threshold (use train)",
+        )
         problems += self._collaborative_problems()
+        if self.privacy == "he-threshold":
+            problems += self._threshold_problems()
         if self.privacy == "secagg":
             problems += self._secagg_problems()
         if self.privacy == "he":

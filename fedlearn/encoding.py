@@ -39,3 +39,30 @@ def range_exponents(arrays: dict[str, np.ndarray], factor: float) -> list[int]:
 
 def expand_ranges(exponents: list[int], template: dict[str, np.ndarray]) -> np.ndarray:
     return np.concatenate([np.full(int(np.prod(a.shape)), 2.0**e) for e, a in zip(exponents, template.values())])
+
+
+class FixedPointCodec:
+    """One model architecture's arrays <-> fixed-point integer vectors, and back from their sum,
+    under a round's plan (secagg's or he-threshold's: its ``encoding()`` and ``exponents``)."""
+
+    def __init__(self, template: dict[str, np.ndarray]):
+        self.template = template
+        self.length = sum(int(np.prod(a.shape)) for a in template.values())
+
+    def ranges(self, plan) -> np.ndarray:
+        return expand_ranges(list(plan.exponents), self.template)
+
+    def encode(self, arrays: dict[str, np.ndarray], weight: float, plan) -> tuple[np.ndarray, int]:
+        """``weight * arrays`` as integers in [0, 2Q], and how many values were clipped."""
+        if list(arrays) != list(self.template):
+            raise ValueError("the arrays are not this model's")
+        return plan.encoding().encode(flatten(arrays), weight, self.ranges(plan))
+
+    def decode(self, total: np.ndarray, terms: int, total_weight: float, plan) -> dict[str, np.ndarray]:
+        """The weighted average behind the sum of ``terms`` encodings of total weight ``total_weight``."""
+        weighted = plan.encoding().decode(total, terms, self.ranges(plan))
+        return unflatten(weighted / total_weight, self.template)
+
+    def error_bound(self, terms: int, total_weight: float, plan) -> float:
+        """Largest error of a decoded average value (values within their range)."""
+        return float(np.max(plan.encoding().error_bound(terms, self.ranges(plan)))) / total_weight

@@ -27,7 +27,6 @@ import numpy as np
 
 from crypto.fixedpoint import FixedPoint
 from crypto.secagg import mask_dtype
-from fedlearn.encoding import expand_ranges, flatten, unflatten
 
 ADVERTISE = "train.secagg_advertise"
 SHARE = "train.secagg_share"
@@ -79,29 +78,3 @@ class RoundPlan:
                        int(record["weight-cap"]), tuple(int(e) for e in record["range-exp"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed secagg plan ({exc})") from None
-
-
-class MaskedCodec:
-    """One model architecture's arrays <-> fixed-point integer vectors, and back from their sum."""
-
-    def __init__(self, template: dict[str, np.ndarray]):
-        self.template = template
-        self.length = sum(int(np.prod(a.shape)) for a in template.values())
-
-    def ranges(self, plan: RoundPlan) -> np.ndarray:
-        return expand_ranges(list(plan.exponents), self.template)
-
-    def encode(self, arrays: dict[str, np.ndarray], weight: float, plan: RoundPlan) -> tuple[np.ndarray, int]:
-        """``weight * arrays`` as integers in [0, 2Q], and how many values were clipped."""
-        if list(arrays) != list(self.template):
-            raise ValueError("the arrays are not this model's")
-        return plan.encoding().encode(flatten(arrays), weight, self.ranges(plan))
-
-    def decode(self, total: np.ndarray, terms: int, total_weight: float, plan: RoundPlan) -> dict[str, np.ndarray]:
-        """The weighted average behind the sum of ``terms`` encodings of total weight ``total_weight``."""
-        weighted = plan.encoding().decode(total, terms, self.ranges(plan))
-        return unflatten(weighted / total_weight, self.template)
-
-    def error_bound(self, terms: int, total_weight: float, plan: RoundPlan) -> float:
-        """Largest error of a decoded average value (values within their range)."""
-        return float(np.max(plan.encoding().error_bound(terms, self.ranges(plan)))) / total_weight

@@ -51,10 +51,12 @@ from server.access import (
 )
 from fedlearn.messages import NODE_RECORD, PARTITION_KEY
 from fedlearn.secagg import STAGE_MESSAGE_TYPES
+from fedlearn.threshold import DECRYPT
 from server.grid import DropoutGrid, MeteredGrid, PartitionOrderedGrid, short_reason
 from server.he import HEStrategy, load_public_key, provision_he
 from server.resume import ResumedStrategy, innermost, restore_strategy_state, strategy_state
 from server.secagg import SecAggStrategy
+from server.threshold import ThresholdStrategy
 
 RoundCallback = Callable[[RoundRecord], None]
 
@@ -214,6 +216,8 @@ def run_federation(
         strategy = HEStrategy(strategy, config, he_key, numpy_arrays(ArrayRecord(shared)))
     elif config.privacy == "secagg":
         strategy = SecAggStrategy(strategy, config, numpy_arrays(ArrayRecord(shared)))
+    elif config.privacy == "he-threshold":
+        strategy = ThresholdStrategy(strategy, config, numpy_arrays(ArrayRecord(shared)))
     if checkpoint is not None:
         restore_strategy_state(strategy, checkpoint.strategy, checkpoint.layout)
     check = None if clustered else getattr(strategy, "check_reply", None)  # privacy modes' updates are not plain arrays
@@ -227,7 +231,7 @@ def run_federation(
             check_models_update(content, template)
     faulty = None
     if config.dropout_rate > 0:
-        stage = STAGE_MESSAGE_TYPES[config.dropout_stage]
+        stage = {**STAGE_MESSAGE_TYPES, "decrypt": DECRYPT}[config.dropout_stage]
         faulty = DropoutGrid(ordered, config.dropout_rate, stage, config.seed, ordered.partitions)
     access = AccessGrid(faulty or ordered, run.policy, audit, store.run_id, model=template, check_update=check,
                         max_update_bytes=config.max_update_bytes(sum(t.numel() for t in shared.values())))
@@ -336,7 +340,7 @@ def run_federation(
 
     def privacy_facts(seen: RoundAccess, server_round: int) -> dict:
         facts = {"mode": config.privacy}
-        if isinstance(strategy, (HEStrategy, SecAggStrategy)):
+        if isinstance(strategy, (HEStrategy, SecAggStrategy, ThresholdStrategy)):
             facts = {**strategy.last, "update_digests": seen.update_digests}
         if faulty is not None:
             facts["injected_dropouts"] = len(faulty.dropped.get(server_round, []))
@@ -356,6 +360,8 @@ def run_federation(
     else:
         random.seed(config.seed)
     try:
+        if isinstance(strategy, ThresholdStrategy):  # before any round: the key every update is encrypted under
+            audit.append("key_ceremony", 0, strategy.hold_ceremony(metered).facts())
         strategy_runner.start(
             grid=metered,
             initial_arrays=initial,

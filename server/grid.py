@@ -19,7 +19,7 @@ from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid
 
 from fedlearn.errors import FederationError
-from fedlearn.messages import NODE_RECORD, PARTITION_KEY
+from fedlearn.messages import NODE_RECORD, NUM_EXAMPLES_KEY, PARTITION_KEY
 
 
 def short_reason(reason: str) -> str:
@@ -27,6 +27,20 @@ def short_reason(reason: str) -> str:
     lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
     last = lines[-1] if lines else reason
     return last.split("Message: ", 1)[-1].strip("'<>")
+
+
+def learn_example_counts(grid: Grid, nodes: Iterable[int], counts: dict[int, int], config: dict, timeout: float) -> None:
+    """Ask nodes not in ``counts`` how many training examples they hold (one QUERY each) and add
+    their answers: privacy modes that weight in ciphertext normalise by the largest count of a
+    round, so that sums cannot overflow. ``config`` is the run config (flat) the nodes need."""
+    unknown = [n for n in nodes if n not in counts]
+    if not unknown:
+        return
+    ask = ConfigRecord({**config, "ask": NUM_EXAMPLES_KEY})
+    queries = [Message(RecordDict({"config": ask}), dst_node_id=n, message_type=MessageType.QUERY) for n in unknown]
+    for reply in grid.send_and_receive(queries, timeout=timeout):
+        if not reply.has_error() and NODE_RECORD in reply.content and NUM_EXAMPLES_KEY in reply.content[NODE_RECORD]:
+            counts[reply.metadata.src_node_id] = int(reply.content[NODE_RECORD][NUM_EXAMPLES_KEY])
 
 
 def payload_bytes(content: RecordDict) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -23,7 +23,8 @@ from crypto.he import Encrypted, HEKey, HEKeyError, generate_pair
 from fedlearn.config import RunConfig
 from fedlearn.errors import ConfigError, FederationError
 from fedlearn.he import PREVIOUS_RECORD, ModelCodec, StateMeta, encrypted_record, record_chunks
-from fedlearn.messages import HE_RECORD, NODE_RECORD, NUM_EXAMPLES_KEY
+from fedlearn.messages import HE_RECORD
+from server.grid import learn_example_counts
 
 
 @dataclass
@@ -73,7 +74,7 @@ class HEStrategy(Strategy):
         if not messages:
             return messages
         nodes = [m.metadata.dst_node_id for m in messages]
-        self._learn_counts(nodes, grid)
+        learn_example_counts(grid, nodes, self.counts, self.config.to_flat(), self.config.round_timeout)
         known = [self.counts[n] for n in nodes if n in self.counts]
         if not known:
             raise FederationError(
@@ -83,18 +84,6 @@ class HEStrategy(Strategy):
         self.plan = RoundPlan(max_terms=len(nodes), weight_cap=max(known))
         self._attach(messages, {"max-terms": self.plan.max_terms, "weight-cap": self.plan.weight_cap})
         return messages
-
-    def _learn_counts(self, nodes: list[int], grid: Grid) -> None:
-        """Ask nodes not seen before how many training examples they hold (one QUERY each):
-        the largest count of a round normalises weights to (0, 1], so that sums cannot overflow."""
-        unknown = [n for n in nodes if n not in self.counts]
-        if not unknown:
-            return
-        ask = ConfigRecord({**self.config.to_flat(), "ask": NUM_EXAMPLES_KEY})
-        queries = [Message(RecordDict({"config": ask}), dst_node_id=n, message_type=MessageType.QUERY) for n in unknown]
-        for reply in grid.send_and_receive(queries, timeout=self.config.round_timeout):
-            if not reply.has_error() and NODE_RECORD in reply.content and NUM_EXAMPLES_KEY in reply.content[NODE_RECORD]:
-                self.counts[reply.metadata.src_node_id] = int(reply.content[NODE_RECORD][NUM_EXAMPLES_KEY])
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         messages = list(self.base.configure_evaluate(server_round, arrays, config, grid))

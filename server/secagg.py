@@ -28,20 +28,33 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from crypto.secagg_protocol import neighbourhoods, unmask_sum
 from fedlearn.config import RunConfig
-from fedlearn.encoding import range_exponents
+from fedlearn.encoding import FixedPointCodec, range_exponents
 from fedlearn.errors import RoundFailed
 from fedlearn.messages import NODE_RECORD, NUM_EXAMPLES_KEY, SECAGG_RECORD
-from fedlearn.secagg import ADVERTISE, MASKED_ARRAY, SHARE, UNMASK, MaskedCodec, RoundPlan
+from fedlearn.secagg import ADVERTISE, MASKED_ARRAY, SHARE, UNMASK, RoundPlan
 from server.grid import short_reason
 
 
 T = TypeVar("T")
 
 
+def average_as_reply(average: dict[str, np.ndarray], replies: list[Message], examples: int) -> Message:
+    """What a wrapped strategy sees of a round whose updates only the privacy mode saw: one
+    reply holding the average, weighted by all ``examples``, and the replies' metrics already
+    averaged (they travel in clear, as in every mode)."""
+    metrics = aggregate_metricrecords([r.content for r in replies], NUM_EXAMPLES_KEY)
+    metrics[NUM_EXAMPLES_KEY] = examples
+    content = RecordDict({
+        "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in average.items()}),
+        "metrics": MetricRecord(dict(metrics)),
+    })
+    return Message(content, dst_node_id=0, message_type=MessageType.TRAIN)
+
+
 class SecAggStrategy(Strategy):
     def __init__(self, base: Strategy, config: RunConfig, template: dict[str, np.ndarray]):
         self.base, self.config, self.template = base, config, template
-        self.codec = MaskedCodec(template)
+        self.codec = FixedPointCodec(template)
         self.plan: RoundPlan | None = None
         self.grid: Grid | None = None
         self.graph: dict[int, list[int]] = {}  # node -> its neighbourhood (itself included)
@@ -222,16 +235,7 @@ class SecAggStrategy(Strategy):
             "error_bound": self.codec.error_bound(len(survivors), total_weight, self.plan),
             "dropped": self._dropped_counts(),
         }
-        # The strategy sees one reply: the average, weighted by all the survivors' examples, and
-        # their metrics already averaged (they travel in clear, as in every mode).
-        metrics = aggregate_metricrecords([r.content for r in ok], NUM_EXAMPLES_KEY)
-        metrics[NUM_EXAMPLES_KEY] = examples
-        content = RecordDict({
-            "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in average.items()}),
-            "metrics": MetricRecord(dict(metrics)),
-        })
-        summed = Message(content, dst_node_id=0, message_type=MessageType.TRAIN)
-        return self.base.aggregate_train(server_round, [summed])
+        return self.base.aggregate_train(server_round, [average_as_reply(average, ok, examples)])
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         return self.base.configure_evaluate(server_round, arrays, config, grid)

@@ -25,8 +25,9 @@ def add_commands(sub, config_from_args):
     enroll.add_argument("--policy", required=True, type=Path, help="policy TOML (created if missing)")
     enroll.add_argument("--name", required=True, help="name shown in audit records")
     enroll.add_argument("--pub", required=True, type=Path, help="the .pub file from `fedlearn keys generate`")
-    enroll.add_argument("--role", action="append", choices=["trainer", "evaluator"],
-                        help="node role; repeat for both (default: trainer and evaluator)")
+    enroll.add_argument("--role", action="append", choices=["trainer", "evaluator", "keyholder"],
+                        help="node role; repeat for several (default: trainer and evaluator; keyholder: may join "
+                             "the he-threshold decryption committee)")
     enroll.add_argument("--operator", action="store_true", help="enroll an operator allowed to start runs")
     enroll.set_defaults(func=_enroll)
 
