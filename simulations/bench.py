@@ -12,6 +12,7 @@
     python -m simulations.bench fedbuff
     python -m simulations.bench throughput
     python -m simulations.bench threshold-ops
+    python -m simulations.bench threshold-round
 
 Each measurement runs `fedlearn simulate` in a fresh subprocess (so Ray starts clean and
 memory is attributable), while this process samples the resident memory of the whole
@@ -564,17 +565,29 @@ SECAGG_MODELS = {"mlp": {"model": "mlp", "mlp-hidden": 128}, "cnn": {"model": "m
 SECAGG_ARMS = ("plain", "secagg", "secagg-k10", "flower-plain", "flower-secagg+")  # secagg-kK: K neighbours
 
 
+def later_rounds(config) -> tuple[list[float], list[int], dict]:
+    """Simulate ``config`` in this process, quietly: seconds and upload bytes of rounds 2.. (round
+    1 includes Ray's start-up), and the run summary."""
+    from rich.console import Console
+
+    from simulations import simulate
+
+    with open(os.devnull, "w") as quiet:
+        summary = simulate.run(config, console=Console(file=quiet))
+    metrics = json.loads((Path(summary["run_dir"]) / "metrics.json").read_text())
+    later = [m for m in metrics if m["round"] >= 2]
+    return [m["seconds"] for m in later], [m["bytes_up"] for m in later], summary
+
+
 def secagg_round(args: argparse.Namespace) -> list[dict]:
     """Full rounds of an MNIST job (1 local epoch), side by side in this process: plain and
     secagg (ours, Message API) next to Flower's legacy workflow without and with its SecAgg+,
     for each model and client count: median round time (rounds 2..), ratios, upload per parameter."""
     import statistics
 
-    from rich.console import Console
-
     from fedlearn import models
     from fedlearn.config import RunConfig
-    from simulations import engine, flower_secagg, simulate
+    from simulations import engine, flower_secagg
 
     entries = []
     with tempfile.TemporaryDirectory() as out:
@@ -593,11 +606,7 @@ def secagg_round(args: argparse.Namespace) -> list[dict]:
                         neighbours = int(arm[len("secagg-k"):]) if arm.startswith("secagg-k") else 0
                         config = RunConfig.from_flat({**base, "privacy": arm[:6] if neighbours else arm,
                                                       "secagg-neighbours": neighbours})
-                        with open(os.devnull, "w") as quiet:
-                            summary = simulate.run(config, console=Console(file=quiet))
-                        metrics = json.loads((Path(summary["run_dir"]) / "metrics.json").read_text())
-                        later = [m for m in metrics if m["round"] >= 2]  # round 1 includes Ray start-up
-                        seconds, up = [m["seconds"] for m in later], [m["bytes_up"] for m in later]
+                        seconds, up, summary = later_rounds(config)
                         accuracy = summary["final_accuracy"]
                     else:
                         config = RunConfig.from_flat(base)
@@ -708,13 +717,15 @@ def deploy_latency(args: argparse.Namespace) -> list[dict]:
 
 
 def threshold_ops(args: argparse.Namespace) -> list[dict]:
-    """Threshold CKKS (crypto/threshold.py, OpenFHE) on a model-sized vector: per-client encrypt
-    and serialize, the server's add of every client's ciphertexts, each committee member's partial
-    decryption, fusion, recovery of two missing members' key shares by a quorum, bytes per
-    parameter, and the error against numpy's sum, all in this process."""
+    """Threshold BFV (crypto/threshold.py, OpenFHE) on a model-sized vector: the key ceremony's
+    cryptography, per-client fixed-point encode + encrypt + serialize, the server's add of every
+    client's ciphertexts, each committee member's partial decryption, fusion, recovery of the
+    missing members' key shares by a quorum, bytes per parameter, and the decoded sum's error
+    against numpy's float sum (with the fixed-point bound it must stay within), in this process."""
     import numpy as np
 
     from crypto import threshold
+    from crypto.fixedpoint import FixedPoint
 
     rng = np.random.default_rng(0)
     members, quorum, params = args.committee, args.quorum, args.params
@@ -726,12 +737,15 @@ def threshold_ops(args: argparse.Namespace) -> list[dict]:
         public = shares[-1].public
     backups = [threshold.back_up(share, members, quorum) for share in shares]
     ceremony = time.perf_counter() - started
+    encoding = FixedPoint.widest(threshold.SUM_BITS, args.clients)
+    bound = 2.0 ** -3  # a tensor's clipping range (fedlearn: a power of two above its largest value)
     updates = [rng.uniform(-0.05, 0.05, params) for _ in range(args.clients)]
     print(f"[threshold-ops] {args.clients} clients x {params} parameters, committee {quorum} of {members} ...", flush=True)
     encrypted, encrypt_seconds = [], []
     for update in updates:
         started = time.perf_counter()
-        encrypted.append(threshold.encrypt(context, public, update))
+        encoded, _ = encoding.encode(update, 1.0, bound)
+        encrypted.append(threshold.encrypt(context, public, encoded))
         encrypt_seconds.append(time.perf_counter() - started)
     started = time.perf_counter()
     total = threshold.add(context, encrypted)
@@ -742,7 +756,7 @@ def threshold_ops(args: argparse.Namespace) -> list[dict]:
         partials[share.member] = threshold.partial_decrypt(context, share, total)
         partial_seconds.append(time.perf_counter() - started)
     started = time.perf_counter()
-    values = threshold.fuse(context, partials, members, params)
+    values = encoding.decode(threshold.fuse(context, partials, members, params).astype(np.uint64), args.clients, bound)
     fusion = time.perf_counter() - started
     started = time.perf_counter()
     present = list(range(quorum))
@@ -751,9 +765,9 @@ def threshold_ops(args: argparse.Namespace) -> list[dict]:
     recovery = time.perf_counter() - started
     upload = sum(len(blob) for blob in encrypted[0])
     figures = {
-        "parameters": params, "clients": args.clients, "committee": members, "quorum": quorum,
+        "scheme": "bfv", "parameters": params, "clients": args.clients, "committee": members, "quorum": quorum,
         "ring_dimension": threshold.RING_DIMENSION, "ciphertexts_per_client": len(encrypted[0]),
-        "key_ceremony_s": round(ceremony, 3),
+        "value_bits": encoding.bits, "key_ceremony_s": round(ceremony, 3),
         "encrypt_s_per_client": round(statistics.median(encrypt_seconds), 3),
         "server_add_s": round(add, 3),
         "partial_decrypt_s_per_member": round(statistics.median(partial_seconds), 3),
@@ -762,9 +776,48 @@ def threshold_ops(args: argparse.Namespace) -> list[dict]:
         "upload_bytes_per_param": round(upload / params, 2),
         "partial_bytes_per_param": round(sum(len(b) for b in partials[0]) / params, 2),
         "max_abs_error": float(f"{np.abs(values - np.sum(updates, axis=0)).max():.3g}"),
+        "error_bound": float(f"{encoding.error_bound(args.clients, bound):.3g}"),
     }
     print(f"    {json.dumps(figures)}", flush=True)
     return [record("threshold-ops", figures, {"config": f"params={params} clients={args.clients} committee={members} quorum={quorum}"})]
+
+
+def threshold_round(args: argparse.Namespace) -> list[dict]:
+    """Full rounds of the MNIST CNN job, plain and he-threshold side by side in this process
+    (same seed): median round time of rounds 2.., their ratio, upload per parameter, accuracies."""
+    import statistics
+
+    from fedlearn import models
+    from fedlearn.config import RunConfig
+
+    entries = []
+    with tempfile.TemporaryDirectory() as out:
+        base = {"dataset": "mnist", "model": "mnist-cnn", "num-clients": args.clients, "local-epochs": 1,
+                "batch-size": 32, "optimizer": "sgd", "lr": 0.05, "num-rounds": args.rounds, "out-dir": out,
+                "data-dir": args.data_dir, "min-available-clients": args.clients,
+                "threshold-committee": args.committee, "threshold-quorum": args.quorum}
+        params = models.count_parameters(models.for_run(RunConfig.from_flat(base)))
+        measured = {}
+        for arm in ("plain", "he-threshold"):
+            print(f"[threshold-round] mnist-cnn ({params} params), {args.clients} clients, {arm} ...", flush=True)
+            seconds, up, summary = later_rounds(RunConfig.from_flat({**base, "privacy": arm}))
+            measured[arm] = {"median_round_s": statistics.median(seconds), "final_accuracy": summary["final_accuracy"],
+                             "upload_bytes_per_param": statistics.median(up) / args.clients / params,
+                             "rounds_measured": len(seconds)}
+            print(f"    {json.dumps(measured[arm])}", flush=True)
+        plain, ours = measured["plain"], measured["he-threshold"]
+        figures = {
+            "model": f"mnist-cnn ({params})", "clients": args.clients, "committee": args.committee, "quorum": args.quorum,
+            "rounds": args.rounds, "rounds_measured": ours["rounds_measured"],
+            "plain_round_s": round(plain["median_round_s"], 3), "threshold_round_s": round(ours["median_round_s"], 3),
+            "ratio_vs_plain": round(ours["median_round_s"] / plain["median_round_s"], 3),
+            "plain_upload_bytes_per_param": round(plain["upload_bytes_per_param"], 3),
+            "threshold_upload_bytes_per_param": round(ours["upload_bytes_per_param"], 3),
+            "plain_accuracy": round(plain["final_accuracy"], 4), "threshold_accuracy": round(ours["final_accuracy"], 4),
+            "accuracy_difference_points": round(100 * (ours["final_accuracy"] - plain["final_accuracy"]), 2),
+        }
+        entries.append(record("threshold-round", figures, {"config": json.dumps(base)}))
+    return entries
 
 
 def training_throughput(args: argparse.Namespace) -> list[dict]:
@@ -898,6 +951,17 @@ def _threshold_ops_args(p: argparse.ArgumentParser) -> None:
 
 SCENARIOS["throughput"] = (training_throughput, _throughput_args)
 SCENARIOS["threshold-ops"] = (threshold_ops, _threshold_ops_args)
+
+
+def _threshold_round_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--clients", type=int, default=10)
+    p.add_argument("--committee", type=int, default=5)
+    p.add_argument("--quorum", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=4, help="rounds per run; round 1 (Ray start-up) is not measured")
+    p.add_argument("--data-dir", default=os.environ.get("FEDLEARN_DATA_DIR", str(REPO.parent / "shared" / "data")))
+
+
+SCENARIOS["threshold-round"] = (threshold_round, _threshold_round_args)
 SCENARIOS["fedmd"] = (fedmd, _seeds_args)
 SCENARIOS["multimodel"] = (multimodel_vs_separate, _seeds_args)
 SCENARIOS["fedbuff"] = (fedbuff_vs_fedavg, _fedbuff_args)

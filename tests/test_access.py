@@ -3,7 +3,7 @@
 import pytest
 
 from crypto import signing
-from fedlearn.access import AccessPolicy, provision_simulation, run_digest, sign_run
+from fedlearn.access import AccessPolicy, provision_simulation, role_for, run_digest, sign_run
 from fedlearn.config import RunConfig
 from fedlearn.errors import AccessDenied, ConfigError
 
@@ -41,6 +41,20 @@ def test_refusal_reasons(keys):
     assert "unknown key" in policy.refusal(fp["alice"], "trainer"), "operators are not nodes"
     policy.revoke(fp["a"][:10], "key leaked")
     assert policy.refusal(fp["a"], "trainer") == "revoked key of 'a' (key leaked)"
+
+
+def test_only_keyholders_answer_the_threshold_stages(keys):
+    """he-threshold's ceremony and decryption are query messages, and yet signed and role-checked:
+    a trainer may not join the committee that decrypts its own and others' updates."""
+    policy = policy_with(keys)
+    policy.enroll("c", keys["c"].public_key(), ("trainer", "keyholder"))
+    fp = {name: signing.fingerprint(key) for name, key in keys.items()}
+    for kind in ("query.threshold_join", "query.threshold_keygen", "query.threshold_hold",
+                 "query.threshold_decrypt", "query.threshold_reveal"):
+        assert role_for(kind) == "keyholder"
+        assert policy.refusal(fp["c"], role_for(kind)) is None
+        assert "may not act as keyholder" in policy.refusal(fp["a"], role_for(kind))
+    assert role_for("query") is None and role_for("train.secagg_share") == "trainer"
 
 
 def test_enroll_and_revoke_refuse_ambiguity(keys):

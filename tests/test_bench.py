@@ -105,6 +105,7 @@ def test_threshold_ops_scenario_measures_and_checks_the_sum(results_dir):
     needs.openfhe()
     args = bench.build_parser().parse_args(["threshold-ops", "--params", "5000", "--clients", "3"])
     figures = bench.SCENARIOS["threshold-ops"][0](args)[0]["figures"]
-    assert figures["ciphertexts_per_client"] == 3 and figures["max_abs_error"] < 1e-5
+    assert figures["ciphertexts_per_client"] == 2 and figures["max_abs_error"] <= figures["error_bound"]
+    assert figures["value_bits"] == 27  # the widest whose sum of 3 fits 29 bits
     assert figures["upload_bytes_per_param"] > 8  # ciphertexts, not floats
     assert (results_dir / "threshold-ops.jsonl").is_file()

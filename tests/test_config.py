@@ -61,7 +61,7 @@ def test_all_problems_reported_at_once():
         ({"strategy": "krum", "num-clients": 4, "krum-malicious": 1}, "needs more than 4 sampled clients"),
         ({"partitioner": "shards", "num-clients": 1000, "shards-per-client": 2}, "2000 shards"),
         ({"min-available-clients": 20}, "exceeds num-clients=10"),
-        ({"privacy": "dp"}, "privacy='dp': choose one of plain, he, secagg"),
+        ({"privacy": "dp"}, "privacy='dp': choose one of plain, he, secagg, he-threshold"),
         ({"privacy": "secagg", "strategy": "krum"}, "shows the server only the sum"),
         ({"privacy": "secagg", "secagg-bits": 40}, "secagg-bits=40: must be between 8 and 32"),
         ({"privacy": "secagg", "secagg-bits": 8, "num-clients": 100}, "leaves 2 bits per value for a sum of 100 clients"),
@@ -77,6 +77,16 @@ def test_all_problems_reported_at_once():
         ({"privacy": "he", "he-bits": 40}, "he-bits=40"),
         ({"he-secret": "x.secret"}, "he-secret only applies to privacy=he"),
         ({"privacy": "he", "strategy": "fedadagrad"}, "non-linear step"),
+        ({"privacy": "he-threshold", "strategy": "krum"}, "only the sum is ever decrypted"),
+        ({"privacy": "he-threshold", "strategy": "ifca"}, "must see every update in clear"),
+        ({"privacy": "he-threshold", "threshold-committee": 11}, "threshold-committee=11: must be between 2 and num-clients=10"),
+        ({"privacy": "he-threshold", "threshold-committee": 1}, "threshold-committee=1"),
+        ({"privacy": "he-threshold", "threshold-committee": 5, "threshold-quorum": 1}, "1 would let one member decrypt alone"),
+        ({"privacy": "he-threshold", "threshold-committee": 5, "threshold-quorum": 6}, "threshold-quorum=6"),
+        ({"privacy": "he-threshold", "threshold-timeout": 0}, "threshold-timeout=0"),
+        ({"privacy": "he-threshold", "threshold-range": -2}, "threshold-range=-2"),
+        ({"privacy": "he-threshold", "num-clients": 2, "min-available-clients": 1, "fraction-train": 0.5}, "needs at least 2 clients per round"),
+        ({"privacy": "secagg", "dropout-stage": "decrypt"}, "needs privacy=he-threshold"),
     ],
 )
 def test_impossible_combinations(flat, fragment):
@@ -140,6 +150,13 @@ def test_secagg_encoding_leaves_headroom_for_the_sum():
     config = RunConfig.from_flat({"privacy": "secagg", "num-clients": 50})
     encoding = config.secagg_encoding(50)
     assert encoding.sum_bits(50) <= 16 < encoding.__class__(encoding.bits + 1).sum_bits(50)
+
+
+def test_he_threshold_defaults_to_a_majority_and_the_widest_exact_encoding():
+    config = RunConfig.from_flat({"privacy": "he-threshold", "threshold-committee": 5})
+    assert config.threshold_quorum_size() == 3 and not config.evaluates_on_clients()  # the server tests the model
+    assert config.threshold_encoding(10).bits == 25  # 10 * 2**25 < 2**29: the sum decrypts exactly
+    assert RunConfig.from_flat({"privacy": "he-threshold", "strategy": "fedadam"}).strategy == "fedadam"
 
 
 def test_a_negative_update_limit_is_refused_with_the_fix():

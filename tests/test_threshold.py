@@ -128,3 +128,63 @@ def test_without_openfhe_the_error_says_how_to_get_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "openfhe", None)
     with pytest.raises(ImportError, match=r"fedlearn\[threshold\]"):
         threshold.openfhe()
+
+
+# -- committee members, as a node runs them (no Flower) -----------------------------------------
+def ceremony(members: int = MEMBERS, quorum: int = QUORUM) -> tuple[bytes, list[threshold.CommitteeMember], bytes, list[bytes]]:
+    """What server/threshold.py does over messages: join, keygen in turn, hand out the shares;
+    each member travels through its serialized state between steps, as on a node."""
+    context = threshold.new_context()
+    nodes = [threshold.CommitteeMember.join("c1") for _ in range(members)]
+    peers = [m.public_agreement_key() for m in nodes]
+    public, inbox, sealed_backups = None, {j: {} for j in range(members)}, []
+    for i, node in enumerate(nodes):
+        public, sealed, shares = node.make_key(context, i, quorum, public, peers)
+        sealed_backups.append(sealed)
+        for j, blob in enumerate(shares):
+            if j != i:
+                inbox[j][i] = blob
+    nodes = [threshold.CommitteeMember.from_state(n.to_state()) for n in nodes]
+    for j, node in enumerate(nodes):
+        node.hold(inbox[j], peers)
+    return context, [threshold.CommitteeMember.from_state(n.to_state()) for n in nodes], public, sealed_backups
+
+
+def test_a_ceremony_between_members_decrypts_and_recovers_a_missing_member():
+    context, nodes, joint, sealed = ceremony()
+    values = np.arange(5000, dtype=np.int64)
+    total = threshold.add(context, [threshold.encrypt(context, joint, values)] * 2)
+    partials = {n.member: n.partial_decrypt(context, total) for n in nodes[:4]}
+    revealed = [n.reveal([4]) for n in nodes[:QUORUM]]  # member 4 is gone
+    recovered = threshold.recover_share(sealed[4], 4, [r[4] for r in revealed], QUORUM)
+    partials[4] = threshold.partial_decrypt(context, recovered, total)
+    np.testing.assert_array_equal(threshold.fuse(context, partials, MEMBERS, 5000), 2 * values)
+
+
+def test_a_member_reveals_for_at_most_committee_minus_quorum_members_and_never_itself():
+    _, nodes, _, _ = ceremony()
+    member = nodes[0]
+    with pytest.raises(ThresholdError, match="asked to reveal its own"):
+        member.reveal([0, 3])
+    member.reveal([3])
+    member.reveal([3, 4])  # 4 is the second of the n - t = 2 it may lose
+    with pytest.raises(ThresholdError, match="would make 3 recovered key shares, more than the 2"):
+        member.reveal([2])
+    assert threshold.CommitteeMember.from_state(member.to_state()).revealed == (3, 4)  # kept across messages
+
+
+def test_a_member_refuses_a_ceremony_that_is_not_its_own():
+    context = threshold.new_context()
+    a, b = threshold.CommitteeMember.join("c1"), threshold.CommitteeMember.join("c1")
+    peers = [a.public_agreement_key(), b.public_agreement_key()]
+    with pytest.raises(ThresholdError, match="another agreement key as member 1"):
+        a.make_key(context, 1, 2, None, peers)  # the server placed someone else's key at a's place
+    with pytest.raises(ThresholdError, match="quorum 1 of 2"):
+        a.make_key(context, 0, 1, None, peers)
+    public, _, shares = a.make_key(context, 0, 2, None, peers)
+    _, _, back = b.make_key(context, 1, 2, public, peers)
+    with pytest.raises(ThresholdError, match="already holds the key share of member 0"):
+        a.make_key(context, 0, 2, None, peers)
+    with pytest.raises(ThresholdError, match="sealed by member 1 did not open"):
+        a.hold({1: shares[1]}, peers)  # a's own share for b, not b's for a
+    a.hold({1: back[0]}, peers)
