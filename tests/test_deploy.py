@@ -71,6 +71,34 @@ def test_tls_node_auth_cluster_runs_two_rounds_and_refuses_an_unregistered_node(
 
 
 @pytest.mark.slow
+def test_he_threshold_holds_its_key_ceremony_between_real_supernodes(tmp_path):
+    """Three SuperNode processes, each a keyholder: the ceremony's and the decryption's replies are
+    signed by the nodes' keys and audited like updates, and the model is decrypted each round."""
+    from tests import needs
+
+    needs.openfhe()
+    directory = tmp_path / "cluster"
+    config = RunConfig(num_rounds=2, min_available_clients=3, privacy="he-threshold", threshold_committee=3,
+                       threshold_quorum=2, out_dir=str(tmp_path / "runs"))
+    cluster = LocalCluster(directory, 3, echo=lambda line: None)
+    try:
+        run_dir = cluster.submit(cluster.start(config))
+    finally:
+        cluster.stop()
+    assert not cluster_processes(directory), "processes left running"
+    log = records(run_dir)
+    (ceremony,) = [r["data"] for r in log if r["event"] == "key_ceremony"]
+    assert [m["partition"] for m in ceremony["members"]] == [0, 1, 2] and ceremony["quorum"] == 2
+    keygens = {r["data"]["node"] for r in log if r["event"] == "update_accepted" and r["data"]["kind"] == "query.threshold_keygen"}
+    assert keygens == {"node-0", "node-1", "node-2"}
+    decrypted = [r for r in log if r["event"] == "update_accepted" and r["data"]["kind"] == "query.threshold_decrypt"]
+    assert len(decrypted) == 6  # three members, two rounds
+    ends = [r["data"] for r in log if r["event"] == "round_end"]
+    assert [e["privacy"]["decrypted_by"] for e in ends] == [[0, 1, 2], [0, 1, 2]] and ends[-1]["accuracy"] > 0.5
+    assert log[-1]["data"]["status"] == "completed"
+
+
+@pytest.mark.slow
 def test_local_cluster_command_prints_the_run_directory_last_and_stops_on_ctrl_c(tmp_path):
     out = tmp_path / "runs"
     command = [*FEDLEARN, "local-cluster", "--nodes", "2", "--out", str(out), "--run-config", "num-rounds=1 privacy=plain"]

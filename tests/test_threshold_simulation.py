@@ -106,3 +106,16 @@ def test_below_the_quorum_the_run_stops_loudly_and_says_so_in_the_audit_log(tmp_
     assert sum(r["event"] == "node_failed" and r["data"]["kind"] == "query.threshold_decrypt" for r in log) == 3
     assert not any(r["event"] == "round_end" and r["round"] == 1 for r in log)
     assert verify(run_dir / "audit.jsonl", signing.load_public(run_dir / "audit.pub")).ok
+
+
+@pytest.mark.slow
+def test_a_server_optimizer_steps_from_the_decrypted_average(tmp_path):
+    """The server holds the decrypted sum, so Flower's FedAdam runs on it: its first step is
+    Lipschitz in the average with constant eta * 0.742 * 0.1 / tau (Flower's defaults)."""
+    overrides = {"strategy": "fedadam", "server-lr": 0.01}
+    reference, _ = run(config(tmp_path / "plain", privacy="plain", **overrides))
+    ours, _ = run(config(tmp_path / "threshold", privacy="he-threshold", **overrides))
+    bound = round_end(ours)["privacy"]["error_bound"]
+    lipschitz = 0.01 * (0.0199**0.5 / 0.19) * 0.1 / 1e-3
+    assert max_diff(final_model(ours), final_model(reference)) <= lipschitz * bound + 1e-6
+    assert abs(ours["final_accuracy"] - reference["final_accuracy"]) <= 0.005
