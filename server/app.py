@@ -23,7 +23,6 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from crypto import signing
-from crypto import threshold as threshold_crypto
 from crypto.digest import arrays_digest
 from fedlearn import data, ifca, models, multimodel, packing, strategies
 from fedlearn.config import (
@@ -57,7 +56,7 @@ from server.grid import DropoutGrid, MeteredGrid, PartitionOrderedGrid, short_re
 from server.he import HEStrategy, load_public_key, provision_he
 from server.resume import ResumedStrategy, innermost, restore_strategy_state, strategy_state
 from server.secagg import SecAggStrategy
-from server.threshold import ThresholdStrategy
+from server.threshold import ThresholdStrategy, require_openfhe
 
 RoundCallback = Callable[[RoundRecord], None]
 
@@ -168,8 +167,7 @@ def run_federation(
     if resume_dir is not None and audit_key is None:
         audit_key = load_run_audit_key(resume_dir)
     he_key = load_public_key(config)
-    if config.privacy == "he-threshold":
-        threshold_crypto.openfhe()  # missing bindings: the install hint, before anything is written
+    require_openfhe(config)
     model = global_model(config)  # the initial weights; evaluates each round's model when the server does
     shared = strategies.initial_state(config)  # what is federated (fedper: no head; fedmd: a consensus)
     ordered = PartitionOrderedGrid(grid)

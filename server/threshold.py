@@ -34,13 +34,23 @@ from crypto.threshold import KeyShare, ThresholdError
 from fedlearn import he
 from fedlearn.config import RunConfig
 from fedlearn.encoding import FixedPointCodec, range_exponents
-from fedlearn.errors import FederationError, RoundFailed
+from fedlearn.errors import ConfigError, FederationError, RoundFailed
 from fedlearn.messages import NODE_RECORD, NUM_EXAMPLES_KEY, PARTITION_KEY
 from fedlearn.threshold import DECRYPT, HOLD, JOIN, KEYGEN, RECORD, REVEAL, Committee, RoundPlan
 from server.grid import learn_example_counts
 from server.secagg import average_as_reply
 
 T = TypeVar("T")
+
+
+def require_openfhe(config: RunConfig) -> None:
+    """Under he-threshold, OpenFHE's bindings or a ConfigError that says how to get them: called
+    before the run directory exists (and by `fedlearn simulate` before the simulation starts)."""
+    if config.privacy == "he-threshold":
+        try:
+            threshold.openfhe()
+        except ImportError as exc:
+            raise ConfigError([str(exc)]) from None
 
 
 class ThresholdStrategy(Strategy):

@@ -1,6 +1,9 @@
 """Server-side pieces of the ServerApp that need no running Flower."""
 
+import pytest
+
 from fedlearn.config import RunConfig
+from fedlearn.errors import ConfigError
 from server.app import global_model, initial_arrays
 from server.grid import short_reason
 
@@ -18,3 +21,15 @@ def test_initial_model_is_seeded():
     assert all((a[k].numpy() == b[k].numpy()).all() for k in a)
     assert any((a[k].numpy() != other[k].numpy()).any() for k in a)
     assert set(global_model(config).state_dict()) == set(a)
+
+
+def test_he_threshold_without_openfhe_stops_before_the_run_with_the_install_hint(monkeypatch, tmp_path):
+    import sys
+
+    from server.threshold import require_openfhe
+
+    monkeypatch.setitem(sys.modules, "openfhe", None)  # as if the extra were not installed
+    config = RunConfig.from_flat({"privacy": "he-threshold", "out-dir": str(tmp_path)})
+    with pytest.raises(ConfigError, match=r"fedlearn\[threshold\]"):
+        require_openfhe(config)
+    require_openfhe(config.replace(privacy="secagg"))  # the other modes never need it
