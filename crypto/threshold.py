@@ -96,9 +96,12 @@ def _load(kind: str, blob: bytes):
     loader = {"public key": of.DeserializePublicKeyString, "secret key": of.DeserializePrivateKeyString,
               "ciphertext": of.DeserializeCiphertextString}[kind]
     try:
-        return loader(blob, of.BINARY)
+        loaded = loader(blob, of.BINARY)
     except Exception as exc:
         raise ThresholdError(f"this is not a serialized OpenFHE {kind} ({str(exc)[:120]})") from None
+    if loaded is None:  # some malformed blobs deserialize to nothing rather than raise
+        raise ThresholdError(f"this is not a serialized OpenFHE {kind} (it deserializes to nothing)")
+    return loaded
 
 
 def _dump(obj) -> bytes:

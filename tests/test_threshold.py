@@ -8,6 +8,8 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from crypto import threshold
 from crypto.threshold import ThresholdError
@@ -49,6 +51,19 @@ def test_the_committee_decrypts_the_sum_and_only_the_sum(committee, updates):
     total = threshold.add(context, encrypted)
     values = threshold.fuse(context, decrypt_with(context, shares, total), MEMBERS, 9000)
     np.testing.assert_array_equal(values, np.sum(clear, axis=0))  # exact: BFV adds integers
+
+
+@settings(max_examples=15, deadline=None)
+@given(terms=st.integers(1, 8), length=st.integers(1, 5000), seed=st.integers(0, 2**32 - 1))
+def test_any_sum_that_fits_sum_bits_decrypts_exactly(committee, terms, length, seed):
+    """Sums of up to ``terms`` values below 2**SUM_BITS / terms: the fixed-point encodings the
+    mode sends, at every length (partial last ciphertext included)."""
+    context, shares, joint, _ = committee
+    rng = np.random.default_rng(seed)
+    clear = [rng.integers(0, (1 << threshold.SUM_BITS) // terms, length) for _ in range(terms)]
+    total = threshold.add(context, [threshold.encrypt(context, joint, values) for values in clear])
+    fused = threshold.fuse(context, decrypt_with(context, shares, total), MEMBERS, length)
+    np.testing.assert_array_equal(fused, np.sum(clear, axis=0))
 
 
 @pytest.mark.parametrize("holders", [[0], [0, 1], [0, 3]], ids=["one member", "t-1 with the lead", "another t-1"])
