@@ -335,6 +335,7 @@ def keyholder_reply(msg: Message, context: Context, stage) -> Message:
     return reply(msg, task.partition_id, signing_key(msg, context, task), **stage(msg, context.state))
 
 
+# One module-level function per stage: Ray ships ClientApp handlers to its workers by reference.
 @app.query("threshold_join")
 def threshold_join_handler(msg: Message, context: Context) -> Message:
     return keyholder_reply(msg, context, threshold.join)

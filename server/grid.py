@@ -29,18 +29,24 @@ def short_reason(reason: str) -> str:
     return last.split("Message: ", 1)[-1].strip("'<>")
 
 
-def learn_example_counts(grid: Grid, nodes: Iterable[int], counts: dict[int, int], config: dict, timeout: float) -> None:
-    """Ask nodes not in ``counts`` how many training examples they hold (one QUERY each) and add
-    their answers: privacy modes that weight in ciphertext normalise by the largest count of a
-    round, so that sums cannot overflow. ``config`` is the run config (flat) the nodes need."""
+def round_weight_cap(grid: Grid, nodes: list[int], counts: dict[int, int], config: dict, timeout: float) -> int:
+    """The largest training-example count among ``nodes``, asking those not in ``counts`` (one
+    QUERY each; answers are added to ``counts``): privacy modes that weight in ciphertext divide
+    by it, so that sums cannot overflow. ``config`` is the run config (flat) the nodes need."""
     unknown = [n for n in nodes if n not in counts]
-    if not unknown:
-        return
-    ask = ConfigRecord({**config, "ask": NUM_EXAMPLES_KEY})
-    queries = [Message(RecordDict({"config": ask}), dst_node_id=n, message_type=MessageType.QUERY) for n in unknown]
-    for reply in grid.send_and_receive(queries, timeout=timeout):
-        if not reply.has_error() and NODE_RECORD in reply.content and NUM_EXAMPLES_KEY in reply.content[NODE_RECORD]:
-            counts[reply.metadata.src_node_id] = int(reply.content[NODE_RECORD][NUM_EXAMPLES_KEY])
+    if unknown:
+        ask = ConfigRecord({**config, "ask": NUM_EXAMPLES_KEY})
+        queries = [Message(RecordDict({"config": ask}), dst_node_id=n, message_type=MessageType.QUERY) for n in unknown]
+        for reply in grid.send_and_receive(queries, timeout=timeout):
+            if not reply.has_error() and NODE_RECORD in reply.content and NUM_EXAMPLES_KEY in reply.content[NODE_RECORD]:
+                counts[reply.metadata.src_node_id] = int(reply.content[NODE_RECORD][NUM_EXAMPLES_KEY])
+    known = [counts[n] for n in nodes if n in counts]
+    if not known:
+        raise FederationError(
+            f"none of the {len(nodes)} sampled nodes said how many training examples it holds within "
+            f"round-timeout={timeout:g}s: are they running fedlearn's ClientApp?"
+        )
+    return max(known)
 
 
 def payload_bytes(content: RecordDict) -> int:

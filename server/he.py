@@ -21,10 +21,10 @@ from flwr.serverapp.strategy import Strategy
 
 from crypto.he import Encrypted, HEKey, HEKeyError, generate_pair
 from fedlearn.config import RunConfig
-from fedlearn.errors import ConfigError, FederationError
+from fedlearn.errors import ConfigError
 from fedlearn.he import PREVIOUS_RECORD, ModelCodec, StateMeta, encrypted_record, record_chunks
 from fedlearn.messages import HE_RECORD
-from server.grid import learn_example_counts
+from server.grid import round_weight_cap
 
 
 @dataclass
@@ -74,14 +74,8 @@ class HEStrategy(Strategy):
         if not messages:
             return messages
         nodes = [m.metadata.dst_node_id for m in messages]
-        learn_example_counts(grid, nodes, self.counts, self.config.to_flat(), self.config.round_timeout)
-        known = [self.counts[n] for n in nodes if n in self.counts]
-        if not known:
-            raise FederationError(
-                f"none of the {len(nodes)} sampled nodes said how many training examples it holds within "
-                f"round-timeout={self.config.round_timeout:g}s: are they running fedlearn's ClientApp?"
-            )
-        self.plan = RoundPlan(max_terms=len(nodes), weight_cap=max(known))
+        cap = round_weight_cap(grid, nodes, self.counts, self.config.to_flat(), self.config.round_timeout)
+        self.plan = RoundPlan(max_terms=len(nodes), weight_cap=cap)
         self._attach(messages, {"max-terms": self.plan.max_terms, "weight-cap": self.plan.weight_cap})
         return messages
 

@@ -37,7 +37,7 @@ from fedlearn.encoding import FixedPointCodec, range_exponents
 from fedlearn.errors import ConfigError, FederationError, RoundFailed
 from fedlearn.messages import NODE_RECORD, NUM_EXAMPLES_KEY, PARTITION_KEY
 from fedlearn.threshold import DECRYPT, HOLD, JOIN, KEYGEN, RECORD, REVEAL, Committee, RoundPlan
-from server.grid import learn_example_counts
+from server.grid import round_weight_cap
 from server.secagg import average_as_reply
 
 T = TypeVar("T")
@@ -156,16 +156,10 @@ class ThresholdStrategy(Strategy):
             return messages
         self.grid = grid
         nodes = [m.metadata.dst_node_id for m in messages]
-        learn_example_counts(grid, nodes, self.counts, self.config.to_flat(), self.config.round_timeout)
-        known = [self.counts[n] for n in nodes if n in self.counts]
-        if not known:
-            raise FederationError(
-                f"none of the {len(nodes)} sampled nodes said how many training examples it holds within "
-                f"round-timeout={self.config.round_timeout:g}s: are they running fedlearn's ClientApp?"
-            )
+        cap = round_weight_cap(grid, nodes, self.counts, self.config.to_flat(), self.config.round_timeout)
         encoding = self.config.threshold_encoding(len(nodes))
         exponents = range_exponents({k: v.numpy() for k, v in arrays.items()}, self.config.threshold_range_factor(encoding.bits))
-        self.plan = RoundPlan(encoding.bits, len(nodes), max(known), tuple(exponents))
+        self.plan = RoundPlan(encoding.bits, len(nodes), cap, tuple(exponents))
         record = ConfigRecord({**self.plan.to_record(), "context": self.committee.context,
                                "joint-public": self.committee.joint_public})
         for content in {id(m.content): m.content for m in messages}.values():

@@ -4,8 +4,6 @@ out, and a loud, audited stop below the quorum."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
