@@ -26,6 +26,7 @@ def test_tree_memory_sees_child_processes():
     assert memory.peak > 200 * 2**20
 
 
+@pytest.mark.slow
 def test_scale_scenario_appends_a_record(results_dir):
     args = bench.build_parser().parse_args(["fedavg-scale", "--clients", "3", "--rounds", "2"])
     entries = bench.SCENARIOS["fedavg-scale"][0](args)

@@ -87,7 +87,7 @@ def _stop_processes_mentioning(marker: str) -> None:
     psutil.wait_procs(procs, timeout=10)
 
 
-@pytest.mark.parametrize("privacy", ["plain", "he"])
+@pytest.mark.parametrize("privacy", ["plain", pytest.param("he", marks=pytest.mark.slow)])
 def test_flwr_run_uses_the_same_app_and_keys(tmp_path, privacy):
     flwr_home = tmp_path / "flwr-home"
     out = tmp_path / "runs"
@@ -137,6 +137,7 @@ def test_diverged_round_stops_the_run_and_keeps_what_was_written(tmp_path):
     assert "training diverged" in final["data"]["reason"]
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_promptly_and_leaves_consistent_files(tmp_path):
     import signal
     import threading

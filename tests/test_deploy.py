@@ -42,6 +42,7 @@ def records(run_dir: Path) -> list[dict]:
     return audit.read(run_dir / "audit.jsonl")
 
 
+@pytest.mark.slow
 def test_tls_node_auth_cluster_runs_two_rounds_and_refuses_an_unregistered_node(tmp_path):
     directory = tmp_path / "cluster"
     config = RunConfig(num_rounds=2, min_available_clients=3, out_dir=str(tmp_path / "runs"))

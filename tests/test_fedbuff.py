@@ -215,6 +215,7 @@ def test_several_server_updates_from_one_pull(run_identity):
     assert seen == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_server_updates_without_new_replies_in_a_flower_simulation(tmp_path):
     """Buffer 1 and clients that answer together: some server updates come only from updates
     pulled earlier, and the run goes on (it once stopped there as if no client had answered)."""

@@ -124,6 +124,7 @@ def test_each_model_is_the_weighted_mean_of_the_clients_that_trained_it(run_iden
     assert metrics["loss"] == pytest.approx(0.5)
 
 
+@pytest.mark.slow
 def test_every_model_of_a_multimodel_run_is_its_own_fedavg_run(tmp_path):
     """Differential, real Flower simulations: a multimodel run of two architectures, every client
     training both, ends with each model equal bit for bit to a FedAvg run of that model alone; the

@@ -76,8 +76,8 @@ def test_secagg_equals_plain_within_the_stated_bound_and_uploads_two_bytes_per_p
 
 
 # Each stage's dropouts are also tested without Flower (tests/test_secagg_protocol.py); here the
-# default suite runs two stages end to end and the slow suite the others.
-@pytest.mark.parametrize("stage", [pytest.param("advertise", marks=pytest.mark.slow), "share",
+# default suite runs one stage end to end (unmask) and the slow suite the others.
+@pytest.mark.parametrize("stage", [pytest.param("advertise", marks=pytest.mark.slow), pytest.param("share", marks=pytest.mark.slow),
                                    pytest.param("train", marks=pytest.mark.slow), "unmask"])
 def test_dropouts_above_the_threshold_give_the_survivors_sum(tmp_path, plain, stage):
     """One of five clients vanishes at ``stage``: the round still aggregates exactly the clients
@@ -107,7 +107,7 @@ def test_below_the_threshold_the_run_stops_loudly_and_says_so_in_the_audit_log(t
     assert not any(r["event"] == "round_end" and r["round"] == 1 for r in records)
 
 
-@pytest.mark.parametrize("strategy", ["fedavgm", "fedadam"])
+@pytest.mark.parametrize("strategy", [pytest.param("fedavgm", marks=pytest.mark.slow), "fedadam"])
 def test_server_optimizers_step_from_the_unmasked_average(tmp_path, strategy):
     """The server learns the aggregate, so Flower's own server step runs on it: one round of
     fedavgm (lr 1) lands on the average itself; fedadam's first step is Lipschitz in the average
