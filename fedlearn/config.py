@@ -403,11 +403,10 @@ class RunConfig:
                 "privacy=he-threshold needs at least 2 clients per round (the sum of one client is its update): "
                 "sample more clients, or set privacy=plain"
             )
-        need = problems.append
         if self.threshold_range < 0:
-            need(f"threshold-range={self.threshold_range}: must be > 0 (a multiple of each tensor's largest value), or 0 for auto")
+            problems.append(f"threshold-range={self.threshold_range}: must be > 0 (a multiple of each tensor's largest value), or 0 for auto")
         if self.threshold_timeout <= 0:
-            need(f"threshold-timeout={self.threshold_timeout}: must be > 0 seconds")
+            problems.append(f"threshold-timeout={self.threshold_timeout}: must be > 0 seconds")
         return problems
 
     def _collaborative_problems(self) -> list[str]:

@@ -11,15 +11,20 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from logging import WARNING
+from typing import TypeVar
 from dataclasses import dataclass, field
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.serde import recorddict_to_proto
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedlearn.errors import FederationError
 from fedlearn.messages import NODE_RECORD, NUM_EXAMPLES_KEY, PARTITION_KEY
+
+T = TypeVar("T")
 
 
 def short_reason(reason: str) -> str:
@@ -27,6 +32,25 @@ def short_reason(reason: str) -> str:
     lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
     last = lines[-1] if lines else reason
     return last.split("Message: ", 1)[-1].strip("'<>")
+
+
+def parsed_replies(grid: Grid, messages: list[Message], timeout: float, record: str,
+                   parse: Callable[[int, ConfigRecord, RecordDict], T], what: str) -> dict[int, T]:
+    """Send one stage's requests of a privacy mode; ``parse(node, reply's ``record``, content)`` of
+    each reply that came back without error from an addressee, by node. A reply it refuses
+    (ValueError, KeyError, TypeError) counts as dropped, logged with ``what`` (mode, round, stage),
+    so that one broken node cannot sink the stage."""
+    addressees = {m.metadata.dst_node_id for m in messages}
+    answered = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        node = reply.metadata.src_node_id
+        if reply.has_error() or node not in addressees:
+            continue
+        try:
+            answered[node] = parse(node, reply.content.get(record, ConfigRecord()), reply.content)
+        except (KeyError, TypeError, ValueError) as exc:
+            log(WARNING, "%s: node %d sent a malformed reply (%s); it counts as dropped", what, node, exc)
+    return answered
 
 
 def round_weight_cap(grid: Grid, nodes: list[int], counts: dict[int, int], config: dict, timeout: float) -> int:

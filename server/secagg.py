@@ -32,7 +32,7 @@ from fedlearn.encoding import FixedPointCodec, range_exponents
 from fedlearn.errors import RoundFailed
 from fedlearn.messages import NODE_RECORD, NUM_EXAMPLES_KEY, SECAGG_RECORD
 from fedlearn.secagg import ADVERTISE, MASKED_ARRAY, SHARE, UNMASK, RoundPlan
-from server.grid import short_reason
+from server.grid import parsed_replies, short_reason
 
 
 T = TypeVar("T")
@@ -79,16 +79,8 @@ class SecAggStrategy(Strategy):
                     dst_node_id=node, message_type=message_type)
             for node, record in records.items()
         ]
-        answered = {}
-        for reply in self.grid.send_and_receive(messages, timeout=self.config.secagg_timeout):
-            node = reply.metadata.src_node_id
-            if reply.has_error() or node not in records:
-                continue
-            try:
-                answered[node] = parse(node, reply.content[SECAGG_RECORD], reply.content)
-            except (KeyError, TypeError, ValueError) as exc:
-                log(WARNING, "secagg: round %d, %s stage: node %d sent a malformed reply (%s); it counts as dropped",
-                    server_round, stage, node, exc)
+        answered = parsed_replies(self.grid, messages, self.config.secagg_timeout, SECAGG_RECORD, parse,
+                                  f"secagg: round {server_round}, {stage} stage")
         self.dropped[stage] = sorted(set(records) - set(answered))
         self._require(len(answered), stage, server_round)
         return answered

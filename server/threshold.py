@@ -37,7 +37,7 @@ from fedlearn.encoding import FixedPointCodec, range_exponents
 from fedlearn.errors import ConfigError, FederationError, RoundFailed
 from fedlearn.messages import NODE_RECORD, NUM_EXAMPLES_KEY, PARTITION_KEY
 from fedlearn.threshold import DECRYPT, HOLD, JOIN, KEYGEN, RECORD, REVEAL, Committee, RoundPlan
-from server.grid import round_weight_cap
+from server.grid import parsed_replies, round_weight_cap
 from server.secagg import average_as_reply
 
 T = TypeVar("T")
@@ -71,22 +71,13 @@ class ThresholdStrategy(Strategy):
 
     def _exchange(self, server_round: int, stage: str, message_type: str, records: dict[int, dict],
                   parse: Callable[[int, ConfigRecord, RecordDict], T], extra: dict | None = None) -> dict[int, T]:
-        """Send one stage's requests; ``parse(node, threshold record, content)`` of each reply that came
-        back without error, by node. A reply it refuses (ValueError, KeyError) counts as no answer."""
+        """Send one stage's requests; ``parse(node, threshold record, content)`` of each valid reply,
+        by node (server.grid.parsed_replies)."""
         config = ConfigRecord({**self.config.to_flat(), "server-round": server_round})
         messages = [Message(RecordDict({"config": config, RECORD: ConfigRecord(record), **(extra or {})}),
                             dst_node_id=node, message_type=message_type) for node, record in records.items()]
-        answered = {}
-        for reply in self.grid.send_and_receive(messages, timeout=self.config.threshold_timeout):
-            node = reply.metadata.src_node_id
-            if reply.has_error() or node not in records:
-                continue
-            try:
-                answered[node] = parse(node, reply.content.get(RECORD, ConfigRecord()), reply.content)
-            except (KeyError, TypeError, ValueError) as exc:
-                log(WARNING, "he-threshold: round %d, %s stage: node %d sent a malformed reply (%s); it counts as no answer",
-                    server_round, stage, node, exc)
-        return answered
+        return parsed_replies(self.grid, messages, self.config.threshold_timeout, RECORD, parse,
+                              f"he-threshold: round {server_round}, {stage} stage")
 
     # -- the key ceremony ---------------------------------------------------------------
     def hold_ceremony(self, grid: Grid) -> Committee:
