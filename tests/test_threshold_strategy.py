@@ -11,6 +11,7 @@ from flwr.serverapp.strategy import FedAvg
 from crypto import threshold
 from fedlearn import he
 from fedlearn.config import RunConfig
+from fedlearn.errors import FederationError
 from fedlearn.threshold import RECORD, Committee, RoundPlan
 from server.threshold import ThresholdStrategy
 from tests import needs
@@ -53,3 +54,21 @@ def test_a_well_formed_update_passes(strategy):
 def test_a_malformed_update_is_refused_with_the_reason(strategy, change, reason):
     with pytest.raises(ValueError, match=reason):
         strategy.check_reply(reply(strategy, **change))
+
+
+class SilentGrid:
+    """Three connected nodes that answer nothing (not keyholders, or not fedlearn's ClientApp)."""
+
+    def get_node_ids(self):
+        return [11, 12, 13]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return []
+
+
+def test_a_ceremony_without_enough_keyholders_stops_with_the_fix(run_identity):
+    ours = ThresholdStrategy(FedAvg(), RunConfig.from_flat({"privacy": "he-threshold"}), TEMPLATE)
+    with pytest.raises(FederationError, match=r"committee of threshold-committee=3 key holders, but 0 of the 3 connected"):
+        ours.hold_ceremony(SilentGrid())
+    with pytest.raises(RuntimeError, match="hold_ceremony"):
+        ours.configure_train(1, None, None, SilentGrid())  # no round before the ceremony
