@@ -42,6 +42,19 @@ def records(run_dir: Path) -> list[dict]:
     return audit.read(run_dir / "audit.jsonl")
 
 
+def run_on_three_nodes(tmp_path: Path, config: RunConfig) -> tuple[Path, list[dict]]:
+    """Run ``config`` on a fresh three-SuperNode cluster, stop it, check nothing is left running;
+    the run directory and its verified audit records."""
+    directory = tmp_path / "cluster"
+    cluster = LocalCluster(directory, 3, echo=lambda line: None)
+    try:
+        run_dir = cluster.submit(cluster.start(config))
+    finally:
+        cluster.stop()
+    assert not cluster_processes(directory), "processes left running"
+    return run_dir, records(run_dir)
+
+
 @pytest.mark.slow
 def test_tls_node_auth_cluster_runs_two_rounds_and_refuses_an_unregistered_node(tmp_path):
     directory = tmp_path / "cluster"
@@ -78,16 +91,9 @@ def test_he_threshold_holds_its_key_ceremony_between_real_supernodes(tmp_path):
     from tests import needs
 
     needs.openfhe()
-    directory = tmp_path / "cluster"
     config = RunConfig(num_rounds=2, min_available_clients=3, privacy="he-threshold", threshold_committee=3,
                        threshold_quorum=2, out_dir=str(tmp_path / "runs"))
-    cluster = LocalCluster(directory, 3, echo=lambda line: None)
-    try:
-        run_dir = cluster.submit(cluster.start(config))
-    finally:
-        cluster.stop()
-    assert not cluster_processes(directory), "processes left running"
-    log = records(run_dir)
+    _, log = run_on_three_nodes(tmp_path, config)
     (ceremony,) = [r["data"] for r in log if r["event"] == "key_ceremony"]
     assert [m["partition"] for m in ceremony["members"]] == [0, 1, 2] and ceremony["quorum"] == 2
     keygens = {r["data"]["node"] for r in log if r["event"] == "update_accepted" and r["data"]["kind"] == "query.threshold_keygen"}
@@ -114,15 +120,8 @@ COLLABORATIVE = {
 def test_collaborative_strategies_run_between_real_supernodes(tmp_path, name):
     """The strategies whose state lives on the nodes (fedper) or that leave Flower's synchronous
     loop (fedbuff) also work between real SuperNode processes, every update signed and audited."""
-    directory = tmp_path / "cluster"
     config = RunConfig(min_available_clients=3, out_dir=str(tmp_path / "runs"), **COLLABORATIVE[name])
-    cluster = LocalCluster(directory, 3, echo=lambda line: None)
-    try:
-        run_dir = cluster.submit(cluster.start(config))
-    finally:
-        cluster.stop()
-    assert not cluster_processes(directory), "processes left running"
-    log = records(run_dir)
+    run_dir, log = run_on_three_nodes(tmp_path, config)
     assert not [r for r in log if r["event"] == "update_rejected"]
     accepted = {r["data"]["node"] for r in log if r["event"] == "update_accepted" and r["data"]["kind"] == "train"}
     assert accepted == {"node-0", "node-1", "node-2"}
