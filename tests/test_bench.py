@@ -6,11 +6,14 @@ import pytest
 from flwr.app import ArrayRecord
 
 from simulations import bench
+from simulations.bench import harness
+
+DOCS = harness.REPO / "docs" / "generated"
 
 
 @pytest.fixture
 def results_dir(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(harness, "RESULTS_DIR", tmp_path)  # where record() and report() read it
     return tmp_path
 
 
@@ -42,6 +45,29 @@ def test_scale_scenario_appends_a_record(results_dir):
 
 def test_report_without_results(results_dir):
     assert "no results recorded" in bench.report("fedavg-scale")
+
+
+def test_docs_tables_match_the_recorded_results():
+    """docs/generated/bench-<scenario>.md is what `report --docs` writes from the records now, for
+    every scenario with results: a new record, or a hand edit, fails here until regenerated."""
+    stale = []
+    for name in bench.SCENARIOS:
+        page = bench.docs_page(name)
+        path = DOCS / f"bench-{name}.md"
+        if page is not None and (not path.is_file() or path.read_text() != page):
+            stale.append(path.name)
+    assert not stale, f"out of date: {', '.join(stale)}; run `python -m simulations.bench report --docs docs/generated`"
+
+
+def test_docs_are_written_only_for_scenarios_with_results(results_dir, tmp_path_factory, capsys):
+    (results_dir / "fedavg-scale.jsonl").write_text(json.dumps(
+        {"scenario": "fedavg-scale", "when": "2025-01-01T00:00:00+00:00", "config": "",
+         "machine": {"commit": "abc1234", "cpus": 2, "torch": "2", "flwr": "1"}, "figures": {"clients": 3}}) + "\n")
+    docs = tmp_path_factory.mktemp("docs")
+    assert bench.main(["report", "--docs", str(docs), "fedavg-scale", "mcmahan-2nn"]) == 0
+    assert [p.name for p in docs.iterdir()] == ["bench-fedavg-scale.md"]
+    assert "skipped (no results recorded): mcmahan-2nn" in capsys.readouterr().out
+    assert (docs / "bench-fedavg-scale.md").read_text() == bench.report("fedavg-scale") + "\n"
 
 
 def test_access_overhead_baseline_switch_is_scoped(tmp_path):
@@ -101,9 +127,9 @@ def test_throughput_scenario_records_both_loops(results_dir):
 
 
 def test_threshold_ops_scenario_measures_and_checks_the_sum(results_dir):
-    from tests import needs
+    from tests.helpers import needs_openfhe
 
-    needs.openfhe()
+    needs_openfhe()
     args = bench.build_parser().parse_args(["threshold-ops", "--params", "5000", "--clients", "3"])
     figures = bench.SCENARIOS["threshold-ops"][0](args)[0]["figures"]
     assert figures["ciphertexts_per_client"] == 2 and figures["max_abs_error"] <= figures["error_bound"]

@@ -1,0 +1,65 @@
+"""Benchmark harness: run a named scenario, append one JSON record per result to
+``simulations/results/<scenario>.jsonl``.
+
+    python -m simulations.bench fedavg-scale --clients 10,100,1000
+    python -m simulations.bench mcmahan-2nn --seeds 42,43,44
+    python -m simulations.bench access-overhead
+    python -m simulations.bench secagg-round --models mlp,cnn --clients 10,50
+    python -m simulations.bench ifca-rotated-digits --seeds 42,43,44
+    python -m simulations.bench personalisation --dataset mnist --rounds 10
+    python -m simulations.bench fedmd
+    python -m simulations.bench multimodel
+    python -m simulations.bench fedbuff
+    python -m simulations.bench throughput
+    python -m simulations.bench threshold-ops
+    python -m simulations.bench threshold-round
+    python -m simulations.bench report                       # markdown tables of the records
+    python -m simulations.bench report --docs docs/generated # one file per scenario, for the docs
+
+Each measurement runs `fedlearn simulate` in a fresh subprocess (so Ray starts clean and
+memory is attributable), while this process samples the resident memory of the whole
+process tree (driver, Ray's GCS/raylet and every worker). Records carry the machine, the
+software versions and the resolved config, so figures can be compared honestly.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from simulations.bench import harness
+from simulations.bench.harness import SCENARIOS, report, write_docs
+
+# Importing a topic module registers its scenarios; this order is the order of --help and report.
+from simulations.bench import scale, collaborative, privacy, access, deployment, training  # noqa: E402, F401, I001
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m simulations.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="scenario", required=True)
+    for name, (function, add_args) in SCENARIOS.items():
+        add_args(sub.add_parser(name, help=(function.__doc__ or "").replace("%", "%%")))  # argparse %-formats help
+    show = sub.add_parser("report", help="print recorded results as markdown tables")
+    show.add_argument("names", nargs="*", default=list(SCENARIOS), help="scenarios (default: all)")
+    show.add_argument("--commit", help="the commit whose records to show (default: the latest)")
+    show.add_argument("--docs", type=Path, metavar="DIR",
+                      help="instead of printing, write each scenario's tables to DIR/bench-<scenario>.md")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.scenario == "report" and args.docs:
+        written, skipped = write_docs(args.docs, args.names, args.commit)
+        for path in written:
+            print(f"wrote {path}")
+        if skipped:
+            print(f"skipped (no results recorded): {', '.join(skipped)}")
+        return 0
+    if args.scenario == "report":
+        print("\n\n".join(report(name, args.commit) for name in args.names))
+        return 0
+    entries = SCENARIOS[args.scenario][0](args)
+    print(f"appended {len(entries)} record(s) to {harness.RESULTS_DIR / (args.scenario + '.jsonl')}")
+    return 0
