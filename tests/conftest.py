@@ -1,4 +1,5 @@
-"""Shared fixtures. Flower must never phone home from tests."""
+"""Shared fixtures. Flower must never phone home from tests. Test modules import helpers from
+tests/helpers.py, never from here."""
 
 from __future__ import annotations
 
@@ -11,16 +12,8 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 
-REPO = Path(__file__).resolve().parent.parent
-SHARED_DATA = REPO.parent / "shared" / "data"
-
-
-def mnist_dir() -> Path | None:
-    """Where MNIST lives: $FEDLEARN_DATA_DIR or the workspace's ../shared/data."""
-    for candidate in (os.environ.get("FEDLEARN_DATA_DIR"), SHARED_DATA):
-        if candidate and (Path(candidate) / "mnist" / "train-images-idx3-ubyte.gz").is_file():
-            return Path(candidate)
-    return None
+# After the settings above: tests.helpers imports Flower.
+from tests.helpers import mnist_dir  # noqa: E402
 
 
 @pytest.fixture

@@ -3,19 +3,19 @@
 import json
 
 import numpy as np
-import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict
 
 from clients.app import reply
 from crypto import signing
 from fedlearn.access import AccessPolicy
-from fedlearn.audit import AuditLog, read, verify
+from fedlearn.audit import read
 from fedlearn.config import RunConfig
 from fedlearn.secagg import ADVERTISE, SHARE, UNMASK
 from server.access import AccessGrid
 from server.app import initial_arrays
 from server.grid import payload_bytes
-from tests.messages import message
+from tests.helpers import access_setup as setup  # noqa: F401  (fixture)
+from tests.helpers import assert_log_verifies, message
 
 CONFIG = RunConfig.from_flat({"num-clients": 4, "model": "logreg"})
 
@@ -43,28 +43,6 @@ def honest(key, partition=0):
     def answer(msg):
         return [reply(msg, partition, key, arrays=record(update(msg)), metrics=MetricRecord({"num-examples": 7}))]
     return answer
-
-
-@pytest.fixture
-def setup(tmp_path):
-    names = ["good", "nan", "shape", "revoked", "evaluator", "unknown"]
-    keys = {n: signing.generate() for n in names}
-    policy = AccessPolicy()
-    for name in ("good", "nan", "shape"):
-        policy.enroll(name, keys[name].public_key(), ("trainer", "evaluator"))
-    policy.enroll("revoked", keys["revoked"].public_key(), ("trainer",))
-    policy.enroll("evaluator", keys["evaluator"].public_key(), ("evaluator",))
-    policy.revoke("revoked", "compromised")
-    keys["audit"] = signing.generate()
-    audit = AuditLog(tmp_path / "audit.jsonl", keys["audit"], "run-A")
-    audit.append("run_start", 0, {})  # a log must start with it to verify
-    return keys, policy, audit
-
-
-def assert_log_verifies(setup):
-    keys, _, audit = setup
-    verdict = verify(audit.path, keys["audit"].public_key(), allow_incomplete=True)
-    assert verdict.ok, verdict.reason
 
 
 def exchange(setup, script, server_round=2, grid=None, message_type=MessageType.TRAIN, **options):

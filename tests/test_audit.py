@@ -10,7 +10,7 @@ import pytest
 from crypto import signing
 from crypto.digest import canonical_json, sha256_hex
 from fedlearn import audit
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 @pytest.fixture

@@ -11,20 +11,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import REPO
-
-ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-       "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
-FEDLEARN = [sys.executable, "-m", "simulations.cli"]
-
-
-def run(args, timeout=300, **kwargs):
-    return subprocess.run(args, cwd=REPO, env=kwargs.pop("env", ENV), capture_output=True, text=True,
-                          timeout=timeout, **kwargs)
+from tests.helpers import ENV, FEDLEARN, REPO, audit_verdict, run_command
 
 
 def test_simulate_command_prints_run_dir_last(tmp_path):
-    result = run([*FEDLEARN, "simulate", "--run-config", "num-rounds=2 num-clients=3", "--out", str(tmp_path)])
+    result = run_command([*FEDLEARN, "simulate", "--run-config", "num-rounds=2 num-clients=3", "--out", str(tmp_path)])
     assert result.returncode == 0, result.stderr
     last = result.stdout.strip().splitlines()[-1]
     run_dir = Path(last)
@@ -32,18 +23,13 @@ def test_simulate_command_prints_run_dir_last(tmp_path):
     assert "round   2" in result.stdout and "final accuracy" in result.stdout
     assert "DEPRECATED" not in result.stdout + result.stderr
     # The run's audit log verifies, and names the saved model as the final aggregate.
-    verified = run([*FEDLEARN, "audit", "verify", run_dir / "audit.jsonl", "--key", run_dir / "audit.pub",
-                    "--model", run_dir / "model.safetensors"], timeout=60)
+    verified = run_command([*FEDLEARN, "audit", "verify", run_dir / "audit.jsonl", "--key", run_dir / "audit.pub",
+                            "--model", run_dir / "model.safetensors"], timeout=60)
     assert verified.returncode == 0 and verified.stdout.startswith("OK: "), verified.stdout + verified.stderr
     assert "2 rounds" in verified.stdout
-    digest = run([*FEDLEARN, "audit", "digest", run_dir / "model.safetensors"], timeout=60).stdout.strip()
+    digest = run_command([*FEDLEARN, "audit", "digest", run_dir / "model.safetensors"], timeout=60).stdout.strip()
     final = json.loads((run_dir / "audit.jsonl").read_text().splitlines()[-1])
     assert final["event"] == "run_end" and final["data"]["final_model"] == digest
-
-
-def audit_verdict(run_dir, *extra):
-    return run([*FEDLEARN, "audit", "verify", run_dir / "audit.jsonl", "--key", run_dir / "audit.pub", *extra],
-               timeout=60)
 
 
 @pytest.mark.parametrize(
@@ -56,14 +42,14 @@ def audit_verdict(run_dir, *extra):
     ],
 )
 def test_bad_input_fails_before_any_work(tmp_path, args, message):
-    result = run([*FEDLEARN, "simulate", *args, "--out", str(tmp_path)], timeout=120)
+    result = run_command([*FEDLEARN, "simulate", *args, "--out", str(tmp_path)], timeout=120)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not any(tmp_path.iterdir()), "a failed config must not create a run directory"
 
 
 def test_list_keys():
-    result = run([*FEDLEARN, "simulate", "--list-keys"], timeout=60)
+    result = run_command([*FEDLEARN, "simulate", "--list-keys"], timeout=60)
     assert result.returncode == 0 and "proximal-mu = 0.0" in result.stdout
 
 
@@ -96,7 +82,7 @@ def test_flwr_run_uses_the_same_app_and_keys(tmp_path, privacy):
     env = {**ENV, "FLWR_HOME": str(flwr_home), "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
            "FLWR_LOCAL_CONTROL_API_PORT": str(control_port)}
     try:
-        result = run(
+        result = run_command(
             [str(Path(sys.executable).parent / "flwr"), "run", ".", "--stream",
              "--federation-config", "num-supernodes=3",
              "--run-config", f"num-rounds=2 num-clients=3 privacy='{privacy}' out-dir='{out}'"],
@@ -120,8 +106,8 @@ def test_flwr_run_uses_the_same_app_and_keys(tmp_path, privacy):
 
 
 def test_diverged_round_stops_the_run_and_keeps_what_was_written(tmp_path):
-    result = run([*FEDLEARN, "simulate", "--run-config", "lr=1e30 optimizer=sgd num-rounds=3 num-clients=3 privacy=plain",
-                  "--out", str(tmp_path)])
+    result = run_command([*FEDLEARN, "simulate", "--run-config", "lr=1e30 optimizer=sgd num-rounds=3 num-clients=3 privacy=plain",
+                          "--out", str(tmp_path)])
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: round 1: no client update to aggregate (3 clients failed")

@@ -8,7 +8,7 @@ from clients.app import evaluate_handler, node_task, query_handler, train_handle
 from fedlearn.config import RunConfig
 from fedlearn.errors import ConfigError, DataError
 from server.app import initial_arrays
-from tests.messages import message
+from tests.helpers import message
 
 
 def context(**node_config) -> Context:

@@ -15,7 +15,7 @@ from fedlearn import data, models
 from fedlearn.config import RunConfig
 from fedlearn.errors import ConfigError
 from fedlearn.training import train
-from tests import simulated
+from tests.helpers import run_simulation
 
 BASE = {"privacy": "plain", "num-clients": 3, "local-epochs": 2, "batch-size": 32, "device": "cpu"}
 
@@ -109,7 +109,7 @@ def test_a_ddp_client_in_a_flower_simulation_matches_single_process_clients(tmp_
     runs = {}
     for world in (1, 2):
         cfg = config(model="mlp", **{"num-clients": 2, "num-rounds": 2, "ddp-world-size": world, "out-dir": str(tmp_path / str(world))})
-        summary = simulated.run(cfg)[0]
+        summary = run_simulation(cfg)[0]
         run_dir = tmp_path / str(world) / summary["run_id"]
         verdict = audit.verify(run_dir / "audit.jsonl", signing.load_public(run_dir / "audit.pub"))
         assert verdict.ok, verdict.summary()

@@ -6,40 +6,15 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from crypto import certs
-from fedlearn import audit
 from fedlearn.config import RunConfig
-from crypto import signing
 from simulations.cluster import REFUSED_NODE, LocalCluster, wait_for_text
-
-FEDLEARN = [sys.executable, "-m", "simulations.cli"]
-REPO = Path(__file__).resolve().parents[1]
-
-
-def cluster_processes(directory: Path) -> list[psutil.Process]:
-    """Every live process whose command line or working directory is inside ``directory``."""
-    found = []
-    for process in psutil.process_iter(["cmdline", "cwd"]):
-        try:
-            text = " ".join(process.info["cmdline"] or []) + " " + (process.info["cwd"] or "")
-        except psutil.Error:
-            continue
-        if str(directory) in text and process.pid != psutil.Process().pid:
-            found.append(process)
-    return found
-
-
-def records(run_dir: Path) -> list[dict]:
-    verdict = audit.verify(run_dir / "audit.jsonl", signing.load_public(run_dir / "audit.pub"))
-    assert verdict.ok, verdict.summary()
-    return audit.read(run_dir / "audit.jsonl")
+from tests.helpers import FEDLEARN, REPO, audit_records, cluster_processes, needs_openfhe
 
 
 def run_on_three_nodes(tmp_path: Path, config: RunConfig) -> tuple[Path, list[dict]]:
@@ -52,7 +27,7 @@ def run_on_three_nodes(tmp_path: Path, config: RunConfig) -> tuple[Path, list[di
     finally:
         cluster.stop()
     assert not cluster_processes(directory), "processes left running"
-    return run_dir, records(run_dir)
+    return run_dir, audit_records(run_dir)
 
 
 @pytest.mark.slow
@@ -75,7 +50,7 @@ def test_tls_node_auth_cluster_runs_two_rounds_and_refuses_an_unregistered_node(
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert [(m["round"], m["clients"], m["failures"]) for m in metrics] == [(0, 0, 0), (1, 3, 0), (2, 3, 0)]
     assert metrics[-1]["accuracy"] > 0.5
-    log = records(run_dir)
+    log = audit_records(run_dir)
     assert log[0]["data"]["config"]["privacy"] == "secagg"
     accepted = {r["data"]["node"] for r in log if r["event"] == "update_accepted" and r["data"]["kind"] == "train"}
     assert accepted == {"node-0", "node-1", "node-2"}
@@ -88,9 +63,7 @@ def test_tls_node_auth_cluster_runs_two_rounds_and_refuses_an_unregistered_node(
 def test_he_threshold_holds_its_key_ceremony_between_real_supernodes(tmp_path):
     """Three SuperNode processes, each a keyholder: the ceremony's and the decryption's replies are
     signed by the nodes' keys and audited like updates, and the model is decrypted each round."""
-    from tests import needs
-
-    needs.openfhe()
+    needs_openfhe()
     config = RunConfig(num_rounds=2, min_available_clients=3, privacy="he-threshold", threshold_committee=3,
                        threshold_quorum=2, out_dir=str(tmp_path / "runs"))
     _, log = run_on_three_nodes(tmp_path, config)

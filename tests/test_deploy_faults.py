@@ -16,7 +16,7 @@ import pytest
 from fedlearn.checkpoint import Checkpoint
 from fedlearn.config import RunConfig
 from simulations.cluster import LocalCluster
-from tests.test_deploy import cluster_processes, records
+from tests.helpers import audit_records, cluster_processes
 
 pytestmark = pytest.mark.slow
 
@@ -75,7 +75,7 @@ def test_a_killed_and_a_silent_supernode_do_not_stop_the_rounds(tmp_path):
     assert metrics[1]["clients"] == 4, "round 1 lost a node before any fault was injected"
     assert metrics[2]["clients"] == 3 and metrics[3]["clients"] <= 3
     assert took < timeout + 60, f"round 3 took {took:.0f}s: the silent node was not timed out"
-    log = records(run_dir)
+    log = audit_records(run_dir)
     failed = [(r["round"], r["data"]["reason"]) for r in log if r["event"] == "node_failed"]
     assert any(server_round == 2 for server_round, _ in failed), failed
     assert any(server_round == 3 for server_round, _ in failed), failed
@@ -116,7 +116,7 @@ def test_a_killed_serverapp_resumes_on_the_same_cluster_and_audit_chain(tmp_path
     assert second.run_dir == run_dir
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert [(m["round"], m["clients"]) for m in metrics] == [(0, 0), (1, 3), (2, 3), (3, 3)]
-    log = records(run_dir)
+    log = audit_records(run_dir)
     events = [r["event"] for r in log]
     assert events.count("run_start") == 1 and events.count("run_resumed") == 1
     assert [r["round"] for r in log if r["event"] == "round_end"] == [1, 2, 3]

@@ -17,8 +17,8 @@ from fedlearn.config import RunConfig
 from fedlearn.errors import ConfigError, RoundFailed
 from fedlearn.fedbuff import FedBuff, staleness_weight
 from server.access import AccessGrid
-from tests import simulated
-from tests.test_access_grid import assert_log_verifies, setup  # noqa: F401  (fixture)
+from tests.helpers import access_setup as setup  # noqa: F401  (fixture)
+from tests.helpers import assert_log_verifies, run_simulation
 
 FEDBUFF = {"strategy": "fedbuff", "privacy": "plain"}
 
@@ -191,7 +191,7 @@ def test_fedbuff_in_a_flower_simulation_with_a_straggler(tmp_path):
         "num-clients": 4, "num-rounds": 6, "buffer-size": 2, "slow-fraction": 0.25, "slow-seconds": 3.0,
         "client-resources-num-cpus": 0.5, "out-dir": str(tmp_path),
     })
-    summary, _ = simulated.run(cfg)
+    summary, _ = run_simulation(cfg)
     run_dir = tmp_path / summary["run_id"]
     records = [json.loads(line) for line in (run_dir / "audit.jsonl").read_text().splitlines()]
     assert not [r for r in records if r["event"] == "update_rejected"]
@@ -221,6 +221,6 @@ def test_server_updates_without_new_replies_in_a_flower_simulation(tmp_path):
     pulled earlier, and the run goes on (it once stopped there as if no client had answered)."""
     cfg = config(**{"num-clients": 3, "num-rounds": 8, "buffer-size": 1, "client-resources-num-cpus": 0.5,
                     "out-dir": str(tmp_path)})
-    summary, _ = simulated.run(cfg)
+    summary, _ = run_simulation(cfg)
     metrics = json.loads((tmp_path / summary["run_id"] / "metrics.json").read_text())
     assert [m["round"] for m in metrics] == list(range(9))

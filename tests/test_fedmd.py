@@ -16,7 +16,7 @@ from crypto import signing
 from fedlearn import audit, data, distillation, models
 from fedlearn.config import RunConfig
 from fedlearn.errors import ConfigError
-from tests import simulated
+from tests.helpers import run_simulation
 
 FEDMD = {"strategy": "fedmd", "models": "logreg,mlp,mnist-cnn", "privacy": "plain", "num-clients": 6}
 
@@ -144,7 +144,7 @@ def test_fedmd_in_a_flower_simulation_shares_only_the_consensus(tmp_path, privac
     vector of public-size x classes values (no model leaves a node), every client's own model is
     tested and recorded, and the audit log verifies."""
     cfg = config(**{"privacy": privacy, "num-clients": 3, "num-rounds": 3, "public-size": 100, "out-dir": str(tmp_path)})
-    summary, recorder = simulated.run(cfg, record=True)
+    summary, recorder = run_simulation(cfg, record=True)
     updates = [m for m in recorder.received if m.metadata.message_type == "train"]
     assert len(updates) == 9
     assert all(list(m.content["arrays"]["masked"].shape) == [100 * 10] for m in updates)
@@ -166,7 +166,7 @@ def test_fedmd_learns_the_same_under_every_privacy_mode(tmp_path, privacy):
     them (within the encodings' rounding) for the same seeded job."""
     base = {**FEDMD, "num-clients": 6, "num-rounds": 4, "public-size": 200, "distill-epochs": 5,
             "distill-lr": 0.003, "out-dir": str(tmp_path)}
-    runs = {name: simulated.run(RunConfig.from_flat({**base, **overrides}))[0]
+    runs = {name: run_simulation(RunConfig.from_flat({**base, **overrides}))[0]
             for name, overrides in {"secagg": {"privacy": "secagg"}, privacy: {"privacy": privacy}}.items()}
     accuracy = {name: json.loads((tmp_path / s["run_id"] / "metrics.json").read_text())[-1]["client_accuracy"]
                 for name, s in runs.items()}

@@ -16,8 +16,8 @@ from fedlearn.config import RunConfig
 from fedlearn.errors import ConfigError
 from fedlearn.runs import load_model
 from fedlearn.checkpoint import CheckpointError
-from server.app import load_checkpoint
-from tests import simulated
+from server.resume import load_checkpoint
+from tests.helpers import run_simulation
 
 FEDPER = {"strategy": "fedper", "privacy": "plain"}
 
@@ -111,7 +111,7 @@ def test_fedper_in_a_flower_simulation_never_sends_the_head(tmp_path, privacy):
         "privacy": privacy, "num-clients": 4, "num-rounds": 3, "partitioner": "dirichlet", "dirichlet-alpha": 0.1,
         "local-test-fraction": 0.2, "out-dir": str(tmp_path),
     })
-    summary, recorder = simulated.run(cfg, record=True)
+    summary, recorder = run_simulation(cfg, record=True)
     updates = [m for m in recorder.received if m.metadata.message_type == "train"]
     assert len(updates) == 12
     if privacy == "plain":

@@ -22,7 +22,7 @@ class EchoGrid:
 
 def test_metered_grid_counts_each_way_and_resets():
     from server.grid import MeteredGrid
-    from tests.messages import message
+    from tests.helpers import message
 
     content = RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros(100, dtype=np.float32))})})
     messages = [message(content, dst=i + 1) for i in range(5)]
@@ -48,7 +48,7 @@ class PartitionStubGrid:
     def send_and_receive(self, messages, *, timeout=None):
         from flwr.app import ConfigRecord
 
-        from tests.messages import message
+        from tests.helpers import message
 
         self.sent.extend(messages)
         return [
@@ -62,7 +62,7 @@ def test_partition_ordered_grid_lists_nodes_by_partition(monkeypatch):
     from flwr.app import MessageType
 
     from server import grid as grid_module
-    from tests.messages import message
+    from tests.helpers import message
 
     # Messages built inside discover() need a run id, which a running ServerApp provides.
     monkeypatch.setattr(grid_module, "Message", lambda content, dst_node_id, message_type: message(
@@ -98,7 +98,7 @@ def test_waiting_for_nodes_times_out_with_a_clear_message():
 
 def test_total_payload_bytes_counts_shared_and_distinct_contents():
     from server.grid import total_payload_bytes
-    from tests.messages import message
+    from tests.helpers import message
 
     small = RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros(10, dtype=np.float32))})})
     large = RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros(1000, dtype=np.float32))})})
@@ -110,7 +110,7 @@ def test_total_payload_bytes_of_per_node_contents_sharing_the_model():
     """secagg sends each node its own content around the same model record: the model is
     serialized once, and the total equals what each whole content would measure."""
     from server.grid import total_payload_bytes
-    from tests.messages import message
+    from tests.helpers import message
 
     model = ArrayRecord({"w": Array(np.zeros(1000, dtype=np.float32))})
     contents = [RecordDict({"arrays": model, "secagg": ConfigRecord({"sealed": [bytes(40 + i)]})}) for i in range(3)]
@@ -119,7 +119,7 @@ def test_total_payload_bytes_of_per_node_contents_sharing_the_model():
 
 def test_dropout_grid_drops_the_same_seeded_nodes_from_their_stage_to_the_end_of_the_round():
     from server.grid import DropoutGrid
-    from tests.messages import message
+    from tests.helpers import message
 
     def stage(kind, nodes, server_round=1):
         content = RecordDict({"config": ConfigRecord({"server-round": server_round})})

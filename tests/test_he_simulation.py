@@ -16,7 +16,7 @@ from fedlearn.config import RunConfig
 from fedlearn.errors import ConfigError
 from fedlearn.runs import load_model
 from simulations.cli import main as cli
-from tests.simulated import run
+from tests.helpers import run_simulation
 
 
 def base(tmp_path, **overrides) -> RunConfig:
@@ -36,9 +36,9 @@ def max_diff(a, b) -> float:
 
 
 def test_he_rounds_equal_plain_within_the_bound_and_leak_no_key(tmp_path):
-    plain, _ = run(base(tmp_path / "plain"))
-    bfv, recorder = run(base(tmp_path / "bfv", privacy="he"), record=True)
-    ckks, _ = run(base(tmp_path / "ckks", privacy="he", **{"he-scheme": "ckks"}))
+    plain, _ = run_simulation(base(tmp_path / "plain"))
+    bfv, recorder = run_simulation(base(tmp_path / "bfv", privacy="he"), record=True)
+    ckks, _ = run_simulation(base(tmp_path / "ckks", privacy="he", **{"he-scheme": "ckks"}))
     reference = load_model(f"{plain['run_dir']}/model.safetensors")
 
     # bfv: the round's aggregate is off by at most the bound the audit log states (one round,
@@ -90,8 +90,8 @@ def test_he_rounds_equal_plain_within_the_bound_and_leak_no_key(tmp_path):
 ])
 def test_he_reaches_plain_accuracy_over_rounds(tmp_path, overrides, tolerance):
     job = {"num-rounds": 5, "num-clients": 5, **overrides}
-    plain, _ = run(base(tmp_path / "plain", **{k: v for k, v in job.items() if not k.startswith("he-")}))
-    encrypted, _ = run(base(tmp_path / "he", privacy="he", **job))
+    plain, _ = run_simulation(base(tmp_path / "plain", **{k: v for k, v in job.items() if not k.startswith("he-")}))
+    encrypted, _ = run_simulation(base(tmp_path / "he", privacy="he", **job))
     assert abs(encrypted["final_accuracy"] - plain["final_accuracy"]) <= 0.005
     reference = load_model(f"{plain['run_dir']}/model.safetensors")
     assert max_diff(decrypted(encrypted), reference) <= tolerance

@@ -18,7 +18,7 @@ from fedlearn.config import RunConfig
 from fedlearn.errors import ConfigError
 from fedlearn.messages import NODE_RECORD, PARTITION_KEY
 from fedlearn.runs import load_model
-from tests.messages import message
+from tests.helpers import message
 
 ROTATED = {"dataset": "rotated-digits", "strategy": "ifca", "privacy": "plain"}
 

@@ -16,9 +16,8 @@ from fedlearn.config import RunConfig
 from fedlearn.errors import ConfigError
 from fedlearn.messages import NODE_RECORD, PARTITION_KEY
 from fedlearn.runs import load_model
-from server.access import Rejected, check_models_update
-from tests import simulated
-from tests.messages import message
+from server.updates import Rejected, check_models_update
+from tests.helpers import message, run_simulation
 
 MULTI = {"strategy": "multimodel", "models": "logreg,mlp,mnist-cnn", "privacy": "plain"}
 
@@ -130,13 +129,13 @@ def test_every_model_of_a_multimodel_run_is_its_own_fedavg_run(tmp_path):
     training both, ends with each model equal bit for bit to a FedAvg run of that model alone; the
     run records each model's accuracy and saves each model in its own file."""
     base = {"privacy": "plain", "num-clients": 3, "num-rounds": 2, "out-dir": str(tmp_path)}
-    summary, _ = simulated.run(RunConfig.from_flat({**base, "strategy": "multimodel", "models": "logreg,mlp"}))
+    summary, _ = run_simulation(RunConfig.from_flat({**base, "strategy": "multimodel", "models": "logreg,mlp"}))
     run_dir = tmp_path / summary["run_id"]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert set(metrics[-1]["model_accuracy"]) == {"logreg", "mlp"}
     assert metrics[-1]["accuracy"] == pytest.approx(np.mean(list(metrics[-1]["model_accuracy"].values())))
     for name in ("logreg", "mlp"):
-        alone, _ = simulated.run(RunConfig.from_flat({**base, "model": name}))
+        alone, _ = run_simulation(RunConfig.from_flat({**base, "model": name}))
         expected = load_model(tmp_path / alone["run_id"] / "model.safetensors")
         got = load_model(run_dir / f"model-{name}.safetensors")
         assert set(got) == set(expected)
@@ -148,7 +147,7 @@ def test_every_model_of_a_multimodel_run_is_its_own_fedavg_run(tmp_path):
 @pytest.mark.slow
 def test_clients_training_one_model_each_in_a_flower_simulation(tmp_path):
     cfg = config(**{"num-clients": 3, "num-rounds": 3, "models-per-client": 1, "out-dir": str(tmp_path)})
-    summary, recorder = simulated.run(cfg, record=True)
+    summary, recorder = run_simulation(cfg, record=True)
     updates = [m for m in recorder.received if m.metadata.message_type == "train"]
     assert all(len({k.split("/")[0] for k in m.content["arrays"]}) == 1 for m in updates)
     ends = [json.loads(line) for line in (tmp_path / summary["run_id"] / "audit.jsonl").read_text().splitlines()]
@@ -162,8 +161,8 @@ def test_multimodel_under_secagg_matches_plain(tmp_path):
     """Every client training every model: the packed models are one masked sum, and each model's
     accuracy under secagg is plain's within the encoding's rounding."""
     base = {**MULTI, "num-clients": 4, "num-rounds": 3, "out-dir": str(tmp_path)}
-    plain, _ = simulated.run(RunConfig.from_flat(base))
-    masked, _ = simulated.run(RunConfig.from_flat({**base, "privacy": "secagg"}))
+    plain, _ = run_simulation(RunConfig.from_flat(base))
+    masked, _ = run_simulation(RunConfig.from_flat({**base, "privacy": "secagg"}))
     accuracy = {name: json.loads((tmp_path / s["run_id"] / "metrics.json").read_text())[-1]["model_accuracy"]
                 for name, s in (("plain", plain), ("secagg", masked))}
     for model, value in accuracy["plain"].items():

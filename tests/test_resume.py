@@ -17,7 +17,7 @@ import pytest
 from fedlearn.checkpoint import FILE, Checkpoint
 from fedlearn.runs import load_model
 from simulations.cli import main as cli
-from tests.test_cli import ENV, FEDLEARN, audit_verdict, run
+from tests.helpers import ENV, FEDLEARN, audit_verdict, run_command
 
 JOB = "num-rounds=4 num-clients=3 strategy=fedadam privacy=plain"  # fedadam: server state to carry over
 
@@ -30,7 +30,7 @@ def rounds(run_dir: Path) -> list[int]:
 def runs(tmp_path_factory):
     """The same job twice: once straight through, once SIGKILLed after round 2 and resumed."""
     base = tmp_path_factory.mktemp("resume")
-    done = run([*FEDLEARN, "simulate", "--out", str(base / "straight"), "--run-config", JOB])
+    done = run_command([*FEDLEARN, "simulate", "--out", str(base / "straight"), "--run-config", JOB])
     assert done.returncode == 0, done.stderr[-2000:]
     (straight,) = (base / "straight").iterdir()
 
@@ -53,7 +53,7 @@ def runs(tmp_path_factory):
     killed_at = Checkpoint.load(killed).round
     snapshot = base / "snapshot"
     shutil.copytree(killed, snapshot)  # the directory as the crash left it, for the refusal tests
-    resumed = run([*FEDLEARN, "resume", str(killed)])
+    resumed = run_command([*FEDLEARN, "resume", str(killed)])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"after round {killed_at} of 4" in resumed.stderr
     assert resumed.stdout.strip().splitlines()[-1] == str(killed)

@@ -76,7 +76,7 @@ def test_any_threshold_of_shares_recovers_the_seed_and_fewer_do_not(holders, dat
             secagg.combine_secret(chosen[:-1], threshold)
         # A coalition below the threshold, interpolating anyway, learns a value unrelated to the seed.
         below = [(s[0], s[1:]) for s in chosen[:-1]]
-        from Crypto.Protocol.SecretSharing import Shamir
+        from Cryptodome.Protocol.SecretSharing import Shamir
 
         assert Shamir.combine(below) != seed
 

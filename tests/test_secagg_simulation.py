@@ -15,7 +15,7 @@ from fedlearn.config import RunConfig
 from fedlearn.errors import RoundFailed
 from fedlearn.runs import load_model
 from fedlearn.secagg import MASKED_ARRAY
-from tests.simulated import run
+from tests.helpers import run_simulation
 
 CLIENTS = 5
 
@@ -48,13 +48,13 @@ def audit_ok(summary) -> bool:
 def plain(tmp_path_factory):
     """Plain references: every client, and the same seeded fifth of them dropped at training."""
     out = tmp_path_factory.mktemp("plain")
-    full, _ = run(config(out / "full"))
-    dropped, _ = run(config(out / "dropped", **{"dropout-rate": 0.2}))
+    full, _ = run_simulation(config(out / "full"))
+    dropped, _ = run_simulation(config(out / "dropped", **{"dropout-rate": 0.2}))
     return {"full": full, "dropped": dropped}
 
 
 def test_secagg_equals_plain_within_the_stated_bound_and_uploads_two_bytes_per_parameter(tmp_path, plain):
-    summary, recorder = run(config(tmp_path, privacy="secagg"), record=True)
+    summary, recorder = run_simulation(config(tmp_path, privacy="secagg"), record=True)
     facts = round_end(summary)["privacy"]
     assert facts["mode"] == "secagg" and facts["terms"] == CLIENTS and facts["bits"] == 16
     assert max_diff(final_model(summary), final_model(plain["full"])) <= facts["error_bound"]
@@ -82,7 +82,7 @@ def test_secagg_equals_plain_within_the_stated_bound_and_uploads_two_bytes_per_p
 def test_dropouts_above_the_threshold_give_the_survivors_sum(tmp_path, plain, stage):
     """One of five clients vanishes at ``stage``: the round still aggregates exactly the clients
     that sent masked inputs (all five when the dropout comes after, at unmasking)."""
-    summary, _ = run(config(tmp_path, privacy="secagg", **{"dropout-rate": 0.2, "dropout-stage": stage}))
+    summary, _ = run_simulation(config(tmp_path, privacy="secagg", **{"dropout-rate": 0.2, "dropout-stage": stage}))
     facts = round_end(summary)["privacy"]
     assert facts["injected_dropouts"] == 1 and facts["dropped"][stage] == 1
     reference = plain["full"] if stage == "unmask" else plain["dropped"]
@@ -97,7 +97,7 @@ def test_below_the_threshold_the_run_stops_loudly_and_says_so_in_the_audit_log(t
     # Five clients, threshold 3: three vanish, two are left.
     cfg = config(tmp_path, privacy="secagg", **{"dropout-rate": 0.6, "dropout-stage": stage})
     with pytest.raises(RoundFailed, match="fewer than the threshold 3|could not be removed"):
-        run(cfg)
+        run_simulation(cfg)
     (run_dir,) = tmp_path.iterdir()
     assert not (run_dir / "summary.json").exists() and not (run_dir / "model.safetensors").exists()
     records = read(run_dir / "audit.jsonl")
@@ -113,8 +113,8 @@ def test_server_optimizers_step_from_the_unmasked_average(tmp_path, strategy):
     fedavgm (lr 1) lands on the average itself; fedadam's first step is Lipschitz in the average
     with constant eta * 0.742 * 0.1 / tau (Flower's defaults: beta1 0.9, beta2 0.99, tau 1e-3)."""
     overrides = {"strategy": strategy, "server-lr": 1.0 if strategy == "fedavgm" else 0.01}
-    reference, _ = run(config(tmp_path / "plain", **overrides))
-    secure, _ = run(config(tmp_path / "secagg", privacy="secagg", **overrides))
+    reference, _ = run_simulation(config(tmp_path / "plain", **overrides))
+    secure, _ = run_simulation(config(tmp_path / "secagg", privacy="secagg", **overrides))
     bound = round_end(secure)["privacy"]["error_bound"]
     lipschitz = 1.0 if strategy == "fedavgm" else 0.01 * (0.0199**0.5 / 0.19) * 0.1 / 1e-3
     assert max_diff(final_model(secure), final_model(reference)) <= lipschitz * bound + 1e-6

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from fedlearn import strategies
 from fedlearn.config import STRATEGIES, RunConfig
-from tests.messages import message
+from tests.helpers import message
 
 OURS = ("ifca", "multimodel", "fedbuff")
 

@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 
 from crypto import threshold
 from crypto.threshold import ThresholdError
-from tests import needs
+from tests.helpers import needs_openfhe
 
-needs.openfhe()
+needs_openfhe()
 
 MEMBERS, QUORUM = 5, 3
 

@@ -13,10 +13,9 @@ from fedlearn.audit import read, verify
 from fedlearn.config import RunConfig
 from fedlearn.errors import RoundFailed
 from fedlearn.runs import load_model
-from tests import needs
-from tests.simulated import run
+from tests.helpers import needs_openfhe, run_simulation
 
-needs.openfhe()
+needs_openfhe()
 
 CLIENTS = 5
 
@@ -51,12 +50,12 @@ def audit_ok(summary) -> bool:
 
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory):
-    summary, _ = run(config(tmp_path_factory.mktemp("plain"), privacy="plain"))
+    summary, _ = run_simulation(config(tmp_path_factory.mktemp("plain"), privacy="plain"))
     return summary
 
 
 def test_he_threshold_equals_plain_and_the_server_tests_the_model(tmp_path, plain):
-    summary, recorder = run(config(tmp_path, privacy="he-threshold"), record=True)
+    summary, recorder = run_simulation(config(tmp_path, privacy="he-threshold"), record=True)
     facts = round_end(summary)["privacy"]
     assert facts["mode"] == "he-threshold" and facts["terms"] == CLIENTS
     assert facts["committee"] == 5 and facts["quorum"] == 3 and facts["decrypted_by"] == [0, 1, 2, 3, 4]
@@ -83,7 +82,7 @@ def test_he_threshold_equals_plain_and_the_server_tests_the_model(tmp_path, plai
 def test_a_quorum_decrypts_after_n_minus_t_key_holders_drop_out(tmp_path, plain):
     """Two of the five members vanish when asked to decrypt: the other three reveal their Shamir
     shares of the missing members' key shares, and the round's sum is that of all five clients."""
-    summary, _ = run(config(tmp_path, privacy="he-threshold", **{"dropout-rate": 0.4, "dropout-stage": "decrypt"}))
+    summary, _ = run_simulation(config(tmp_path, privacy="he-threshold", **{"dropout-rate": 0.4, "dropout-stage": "decrypt"}))
     facts = round_end(summary)["privacy"]
     assert facts["injected_dropouts"] == 2 and len(facts["decrypted_by"]) == 3
     assert len(facts["recovered_now"]) == 2 and facts["recovered_members"] == facts["recovered_now"]
@@ -95,7 +94,7 @@ def test_a_quorum_decrypts_after_n_minus_t_key_holders_drop_out(tmp_path, plain)
 def test_below_the_quorum_the_run_stops_loudly_and_says_so_in_the_audit_log(tmp_path):
     cfg = config(tmp_path, privacy="he-threshold", **{"dropout-rate": 0.6, "dropout-stage": "decrypt"})
     with pytest.raises(RoundFailed, match="decryption needs 3 of the 5 key holders; 2 answered"):
-        run(cfg)
+        run_simulation(cfg)
     (run_dir,) = tmp_path.iterdir()
     assert not (run_dir / "summary.json").exists() and not (run_dir / "model.safetensors").exists()
     log = read(run_dir / "audit.jsonl")
@@ -111,8 +110,8 @@ def test_a_server_optimizer_steps_from_the_decrypted_average(tmp_path):
     """The server holds the decrypted sum, so Flower's FedAdam runs on it: its first step is
     Lipschitz in the average with constant eta * 0.742 * 0.1 / tau (Flower's defaults)."""
     overrides = {"strategy": "fedadam", "server-lr": 0.01}
-    reference, _ = run(config(tmp_path / "plain", privacy="plain", **overrides))
-    ours, _ = run(config(tmp_path / "threshold", privacy="he-threshold", **overrides))
+    reference, _ = run_simulation(config(tmp_path / "plain", privacy="plain", **overrides))
+    ours, _ = run_simulation(config(tmp_path / "threshold", privacy="he-threshold", **overrides))
     bound = round_end(ours)["privacy"]["error_bound"]
     lipschitz = 0.01 * (0.0199**0.5 / 0.19) * 0.1 / 1e-3
     assert max_diff(final_model(ours), final_model(reference)) <= lipschitz * bound + 1e-6

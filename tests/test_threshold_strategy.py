@@ -14,9 +14,9 @@ from fedlearn.config import RunConfig
 from fedlearn.errors import FederationError
 from fedlearn.threshold import RECORD, Committee, RoundPlan
 from server.threshold import ThresholdStrategy
-from tests import needs
+from tests.helpers import needs_openfhe
 
-needs.openfhe()
+needs_openfhe()
 
 TEMPLATE = {"w": np.zeros((3, 3000), dtype=np.float32), "b": np.zeros(5, dtype=np.float32)}  # 9005 values: 3 ciphertexts
 
