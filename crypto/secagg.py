@@ -20,7 +20,7 @@ import os
 import struct
 
 import numpy as np
-from Crypto.Protocol.SecretSharing import Shamir
+from Cryptodome.Protocol.SecretSharing import Shamir
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
