@@ -24,19 +24,17 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients import ddp
+from clients.privacy import ClientHalf
 from crypto import signing
-from crypto.he import HEKey, HEKeyError
-from clients import ddp, secagg, threshold
-from fedlearn import data, distillation, he, ifca, models, multimodel, strategies
+from fedlearn import data, distillation, ifca, models, multimodel, privacy
 from fedlearn.access import NODE_KEY_NAME, update_statement
 from fedlearn.config import CLUSTERED_STRATEGIES, DISTILLATION_STRATEGIES, MULTIMODEL_STRATEGIES, RunConfig
 from fedlearn.errors import ConfigError
-from fedlearn.messages import AUTH_RECORD, HE_RECORD, NODE_RECORD, NUM_EXAMPLES_KEY, PARTITION_KEY, PERSONAL_RECORD, payload_digest
+from fedlearn.messages import AUTH_RECORD, NODE_RECORD, NUM_EXAMPLES_KEY, PARTITION_KEY, PERSONAL_RECORD, payload_digest
 from fedlearn.training import TrainResult, check_finite, client_seed, evaluate, select_device, train
 
 NODE_OVERRIDES = ("data-dir", "device", "he-secret", "amp", "compile", "ddp-world-size")  # the node's own hardware and files
-
-app = ClientApp()
 
 
 @dataclass(frozen=True)
@@ -130,34 +128,16 @@ def reply(msg: Message, partition_id: int, key=None, **records) -> Message:
     return Message(content, reply_to=msg)
 
 
-@lru_cache(maxsize=8)
-def _load_he_key(path: str) -> HEKey:
-    try:
-        return HEKey.load(path, secret=True)
-    except HEKeyError as exc:
-        raise ConfigError([f"he-secret: {exc}"]) from None
-
-
-def he_codec(msg: Message, config: RunConfig, template: dict) -> he.ModelCodec:
-    """The node's secret HE context (he-secret of its node config, else of the run config)."""
-    if not config.he_secret:
-        raise ConfigError(
-            ["privacy=he but this node has no secret HE context: start it with --node-config 'he-secret=PATH' "
-             "(the he.secret written by `fedlearn keys he-generate`)"]
-        )
-    key = _load_he_key(config.he_secret)
-    wanted = str(msg.content[HE_RECORD]["context-id"])
-    if key.info.context_id != wanted:
-        raise ConfigError([f"he-secret {config.he_secret} belongs to another HE key pair than the server's public context"])
-    return he.ModelCodec(key, template, config.he_bits, config.he_range_factor(), config.he_workers)
+def client_half(config: RunConfig) -> ClientHalf:
+    """The run's privacy mode's client half (fedlearn.privacy is the one place that maps the name)."""
+    return privacy.get(config.privacy).client_half()
 
 
 @dataclass
 class GlobalModel:
     model: object  # the torch module loaded with the global weights
     arrays: dict  # the same weights as numpy arrays
-    previous: dict | None = None  # fedavgm under he: the global model of the round before
-    codec: he.ModelCodec | None = None
+    decoded: object = None  # what the privacy mode kept of decoding them (he: its codec, the model before)
 
 
 def personal_layers(model: torch.nn.Module, config: RunConfig, state: RecordDict) -> dict[str, torch.Tensor]:
@@ -187,46 +167,10 @@ def received_model(msg: Message, config: RunConfig, node_state: RecordDict) -> G
     model = models.for_run(config, seeded=False) if single else None
     if model is not None:
         model.load_state_dict(personal_layers(model, config, node_state), strict=False)
-    record = msg.content["arrays"]
-    if config.privacy != "he":
-        arrays = {k: v.numpy() for k, v in record.items()}
-        if model is not None:
-            models.load_shared(model, config, record.to_torch_state_dict())
-        return GlobalModel(model, arrays)
-    initial = {k: v.numpy() for k, v in strategies.initial_state(config).items()}
-    template = {k: np.zeros_like(v) for k, v in initial.items()}
-    codec = he_codec(msg, config, template)
-    state = msg.content[HE_RECORD]
-    if state["encrypted"]:
-        arrays = codec.decrypt(he.record_chunks(record), he.StateMeta.from_record(state))
-    else:
-        arrays = {k: v.numpy() for k, v in record.items()}
-    previous = None
-    if he.PREVIOUS_RECORD in msg.content:
-        previous = codec.decrypt(he.record_chunks(msg.content[he.PREVIOUS_RECORD]), he.StateMeta.from_record(state, "previous-"))
-    elif state["encrypted"]:  # round 2: the model before the first aggregate is the public initial one
-        previous = initial
+    arrays, decoded = client_half(config).decode(msg, config)
     if model is not None:
         models.load_shared(model, config, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
-    return GlobalModel(model, arrays, previous, codec)
-
-
-def encrypted_update(msg: Message, task: NodeTask, received: GlobalModel, local: dict, num_examples: int) -> dict:
-    """The records of an encrypted training reply (privacy=he)."""
-    plan = msg.content[HE_RECORD]
-    cap, max_terms = int(plan["weight-cap"]), int(plan["max-terms"])
-    if num_examples > cap:
-        raise ConfigError([f"this node trained on {num_examples} examples but told the server {cap} at most"])
-    config = task.config
-    if config.strategy == "fedavgm":
-        values = he.contribution_values(local, received.arrays, received.previous, config.server_lr, config.server_momentum)
-    else:
-        values = he.flatten(local)
-    codec = received.codec
-    exponents = codec.exponents_for(received.arrays)
-    encrypted = codec.encrypt(values, num_examples / cap, max_terms, exponents)
-    meta = ConfigRecord({"weight": encrypted.weight, "range-exp": list(exponents), "clipped": encrypted.clipped})
-    return {"arrays": he.encrypted_record(encrypted.chunks), HE_RECORD: meta}
+    return GlobalModel(model, arrays, decoded)
 
 
 def private_model(task: NodeTask, state: RecordDict) -> torch.nn.Module:
@@ -284,7 +228,6 @@ def local_update(msg: Message, context: Context, task: NodeTask, seed: int):
     return {k: v.detach().cpu() for k, v in models.shared_state(config, received.model).items()}, result, received, {}
 
 
-@app.train()
 def train_handler(msg: Message, context: Context) -> Message:
     task = node_task(msg, context)
     key = signing_key(msg, context, task)  # a missing key fails before training, not after
@@ -293,75 +236,18 @@ def train_handler(msg: Message, context: Context) -> Message:
     if task.config.is_slow(task.partition_id):  # a simulated straggler (slow-fraction, slow-seconds)
         time.sleep(task.config.slow_seconds)
     metrics = MetricRecord({"num-examples": result.num_examples, "loss": result.loss, "accuracy": result.accuracy})
-    if task.config.privacy == "plain":
-        records = {"arrays": ArrayRecord(state)}
-    else:
-        local = {k: v.numpy() for k, v in state.items()}
-        if task.config.privacy == "he":
-            records = encrypted_update(msg, task, received, local, result.num_examples)
-        elif task.config.privacy == "he-threshold":
-            records = threshold.encrypted_update(msg, local, result.num_examples)
-        else:
-            records = secagg.masked_update(msg, context.state, local, result.num_examples)
+    records = client_half(task.config).encode(msg, context, task, received, state, result.num_examples)
     return reply(msg, task.partition_id, key, metrics=metrics, **records, **extra)
 
 
-@app.train("secagg_advertise")
-def secagg_advertise_handler(msg: Message, context: Context) -> Message:
-    """Secure aggregation, stage 1: this round's public keys, and how many examples the node
-    trains on (the server sizes the round's weights by the largest count)."""
+def stage_handler(msg: Message, context: Context) -> Message:
+    """A privacy mode's own stage (secagg's key stages, he-threshold's key holders), answered by
+    the mode's client half and signed."""
     task = node_task(msg, context)
-    node = ConfigRecord({PARTITION_KEY: task.partition_id, NUM_EXAMPLES_KEY: len(task.split)})
-    records = secagg.advertise(msg, context.state)
-    return reply(msg, task.partition_id, signing_key(msg, context, task), **records, **{NODE_RECORD: node})
+    answer = client_half(task.config).stages[msg.metadata.message_type]
+    return reply(msg, task.partition_id, signing_key(msg, context, task), **answer(msg, context, task))
 
 
-@app.train("secagg_share")
-def secagg_share_handler(msg: Message, context: Context) -> Message:
-    task = node_task(msg, context)
-    records = secagg.share(msg, context.state, task.config)
-    return reply(msg, task.partition_id, signing_key(msg, context, task), **records)
-
-
-@app.train("secagg_unmask")
-def secagg_unmask_handler(msg: Message, context: Context) -> Message:
-    task = node_task(msg, context)
-    return reply(msg, task.partition_id, signing_key(msg, context, task), **secagg.unmask(msg, context.state))
-
-
-def keyholder_reply(msg: Message, context: Context, stage) -> Message:
-    """A key holder's answer to one he-threshold stage (clients/threshold.py), signed."""
-    task = node_task(msg, context)
-    return reply(msg, task.partition_id, signing_key(msg, context, task), **stage(msg, context.state))
-
-
-# One module-level function per stage: Ray ships ClientApp handlers to its workers by reference.
-@app.query("threshold_join")
-def threshold_join_handler(msg: Message, context: Context) -> Message:
-    return keyholder_reply(msg, context, threshold.join)
-
-
-@app.query("threshold_keygen")
-def threshold_keygen_handler(msg: Message, context: Context) -> Message:
-    return keyholder_reply(msg, context, threshold.keygen)
-
-
-@app.query("threshold_hold")
-def threshold_hold_handler(msg: Message, context: Context) -> Message:
-    return keyholder_reply(msg, context, threshold.hold)
-
-
-@app.query("threshold_decrypt")
-def threshold_decrypt_handler(msg: Message, context: Context) -> Message:
-    return keyholder_reply(msg, context, threshold.decrypt)
-
-
-@app.query("threshold_reveal")
-def threshold_reveal_handler(msg: Message, context: Context) -> Message:
-    return keyholder_reply(msg, context, threshold.reveal)
-
-
-@app.evaluate()
 def evaluate_handler(msg: Message, context: Context) -> Message:
     """Evaluate the global model on this node's share of the test split."""
     task = node_task(msg, context)
@@ -383,7 +269,6 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     return reply(msg, task.partition_id, signing_key(msg, context, task), metrics=metrics)
 
 
-@app.query()
 def query_handler(msg: Message, context: Context) -> Message:
     """Tell the server which partition this node holds (for seed-stable client sampling) and, when
     asked (privacy=he), how many training examples: both also travel in clear in every reply."""
@@ -391,3 +276,25 @@ def query_handler(msg: Message, context: Context) -> Message:
         task = node_task(msg, context)
         return reply(msg, task.partition_id, **{NODE_RECORD: ConfigRecord({PARTITION_KEY: task.partition_id, NUM_EXAMPLES_KEY: len(task.split)})})
     return reply(msg, partition_of(context))
+
+
+def make_client_app() -> ClientApp:
+    """fedlearn's ClientApp, with a handler for the own stages of every registered privacy mode.
+
+    Ray ships the app to its workers by value and the handlers by reference (module-level
+    functions); the registry's modes travel with the app (``modes``), so a mode registered
+    outside fedlearn (a test's) is imported, and so registered, in the workers too."""
+    app = ClientApp()
+    app.train()(train_handler)
+    app.evaluate()(evaluate_handler)
+    app.query()(query_handler)
+    for mode in privacy.modes():
+        for message_type in mode.client_half().stages:
+            category, _, action = message_type.partition(".")
+            getattr(app, category)(action)(stage_handler)
+    app.modes = privacy.modes()
+    return app
+
+
+# The App that `flwr run .` and `fedlearn simulate` load (see [tool.flwr.app.components] in pyproject.toml).
+app = make_client_app()

@@ -6,13 +6,14 @@ leaves the node except Shamir shares sealed for one neighbour each."""
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
+from clients.privacy import ClientHalf
 from crypto.secagg_protocol import ClientSession
 from fedlearn.config import RunConfig
 from fedlearn.encoding import FixedPointCodec
-from fedlearn.messages import SECAGG_RECORD
-from fedlearn.secagg import MASKED_ARRAY, SESSION_STATE, RoundPlan, round_context
+from fedlearn.messages import NODE_RECORD, NUM_EXAMPLES_KEY, PARTITION_KEY, SECAGG_RECORD
+from fedlearn.secagg import ADVERTISE, MASKED_ARRAY, SESSION_STATE, SHARE, UNMASK, RoundPlan, round_context
 
 
 def _request(msg: Message) -> ConfigRecord:
@@ -96,3 +97,20 @@ def unmask(msg: Message, state: RecordDict) -> dict:
     del state[SESSION_STATE]
     ids = sorted(revealed)
     return {SECAGG_RECORD: ConfigRecord({"ids": ids, "kinds": [revealed[j][0] for j in ids], "shares": [revealed[j][1] for j in ids]})}
+
+
+def _advertise(msg: Message, context: Context, task) -> dict:
+    """Stage 1, with how many examples the node trains on (the server sizes the weights by the largest)."""
+    node = ConfigRecord({PARTITION_KEY: task.partition_id, NUM_EXAMPLES_KEY: len(task.split)})
+    return {**advertise(msg, context.state), NODE_RECORD: node}
+
+
+def _encode(msg: Message, context: Context, task, received, state: dict, num_examples: int) -> dict:
+    return masked_update(msg, context.state, {k: v.numpy() for k, v in state.items()}, num_examples)
+
+
+CLIENT = ClientHalf(encode=_encode, stages={
+    ADVERTISE: _advertise,
+    SHARE: lambda msg, context, task: share(msg, context.state, task.config),
+    UNMASK: lambda msg, context, task: unmask(msg, context.state),
+})

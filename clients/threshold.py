@@ -8,13 +8,14 @@ member's sealing key (at most committee - quorum members a run)."""
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
+from clients.privacy import ClientHalf
 from crypto import threshold
 from crypto.threshold import CommitteeMember
 from fedlearn import he
 from fedlearn.encoding import FixedPointCodec
-from fedlearn.threshold import MEMBER_STATE, RECORD, RoundPlan
+from fedlearn.threshold import DECRYPT, HOLD, JOIN, KEYGEN, MEMBER_STATE, RECORD, REVEAL, RoundPlan
 
 
 def _request(msg: Message) -> ConfigRecord:
@@ -86,3 +87,17 @@ def encrypted_update(msg: Message, local: dict[str, np.ndarray], num_examples: i
     encoded, clipped = FixedPointCodec(local).encode(local, weight, plan)
     blobs = threshold.encrypt(bytes(request["context"]), bytes(request["joint-public"]), encoded)
     return {"arrays": he.encrypted_record(blobs), RECORD: ConfigRecord({"weight": weight, "clipped": clipped})}
+
+
+def _encode(msg: Message, context: Context, task, received, state: dict, num_examples: int) -> dict:
+    return encrypted_update(msg, {k: v.numpy() for k, v in state.items()}, num_examples)
+
+
+def _stage(answer):
+    """A key holder's stage: its answer from the node's private state."""
+    return lambda msg, context, task: answer(msg, context.state)
+
+
+CLIENT = ClientHalf(encode=_encode, stages={
+    JOIN: _stage(join), KEYGEN: _stage(keygen), HOLD: _stage(hold), DECRYPT: _stage(decrypt), REVEAL: _stage(reveal),
+})

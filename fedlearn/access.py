@@ -30,7 +30,7 @@ import tomli_w
 
 from crypto import signing
 from crypto.digest import canonical_json, sha256_hex
-from fedlearn import threshold
+from fedlearn import privacy
 from fedlearn.config import RunConfig
 from fedlearn.errors import AccessDenied, ConfigError
 
@@ -251,8 +251,9 @@ def sign_run(config: RunConfig, policy: AccessPolicy, operator_key) -> str:
 
 def role_for(message_type: str) -> str | None:
     """The role a reply of this type needs (None: not signed, e.g. plain queries)."""
-    if message_type in threshold.MESSAGE_TYPES:  # he-threshold's key ceremony and decryption
-        return "keyholder"
+    role = privacy.role_for(message_type)  # a mode's own stages (he-threshold's key holders)
+    if role is not None:
+        return role
     return ROLE_FOR_MESSAGE.get(message_type.split(".", 1)[0])
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from fedlearn import families, privacy
 from fedlearn.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
@@ -25,63 +26,24 @@ PARTITIONERS = ("iid", "dirichlet", "shards")
 DEVICES = ("auto", "cpu", "cuda")
 AMP_MODES = ("auto", "bf16", "fp16", "off")  # CUDA only: CPU training is always fp32
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")  # torch.compile's modes
-PRIVACY_MODES = ("plain", "he", "secagg", "he-threshold")
 HE_SCHEMES = ("bfv", "ckks")
 EVALUATE_ON = ("auto", "server", "clients")
-# Where injected dropouts strike: the secure-aggregation key stages only exist under secagg, the
-# committee's decryption only under he-threshold.
-DROPOUT_STAGES = ("advertise", "share", "train", "unmask", "decrypt")
-SECAGG_ONLY_STAGES = ("advertise", "share", "unmask")
-THRESHOLD_ONLY_STAGES = ("decrypt",)
-# Strategies whose aggregate is a weighted sum of the updates: the only ones HE can run, since
-# the server adds ciphertexts and never sees an update (or the model) in clear.
-SUM_STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedper", "fedmd", "multimodel")
-# Strategies that need each update in clear: no privacy mode that hides updates can run them.
-PER_UPDATE_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum")
-# Names the registries in data, models and strategies implement (tests/test_config.py keeps them
-# in step); listed here so that reading or validating a config imports neither torch nor Flower.
-STRATEGIES = (
-    "fedavg",
-    "fedavgm",
-    "fedprox",
-    "fedadam",
-    "fedyogi",
-    "fedadagrad",
-    "fedmedian",
-    "fedtrimmedavg",
-    "krum",
-    "ifca",
-    "fedper",
-    "fedmd",
-    "multimodel",
-    "fedbuff",
-)
+# Strategy names and traits live in fedlearn.families, privacy modes in fedlearn.privacy (the
+# registries); both are light, so reading or validating a config imports neither torch nor Flower.
+STRATEGIES = families.STRATEGIES
+SUM_STRATEGIES = families.SUM_STRATEGIES
+PER_UPDATE_STRATEGIES = families.PER_UPDATE_STRATEGIES
 # Strategies that aggregate updates as they arrive, not in synchronous rounds.
 ASYNCHRONOUS_STRATEGIES = ("fedbuff",)
 # Strategies that train several named models (``models``) in one run.
-MULTIMODEL_STRATEGIES = ("multimodel",)
+MULTIMODEL_STRATEGIES = tuple(n for n, f in families.FAMILIES.items() if f.several_models)
 # Strategies whose clients each own a model the server never sees: it holds a consensus instead.
 DISTILLATION_STRATEGIES = ("fedmd",)
 # Strategies whose clients keep part of the model to themselves: only they can evaluate it.
 PERSONAL_STRATEGIES = ("fedper",)
-# Why these strategies need every update in clear (privacy=plain).
-NEEDS_PLAIN = {
-    "ifca": "each client picks the cluster model with the lowest loss and the server averages each cluster's "
-    "updates apart, so it must see every update in clear and which cluster it belongs to",
-    "fedbuff": "it adds each update as it arrives, weighted by its staleness, while secure aggregation and he only "
-    "ever reveal the sum of a fixed group of clients",
-}
-# Why the server cannot test what these strategies train.
-SERVER_CANNOT_EVALUATE = {
-    "ifca": "the server holds several cluster models and no data to pick one per client",
-    "fedper": "every client keeps its own last layers, so the server has no whole model to test",
-    "fedmd": "every client owns its model and the server holds only their consensus on the public set",
-}
 # Strategies that keep several models and pick one per client from its plaintext losses and
 # update: the server must see which model each client trained and its update in clear.
 CLUSTERED_STRATEGIES = ("ifca",)
-# Strategies whose clients train one model per round: their local epochs can be a DDP job.
-DDP_STRATEGIES = tuple(s for s in STRATEGIES if s not in MULTIMODEL_STRATEGIES + DISTILLATION_STRATEGIES)
 DATASETS = ("digits", "rotated-digits", "mnist", "fashion-mnist", "cifar10", "synthetic32")
 MODELS = ("logreg", "mlp", "mnist-2nn", "mnist-cnn", "vision-cnn")
 
@@ -89,87 +51,140 @@ MODELS = ("logreg", "mlp", "mnist-2nn", "mnist-cnn", "vision-cnn")
 TRANSPORT_KEYS = frozenset({"server-round", "ask"})
 
 
+def key(default: Any, help: str) -> Any:
+    """A RunConfig field: its default and its help text, the one source of both (key_reference)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """A complete, validated run. Field ``foo_bar`` is the key ``foo-bar``."""
 
-    num_rounds: int = 10
-    num_clients: int = 10
-    fraction_train: float = 1.0
-    fraction_evaluate: float = 0.0
-    min_available_clients: int = 2
-    local_epochs: int = 2
-    batch_size: int = 16
-    lr: float = 0.05
-    optimizer: str = "momentum"
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    l1: float = 0.0
-    clip_grad_norm: float = 0.0
-    lr_decay: float = 1.0
-    proximal_mu: float = 0.0
-    server_lr: float = 1.0
-    server_momentum: float = 0.9
-    trimmed_beta: float = 0.2
-    krum_malicious: int = 0
-    dataset: str = "digits"
-    rotations: int = 0  # rotated-digits: client groups, each seeing the digits turned by 360/rotations degrees more (0: 4)
-    data_dir: str = ""
-    partitioner: str = "iid"
-    dirichlet_alpha: float = 0.5
-    shards_per_client: int = 2
-    test_fraction: float = 0.2
-    local_test_fraction: float = 0.0  # hold out this share of each client's own data as its test set (0: a slice of the common test split)
-    model: str = "mlp"
-    mlp_hidden: int = 64  # hidden units of model=mlp (128 on MNIST: ~100k parameters)
-    strategy: str = "fedavg"
-    clusters: int = 0  # ifca: cluster models (0: the rotations of rotated-digits, else 2)
-    personal_layers: int = 0  # fedper: last layers each client keeps to itself (0: 1, the classifier)
-    models: str = ""  # comma-separated architectures: multimodel's models; fedmd's, given to clients in turn (empty: model)
-    models_per_client: int = 0  # multimodel: models each client trains per round, in turn (0: all of them)
-    buffer_size: int = 0  # fedbuff: updates per server update (0: half the clients)
-    staleness_exponent: float = 0.5  # fedbuff: an update s server updates old weighs (1 + s) ** -exponent
-    public_size: int = 0  # fedmd: examples of the train split set aside as the public unlabeled set (0: a tenth)
-    distill_epochs: int = 1  # fedmd: epochs of distillation towards the consensus per round (0: local-only training)
-    distill_lr: float = 0.001  # fedmd: Adam learning rate of the distillation
-    consensus_temperature: float = 0.5  # fedmd: < 1 sharpens the consensus before it is distilled (1: as averaged, as in FedMD)
-    privacy: str = "secagg"  # secure by default: the server sees only the sum (README: why not he)
-    seed: int = 42
-    device: str = "auto"
-    round_timeout: float = 600.0
-    max_update_mb: float = 0.0  # largest update a node may send; 0: 128 bytes per parameter + 1 MiB
-    target_accuracy: float = 0.0
-    out_dir: str = "runs"
-    resume_from: str = ""  # a run directory: continue that run from its checkpoint (its own config applies)
-    access_policy: str = ""  # policy TOML; empty: a per-run policy and keys are generated (simulation)
-    run_signature: str = ""  # operator's signature of this config's digest (fedlearn keys authorize)
-    audit_key: str = ""  # server's audit signing key; empty: generated in the run directory
-    node_keys_dir: str = ""  # where nodes without a node-key find node-<partition-id>.key
-    evaluate_on: str = "auto"  # server (test split), clients (their test shards) or auto (server unless he)
-    he_scheme: str = "bfv"  # bfv: quantized and packed (default); ckks: approximate floats
-    he_bits: int = 16  # bfv: fixed-point bits per parameter per client (headroom is added per round)
-    he_range: float = 0.0  # bfv: clip each tensor to he-range x its largest global value (0: 2**(he-bits/4))
-    he_workers: int = 1  # clients: processes that encrypt in parallel (set to the node's cores for big models)
-    he_public: str = ""  # server: public HE context file; empty: a key pair is generated per run (simulation)
-    he_secret: str = ""  # clients: secret HE context file (a node may set its own in --node-config)
-    secagg_bits: int = 16  # bits per masked value uploaded; the round's sum must fit (headroom comes out of the value bits)
-    secagg_range: float = 0.0  # clip each tensor to secagg-range x its largest global value (0: 2**(value bits/4))
-    secagg_threshold: int = 0  # shares that unmask a client (0: a majority of its neighbourhood)
-    secagg_neighbours: int = 0  # SecAgg+ graph: neighbours each client masks with (0: every other client)
-    secagg_timeout: float = 120.0  # seconds for each key stage (advertise, share, unmask); training has round-timeout
-    threshold_committee: int = 3  # he-threshold: key holders that share the decryption key (chosen among keyholder nodes)
-    threshold_quorum: int = 0  # he-threshold: members that must take part to decrypt (0: a majority of the committee)
-    threshold_range: float = 0.0  # he-threshold: clip each tensor to threshold-range x its largest global value (0: 2**(value bits/4))
-    threshold_timeout: float = 120.0  # he-threshold: seconds for each key-ceremony and decryption stage
-    dropout_rate: float = 0.0  # fault injection: fraction of the sampled clients that vanish each round (seeded)
-    dropout_stage: str = "train"  # where they vanish: train; under secagg also advertise, share, unmask; under he-threshold decrypt
-    slow_fraction: float = 0.0  # simulated stragglers: this seeded fraction of the clients take slow-seconds longer to train
-    slow_seconds: float = 0.0  # how much longer each of their training replies takes
-    client_resources_num_cpus: float = 1.0  # simulation: CPUs each simulated client reserves (fewer: more clients at once)
-    client_resources_num_gpus: float = 0.0  # simulation: the share of a GPU each simulated client reserves (0.1: ten share one)
-    amp: str = "auto"  # mixed precision on CUDA: auto (bf16 where supported, else fp16 with a GradScaler), bf16, fp16, off
-    compile: str = "off"  # torch.compile the model for local training, in this mode (off: eager)
-    ddp_world_size: int = 1  # processes that train each client's local epochs with DistributedDataParallel (1: no DDP)
+    num_rounds: int = key(10, "rounds of federated training")
+    num_clients: int = key(10, "simulated clients, one per data partition")
+    fraction_train: float = key(1.0, "fraction of the clients sampled to train each round (McMahan's C), in (0, 1]")
+    fraction_evaluate: float = key(
+        0.0, "fraction of the clients sampled for federated evaluation (0: none, or all when clients are the only evaluators)"
+    )
+    min_available_clients: int = key(2, "clients that must be connected before a round samples any")
+    local_epochs: int = key(2, "local epochs each client trains per round (E)")
+    batch_size: int = key(16, "local batch size (B)")
+    lr: float = key(0.05, "client learning rate")
+    optimizer: str = key("momentum", "client optimizer: sgd, momentum (SGD with the momentum key) or adam")
+    momentum: float = key(0.9, "optimizer=momentum: momentum, in [0, 1)")
+    weight_decay: float = key(0.0, "L2 penalty, as the optimizer's weight decay (0: off)")
+    l1: float = key(0.0, "L1 penalty added to the local loss (0: off)")
+    clip_grad_norm: float = key(0.0, "clip each local gradient to this L2 norm (0: off)")
+    lr_decay: float = key(1.0, "per-round learning-rate decay: round r trains with lr * lr-decay^(r-1) (1: none)")
+    proximal_mu: float = key(0.0, "strategy=fedprox: weight of the proximal term, must be > 0 there (0 for every other strategy)")
+    server_lr: float = key(1.0, "server learning rate of fedavgm, and eta of fedadam, fedyogi and fedadagrad")
+    server_momentum: float = key(0.9, "strategy=fedavgm: server momentum, in [0, 1)")
+    trimmed_beta: float = key(0.2, "strategy=fedtrimmedavg: fraction of the updates cut at each end, in [0, 0.5)")
+    krum_malicious: int = key(0, "strategy=krum: malicious clients to tolerate")
+    dataset: str = key("digits", f"dataset: {', '.join(DATASETS)}")
+    rotations: int = key(
+        0, "dataset=rotated-digits: client groups, group g seeing the digits turned by g x 360/rotations degrees (0: 4)"
+    )
+    data_dir: str = key("", "directory holding the dataset files (empty: $FEDLEARN_DATA_DIR)")
+    partitioner: str = key(
+        "iid", "how the training data is split among clients: iid, dirichlet (label skew) or shards (McMahan's pathological non-IID)"
+    )
+    dirichlet_alpha: float = key(0.5, "partitioner=dirichlet: concentration of the label skew (smaller: more skew)")
+    shards_per_client: int = key(2, "partitioner=shards: label-sorted shards each client gets")
+    test_fraction: float = key(0.2, "share of the data held out as the test split, for datasets without a fixed one (digits)")
+    local_test_fraction: float = key(
+        0.0, "share of each client's own data held out as its test set (0: a slice of the common test split); needs evaluate-on=clients or auto"
+    )
+    model: str = key("mlp", f"model architecture: {', '.join(MODELS)}")
+    mlp_hidden: int = key(64, "model=mlp: hidden units (128 on MNIST: ~100k parameters)")
+    strategy: str = key("fedavg", f"aggregation strategy: {', '.join(STRATEGIES)}")
+    clusters: int = key(0, "strategy=ifca: cluster models (0: the rotations of rotated-digits, else 2)")
+    personal_layers: int = key(0, "strategy=fedper: last layers each client keeps to itself (0: 1, the classifier)")
+    models: str = key(
+        "", "comma-separated architectures: multimodel's models; fedmd's, given to clients in turn by partition id (empty: model)"
+    )
+    models_per_client: int = key(
+        0, "strategy=multimodel: models each client trains per round, in turn (0: all of them; under secagg or he it must be all)"
+    )
+    buffer_size: int = key(0, "strategy=fedbuff: client updates per server update (0: half the clients)")
+    staleness_exponent: float = key(
+        0.5, "strategy=fedbuff: an update s server updates old weighs (1 + s) ** -exponent (0: stale updates count fully)"
+    )
+    public_size: int = key(0, "strategy=fedmd: training examples set aside as the public unlabeled set (0: a tenth)")
+    distill_epochs: int = key(1, "strategy=fedmd: epochs of distillation towards the consensus per round (0: local-only training)")
+    distill_lr: float = key(0.001, "strategy=fedmd: Adam learning rate of the distillation")
+    consensus_temperature: float = key(
+        0.5, "strategy=fedmd: T sharpens the consensus to p ** (1/T) before it is distilled (< 1 sharpens; 1: as averaged, as in FedMD)"
+    )
+    privacy: str = key(
+        "secagg",
+        "how updates reach the server: secagg (masked, the server sees only the sum), he (homomorphically encrypted), "
+        "he-threshold (encrypted under a key a quorum of key holders shares) or plain (in clear)",
+    )
+    seed: int = key(42, "seeds model init, data split, partitioning, client sampling and shuffling")
+    device: str = key("auto", "where clients train: auto (CUDA if present), cpu or cuda")
+    round_timeout: float = key(600.0, "seconds to wait for client replies each round")
+    max_update_mb: float = key(
+        0.0, "largest update a node may send, in MiB; bigger replies are rejected and audited (0: 128 bytes per parameter + 1 MiB)"
+    )
+    target_accuracy: float = key(0.0, "stop once test accuracy reaches this, in [0, 1] (0: run all rounds)")
+    out_dir: str = key("runs", "parent directory of run directories")
+    resume_from: str = key("", "a run directory: continue that run from its checkpoint, under its own config (empty: a new run)")
+    access_policy: str = key("", "access policy TOML file (empty: a per-run policy and keys are generated, simulation only)")
+    run_signature: str = key("", "operator's signature of this config's digest, from fedlearn keys authorize; needs access-policy")
+    audit_key: str = key("", "server's audit signing key file (empty: generated in the run directory)")
+    node_keys_dir: str = key("", "where nodes without node-key in their node config find node-<partition-id>.key")
+    evaluate_on: str = key(
+        "auto",
+        "who evaluates: server (the test split), clients (their test shards) or auto (server; clients under he, ifca, "
+        "fedper, fedmd or with local-test-fraction)",
+    )
+    he_scheme: str = key("bfv", "privacy=he: bfv (quantized, packed fixed point) or ckks (approximate floats)")
+    he_bits: int = key(16, "privacy=he with bfv: fixed-point bits per parameter per client, 2 to 30 (8 halves the bytes)")
+    he_range: float = key(0.0, "privacy=he with bfv: clip each tensor to he-range x its largest global value (0: 2**(he-bits/4))")
+    he_workers: int = key(1, "privacy=he: processes each client encrypts with in parallel (set to the node's cores for big models)")
+    he_public: str = key("", "privacy=he: the server's public HE context file (empty: a key pair is generated per run, simulation)")
+    he_secret: str = key("", "privacy=he: the clients' secret HE context file (a node may set its own in --node-config)")
+    secagg_bits: int = key(
+        16, "privacy=secagg: bits per masked value uploaded, 8 to 32; the round's sum must fit (headroom comes out of the value bits)"
+    )
+    secagg_range: float = key(
+        0.0, "privacy=secagg: clip each tensor to secagg-range x its largest global value (0: 2**(value bits/4))"
+    )
+    secagg_threshold: int = key(0, "privacy=secagg: shares that unmask a client (0: a strict majority of its neighbourhood)")
+    secagg_neighbours: int = key(0, "privacy=secagg: SecAgg+ neighbours each client masks with (0: every other client)")
+    secagg_timeout: float = key(
+        120.0, "privacy=secagg: seconds for each key stage (advertise, share, unmask); training waits round-timeout"
+    )
+    threshold_committee: int = key(
+        3, "privacy=he-threshold: key holders sharing the decryption key, chosen among keyholder nodes (2 to num-clients)"
+    )
+    threshold_quorum: int = key(
+        0, "privacy=he-threshold: committee members that must take part to decrypt, at least 2 (0: a majority of the committee)"
+    )
+    threshold_range: float = key(
+        0.0, "privacy=he-threshold: clip each tensor to threshold-range x its largest global value (0: 2**(value bits/4))"
+    )
+    threshold_timeout: float = key(120.0, "privacy=he-threshold: seconds for each key-ceremony and decryption stage")
+    dropout_rate: float = key(0.0, "fault injection: seeded fraction of the sampled clients that vanish each round, in [0, 1) (0: none)")
+    dropout_stage: str = key(
+        "train", "where injected dropouts strike: train; under secagg also advertise, share, unmask; under he-threshold decrypt"
+    )
+    slow_fraction: float = key(
+        0.0, "simulated stragglers: seeded fraction of the clients whose training replies take slow-seconds longer (0: none)"
+    )
+    slow_seconds: float = key(0.0, "seconds each straggler's training reply takes longer (set with slow-fraction, or neither)")
+    client_resources_num_cpus: float = key(1.0, "simulation: CPUs each simulated client reserves in Ray (fewer: more clients at once)")
+    client_resources_num_gpus: float = key(
+        0.0, "simulation: share of a GPU each simulated client reserves in Ray (0.1: ten clients share one; 0: none)"
+    )
+    amp: str = key(
+        "auto", "mixed precision on CUDA: auto (bf16 where supported, else fp16 with a gradient scaler), bf16, fp16 or off; CPU is fp32"
+    )
+    compile: str = key("off", "torch.compile the model for local training in this mode: default, reduce-overhead or max-autotune (off: eager)")
+    ddp_world_size: int = key(
+        1, "processes that train each client's local epochs with DistributedDataParallel (1: no DDP; not for fedmd, multimodel)"
+    )
 
     # -- conversions ---------------------------------------------------------------
     @classmethod
@@ -272,11 +287,19 @@ class RunConfig:
         return self.evaluate_on == "clients" or (
             self.evaluate_on == "auto"
             and (
-                self.privacy == "he"
-                or self.strategy in CLUSTERED_STRATEGIES + PERSONAL_STRATEGIES + DISTILLATION_STRATEGIES
+                not self._mode().sees_aggregate
+                or bool(self._family().server_cannot_evaluate)
                 or self.local_test_fraction > 0
             )
         )
+
+    def _mode(self) -> privacy.PrivacyMode:
+        """The privacy mode's traits (plain's for a name the registry lacks: validate reports it)."""
+        return privacy.get(self.privacy) if self.privacy in privacy.names() else privacy.get("plain")
+
+    def _family(self) -> families.Family:
+        """The strategy's traits (FedAvg's for an unknown name: validate reports it)."""
+        return families.FAMILIES.get(self.strategy, families.FAMILIES["fedavg"])
 
     def model_names(self) -> list[str]:
         return [m.strip() for m in self.models.split(",") if m.strip()] or [self.model]
@@ -328,92 +351,11 @@ class RunConfig:
         return self.fraction_evaluate
 
     # -- validation ----------------------------------------------------------------
-    def _he_problems(self) -> list[str]:
-        why = "the server only adds ciphertexts and never sees an update or the model in clear"
-        problems = []
-        if self.strategy not in SUM_STRATEGIES + tuple(NEEDS_PLAIN):  # those have a message of their own
-            problems.append(
-                f"strategy={self.strategy} cannot run with privacy=he: it needs "
-                + ("each update in clear" if self.strategy in PER_UPDATE_STRATEGIES else "a non-linear step on the clear aggregate")
-                + f", but {why}; use one of {', '.join(SUM_STRATEGIES)}"
-            )
-        if self.evaluate_on == "server":
-            problems.append(f"evaluate-on=server cannot work with privacy=he: {why}; use evaluate-on=clients (or auto)")
-        return problems
-
-    def _secagg_problems(self) -> list[str]:
-        problems = []
-        if self.strategy in PER_UPDATE_STRATEGIES:
-            problems.append(
-                f"strategy={self.strategy} cannot run with privacy=secagg: it needs each update in clear, "
-                "but secure aggregation shows the server only the sum; use a sum strategy "
-                "(fedavg, fedavgm, fedprox, fedadam, fedyogi, fedadagrad), or privacy=plain to give up secure aggregation"
-            )
-        if not 8 <= self.secagg_bits <= 32:
-            problems.append(f"secagg-bits={self.secagg_bits}: must be between 8 and 32 (16 uploads 2 bytes per parameter)")
-            return problems
-        sampled = self.train_sample_size()
-        if sampled < 2:
-            return problems + [
-                "privacy=secagg needs at least 2 clients per round (the sum of one client is its update): "
-                "sample more clients, or set privacy=plain"
-            ]
-        try:
-            value_bits = self.secagg_encoding(sampled).bits
-        except ValueError:
-            value_bits = 0
-        if value_bits < 4:
-            problems.append(
-                f"secagg-bits={self.secagg_bits} leaves {value_bits} bits per value for a sum of {sampled} clients: "
-                "raise secagg-bits, sample fewer clients per round, or set privacy=plain"
-            )
-        if self.secagg_neighbours < 0:
-            problems.append(f"secagg-neighbours={self.secagg_neighbours}: must be >= 0 (0 = every other client)")
-            return problems
-        size = self.secagg_neighbourhood(sampled)
-        if self.secagg_threshold and not 2 <= self.secagg_threshold <= size:
-            problems.append(
-                f"secagg-threshold={self.secagg_threshold}: must be between 2 and the {size} clients of a neighbourhood "
-                f"({sampled} sampled per round" + (f", secagg-neighbours={self.secagg_neighbours})" if size < sampled else ")")
-                + "; 0 picks a majority"
-            )
-        return problems
-
-    def _threshold_problems(self) -> list[str]:
-        problems = []
-        if self.strategy in PER_UPDATE_STRATEGIES:
-            problems.append(
-                f"strategy={self.strategy} cannot run with privacy=he-threshold: it needs each update in clear, but "
-                "only the sum is ever decrypted; use a sum strategy (fedavg, fedavgm, fedprox, fedadam, fedyogi, "
-                "fedadagrad), or privacy=plain"
-            )
-        committee, quorum = self.threshold_committee, self.threshold_quorum_size()
-        if not 2 <= committee <= self.num_clients:
-            problems.append(
-                f"threshold-committee={committee}: must be between 2 and num-clients={self.num_clients} (the key "
-                "holders are nodes of the federation)"
-            )
-        elif not 2 <= quorum <= committee:
-            problems.append(
-                f"threshold-quorum={self.threshold_quorum}: must be between 2 and threshold-committee={committee} "
-                "(1 would let one member decrypt alone), or 0 for a majority"
-            )
-        if self.train_sample_size() < 2:
-            problems.append(
-                "privacy=he-threshold needs at least 2 clients per round (the sum of one client is its update): "
-                "sample more clients, or set privacy=plain"
-            )
-        if self.threshold_range < 0:
-            problems.append(f"threshold-range={self.threshold_range}: must be > 0 (a multiple of each tensor's largest value), or 0 for auto")
-        if self.threshold_timeout <= 0:
-            problems.append(f"threshold-timeout={self.threshold_timeout}: must be > 0 seconds")
-        return problems
-
     def _collaborative_problems(self) -> list[str]:
         problems = []
-        if self.privacy != "plain" and self.strategy in NEEDS_PLAIN:
+        if not self._mode().sees_updates and self._family().needs_clear_updates:
             problems.append(
-                f"strategy={self.strategy} cannot run with privacy={self.privacy}: {NEEDS_PLAIN[self.strategy]}; "
+                f"strategy={self.strategy} cannot run with privacy={self.privacy}: {self._family().needs_clear_updates}; "
                 "set privacy=plain"
             )
         if self.strategy in CLUSTERED_STRATEGIES:
@@ -421,9 +363,9 @@ class RunConfig:
                 problems.append(f"clusters={self.clusters}: must be >= 2 (1 cluster is fedavg), or 0 for auto")
         elif self.clusters:
             problems.append(f"clusters={self.clusters} only applies to strategy=ifca")
-        if self.evaluate_on == "server" and self.strategy in SERVER_CANNOT_EVALUATE:
+        if self.evaluate_on == "server" and self._family().server_cannot_evaluate:
             problems.append(
-                f"evaluate-on=server cannot work with strategy={self.strategy}: {SERVER_CANNOT_EVALUATE[self.strategy]}; "
+                f"evaluate-on=server cannot work with strategy={self.strategy}: {self._family().server_cannot_evaluate}; "
                 "use evaluate-on=clients (or auto)"
             )
         if self.strategy in PERSONAL_STRATEGIES:
@@ -491,10 +433,11 @@ class RunConfig:
             problems.append(f"client-resources-num-gpus={self.client_resources_num_gpus}: must be >= 0 (a share of one GPU, e.g. 0.1)")
         if not 1 <= self.ddp_world_size <= 64:
             problems.append(f"ddp-world-size={self.ddp_world_size}: must be between 1 (no DDP) and 64 processes")
-        elif self.ddp_world_size > 1 and self.strategy not in DDP_STRATEGIES:
+        elif self.ddp_world_size > 1 and not self._family().one_model:
             problems.append(
                 f"ddp-world-size={self.ddp_world_size} with strategy={self.strategy}: a client trains several models "
-                f"(or distils) there; DDP applies to one model's local epochs ({', '.join(DDP_STRATEGIES)})"
+                f"(or distils) there; DDP applies to one model's local epochs "
+                f"({', '.join(n for n, f in families.FAMILIES.items() if f.one_model)})"
             )
         return problems
 
@@ -516,7 +459,7 @@ class RunConfig:
                 )
             if not 0 <= self.models_per_client <= len(names):
                 problems.append(f"models-per-client={self.models_per_client}: must be between 1 and {len(names)}, or 0 for all")
-            elif self.privacy != "plain" and self.models_per_client not in (0, len(names)):
+            elif not self._mode().sees_updates and self.models_per_client not in (0, len(names)):
                 problems.append(
                     f"models-per-client={self.models_per_client} cannot work with privacy={self.privacy}: the server adds "
                     "the same masked or encrypted vector from every client, so every client must train every model; "
@@ -524,6 +467,23 @@ class RunConfig:
                 )
         elif self.models_per_client:
             problems.append(f"models-per-client={self.models_per_client} only applies to strategy=multimodel")
+        return problems
+
+    def _privacy_problems(self) -> list[str]:
+        """The generic checks that follow from the modes' traits, then the run's mode's own."""
+        problems = []
+        owners = {stage: mode.name for mode in privacy.modes() for stage in mode.stages}  # a mode's own stages
+        if self.dropout_stage != "train" and self.dropout_stage not in owners:
+            problems.append(f"dropout-stage={self.dropout_stage!r}: choose one of {', '.join(['train', *owners])}")
+        elif owners.get(self.dropout_stage, self.privacy) != self.privacy:
+            owner = owners[self.dropout_stage]
+            problems.append(f"dropout-stage={self.dropout_stage} is a stage of privacy={owner}: it needs privacy={owner} (use train)")
+        for mode in privacy.modes():
+            for key in mode.keys if mode.name != self.privacy else ():
+                if getattr(self, key.replace("-", "_")) != getattr(RunConfig, key.replace("-", "_")):
+                    problems.append(f"{key} only applies to privacy={mode.name}")
+        if self.privacy in privacy.names():
+            problems += self._mode().problems(self)
         return problems
 
     def validate(self) -> None:
@@ -565,7 +525,7 @@ class RunConfig:
         choice("strategy", self.strategy, STRATEGIES)
         choice("dataset", self.dataset, DATASETS)
         choice("model", self.model, MODELS)
-        choice("privacy", self.privacy, PRIVACY_MODES)
+        choice("privacy", self.privacy, privacy.names())
         choice("evaluate-on", self.evaluate_on, EVALUATE_ON)
         choice("he-scheme", self.he_scheme, HE_SCHEMES)
         need(2 <= self.he_bits <= 30, f"he-bits={self.he_bits}: must be between 2 and 30 (16 is the default, 8 halves the bytes)")
@@ -574,25 +534,8 @@ class RunConfig:
         need(self.secagg_range >= 0, f"secagg-range={self.secagg_range}: must be > 0 (a multiple of each tensor's largest value), or 0 for auto")
         need(self.secagg_timeout > 0, f"secagg-timeout={self.secagg_timeout}: must be > 0 seconds")
         need(0.0 <= self.dropout_rate < 1.0, f"dropout-rate={self.dropout_rate}: must be in [0, 1) (0 = no injected dropouts)")
-        choice("dropout-stage", self.dropout_stage, DROPOUT_STAGES)
-        need(
-            self.dropout_stage not in SECAGG_ONLY_STAGES or self.privacy == "secagg",
-            f"dropout-stage={self.dropout_stage} is a secure-aggregation stage: it needs privacy=secagg (use train)",
-        )
-        need(
-            self.dropout_stage not in THRESHOLD_ONLY_STAGES or self.privacy == "he-threshold",
-            f"dropout-stage={self.dropout_stage} is the key holders' stage: it needs privacy=he-threshold (use train)",
-        )
         problems += self._collaborative_problems()
-        if self.privacy == "he-threshold":
-            problems += self._threshold_problems()
-        if self.privacy == "secagg":
-            problems += self._secagg_problems()
-        if self.privacy == "he":
-            problems += self._he_problems()
-        else:
-            for key in ("he-public", "he-secret"):
-                need(not getattr(self, key.replace("-", "_")), f"{key} only applies to privacy=he")
+        problems += self._privacy_problems()
         need(
             not self.run_signature or bool(self.access_policy),
             "run-signature is set but access-policy is not: give the policy that lists the signing operator",
@@ -743,3 +686,82 @@ def resolve(
     merged = dict(preset or {})
     merged.update(overrides or {})
     return RunConfig.from_flat(merged)
+
+
+# -- the configuration reference: generated from RunConfig's fields --------------------------
+@dataclass(frozen=True)
+class KeyInfo:
+    """One configuration key as the reference shows it."""
+
+    key: str
+    type: str
+    default: Any
+    help: str
+
+
+def key_reference() -> list[KeyInfo]:
+    """Every key in field order, with its type, default and help text (from ``key(default, help)``)."""
+    return [KeyInfo(_key(f.name), f.type, f.default, f.metadata["help"]) for f in fields(RunConfig)]
+
+
+def _markdown_cell(text: str) -> str:
+    """Help text as one table cell: ``|`` would end the cell, ``*`` and ``<`` could start emphasis or HTML."""
+    for char in "\\|*<":
+        text = text.replace(char, "\\" + char)
+    return text
+
+
+def reference_markdown() -> str:
+    """The configuration reference (docs/generated/config-keys.md): every key in field order."""
+    lines = [
+        "# Configuration keys",
+        "",
+        "Set them with `fedlearn simulate --run-config \"k=v\"`, in TOML presets, with `flwr run . --run-config` or in "
+        "`[tool.flwr.app.config]`. Generated from `RunConfig` in `fedlearn/config.py` by "
+        "`python -m fedlearn.config --markdown --write docs/generated/config-keys.md`: edit the fields, not this file.",
+        "",
+        "| key | type | default | what it does |",
+        "|---|---|---|---|",
+    ]
+    for info in key_reference():
+        lines.append(f"| `{info.key}` | {info.type} | `{_toml_value(info.default)}` | {_markdown_cell(info.help)} |")
+    return "\n".join(lines) + "\n"
+
+
+def reference_text(width: int = 100) -> str:
+    """Every ``key = default`` with its help text aligned beside it, wrapped to ``width`` columns
+    (``fedlearn simulate --list-keys``)."""
+    import textwrap
+
+    infos = key_reference()
+    lefts = [f"{info.key} = {info.default!r}" for info in infos]
+    column = max(map(len, lefts)) + 2
+    lines = []
+    for left, info in zip(lefts, infos):
+        parts = textwrap.wrap(info.help, max(30, width - column), break_long_words=False, break_on_hyphens=False) or [""]
+        lines.append(f"{left:<{column}}{parts[0]}")
+        lines += [" " * column + part for part in parts[1:]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fedlearn.config --markdown [--write PATH]``: print or write the reference."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m fedlearn.config", description="The configuration reference.")
+    parser.add_argument("--markdown", action="store_true", required=True, help="render it as markdown")
+    parser.add_argument("--write", metavar="PATH", type=Path, help="write it to PATH instead of printing it")
+    args = parser.parse_args(argv)
+    text = reference_markdown()
+    if args.write is None:
+        sys.stdout.write(text)
+    else:
+        args.write.parent.mkdir(parents=True, exist_ok=True)
+        args.write.write_text(text)
+        print(f"wrote {args.write}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

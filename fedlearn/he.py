@@ -31,6 +31,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 
 from crypto.he import Encrypted, HEKey, HEKeyError, HESum, Layout
+from fedlearn import families
 from fedlearn.encoding import expand_ranges, flatten, range_exponents, unflatten
 
 CHUNK_PREFIX = "ct-"
@@ -154,3 +155,19 @@ def decrypt_saved_model(path, key: HEKey, template: dict[str, np.ndarray]) -> di
                       tuple(int(e) for e in meta["range_exp"].split(",") if e))
     codec = ModelCodec(key, template, int(meta["bits"]), 1.0)
     return codec.decrypt(arrays_to_chunks(arrays), state)
+
+
+def config_problems(config) -> list[str]:
+    """privacy=he's own config checks (fedlearn.config runs the generic ones)."""
+    why = "the server only adds ciphertexts and never sees an update or the model in clear"
+    problems = []
+    family = families.FAMILIES.get(config.strategy)
+    if family is not None and family.aggregate != families.SUM and not family.needs_clear_updates:  # those have a message of their own
+        problems.append(
+            f"strategy={config.strategy} cannot run with privacy=he: it needs "
+            + ("each update in clear" if family.aggregate == families.PER_UPDATE else "a non-linear step on the clear aggregate")
+            + f", but {why}; use one of {', '.join(families.SUM_STRATEGIES)}"
+        )
+    if config.evaluate_on == "server":
+        problems.append(f"evaluate-on=server cannot work with privacy=he: {why}; use evaluate-on=clients (or auto)")
+    return problems

@@ -27,6 +27,7 @@ import numpy as np
 
 from crypto.fixedpoint import FixedPoint
 from crypto.secagg import mask_dtype
+from fedlearn import families
 
 ADVERTISE = "train.secagg_advertise"
 SHARE = "train.secagg_share"
@@ -78,3 +79,43 @@ class RoundPlan:
                        int(record["weight-cap"]), tuple(int(e) for e in record["range-exp"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed secagg plan ({exc})") from None
+
+
+def config_problems(config) -> list[str]:
+    """privacy=secagg's own config checks (fedlearn.config runs the generic ones)."""
+    problems = []
+    if config.strategy in families.PER_UPDATE_STRATEGIES:
+        problems.append(
+            f"strategy={config.strategy} cannot run with privacy=secagg: it needs each update in clear, "
+            "but secure aggregation shows the server only the sum; use a sum strategy "
+            "(fedavg, fedavgm, fedprox, fedadam, fedyogi, fedadagrad), or privacy=plain to give up secure aggregation"
+        )
+    if not 8 <= config.secagg_bits <= 32:
+        problems.append(f"secagg-bits={config.secagg_bits}: must be between 8 and 32 (16 uploads 2 bytes per parameter)")
+        return problems
+    sampled = config.train_sample_size()
+    if sampled < 2:
+        return problems + [
+            "privacy=secagg needs at least 2 clients per round (the sum of one client is its update): "
+            "sample more clients, or set privacy=plain"
+        ]
+    try:
+        value_bits = config.secagg_encoding(sampled).bits
+    except ValueError:
+        value_bits = 0
+    if value_bits < 4:
+        problems.append(
+            f"secagg-bits={config.secagg_bits} leaves {value_bits} bits per value for a sum of {sampled} clients: "
+            "raise secagg-bits, sample fewer clients per round, or set privacy=plain"
+        )
+    if config.secagg_neighbours < 0:
+        problems.append(f"secagg-neighbours={config.secagg_neighbours}: must be >= 0 (0 = every other client)")
+        return problems
+    size = config.secagg_neighbourhood(sampled)
+    if config.secagg_threshold and not 2 <= config.secagg_threshold <= size:
+        problems.append(
+            f"secagg-threshold={config.secagg_threshold}: must be between 2 and the {size} clients of a neighbourhood "
+            f"({sampled} sampled per round" + (f", secagg-neighbours={config.secagg_neighbours})" if size < sampled else ")")
+            + "; 0 picks a majority"
+        )
+    return problems

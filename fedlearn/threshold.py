@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 from crypto.digest import sha256_hex
 from crypto.fixedpoint import FixedPoint
+from fedlearn import families
 
 JOIN = "query.threshold_join"
 KEYGEN = "query.threshold_keygen"
@@ -88,3 +89,35 @@ class RoundPlan:
                        tuple(int(e) for e in record["range-exp"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed he-threshold plan ({exc})") from None
+
+
+def config_problems(config) -> list[str]:
+    """privacy=he-threshold's own config checks (fedlearn.config runs the generic ones)."""
+    problems = []
+    if config.strategy in families.PER_UPDATE_STRATEGIES:
+        problems.append(
+            f"strategy={config.strategy} cannot run with privacy=he-threshold: it needs each update in clear, but "
+            "only the sum is ever decrypted; use a sum strategy (fedavg, fedavgm, fedprox, fedadam, fedyogi, "
+            "fedadagrad), or privacy=plain"
+        )
+    committee, quorum = config.threshold_committee, config.threshold_quorum_size()
+    if not 2 <= committee <= config.num_clients:
+        problems.append(
+            f"threshold-committee={committee}: must be between 2 and num-clients={config.num_clients} (the key "
+            "holders are nodes of the federation)"
+        )
+    elif not 2 <= quorum <= committee:
+        problems.append(
+            f"threshold-quorum={config.threshold_quorum}: must be between 2 and threshold-committee={committee} "
+            "(1 would let one member decrypt alone), or 0 for a majority"
+        )
+    if config.train_sample_size() < 2:
+        problems.append(
+            "privacy=he-threshold needs at least 2 clients per round (the sum of one client is its update): "
+            "sample more clients, or set privacy=plain"
+        )
+    if config.threshold_range < 0:
+        problems.append(f"threshold-range={config.threshold_range}: must be > 0 (a multiple of each tensor's largest value), or 0 for auto")
+    if config.threshold_timeout <= 0:
+        problems.append(f"threshold-timeout={config.threshold_timeout}: must be > 0 seconds")
+    return problems

@@ -32,10 +32,10 @@ from fedlearn.audit import AuditLog
 from fedlearn.checkpoint import CheckpointError
 from fedlearn.config import RunConfig
 from fedlearn.errors import AccessDenied, ConfigError
-from fedlearn.packing import SEPARATOR
 from fedlearn.messages import AUTH_RECORD, NODE_RECORD, PARTITION_KEY, payload_digest
 from fedlearn.runs import RunStore
-from server.grid import GridWrapper, payload_bytes
+from server.grid import GridWrapper
+from server.updates import Rejected, check_plain_update, check_size
 
 REJECTED = 403  # error code of a reply the server refused (Flower's own codes are small integers)
 
@@ -135,10 +135,6 @@ def reopen_audited_run(
         "operator": {"name": operator.name, "fingerprint": operator.fingerprint},
     })
     return AuditedRun(config, policy, audit, operator)
-
-
-class Rejected(Exception):
-    """A reply failed a check; the message is the audited reason."""
 
 
 @dataclass
@@ -286,7 +282,7 @@ class AccessGrid(GridWrapper):
         content = reply.content
         is_update = reply.metadata.message_type == MessageType.TRAIN
         if is_update:  # first: a huge reply costs no hashing or parsing
-            _check_size(content, self.max_update_bytes)
+            check_size(content, self.max_update_bytes)
         if NODE_RECORD in content and PARTITION_KEY in content[NODE_RECORD]:
             facts["partition"] = int(content[NODE_RECORD][PARTITION_KEY])
         if "metrics" in content and "num-examples" in content["metrics"]:
@@ -356,57 +352,3 @@ class AccessGrid(GridWrapper):
             raise Rejected(f"duplicate update: node {who} already sent an update this round (two SuperNodes share one node key?)")
         if payload in self._update_from:
             raise Rejected(f"duplicate update: identical to the update from {self._update_from[payload]}")
-
-
-def _check_size(content, limit: int) -> None:
-    """Refuse an oversized update before hashing or parsing it; measured as MeteredGrid meters
-    traffic, so every record counts, not only the arrays."""
-    size = payload_bytes(content)
-    if size > limit:
-        raise Rejected(
-            f"oversized update: {_size(size)} exceeds the limit of {_size(limit)} "
-            "(raise max-update-mb if the model really is this large)"
-        )
-
-
-def _size(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n:,} bytes"
-
-
-def check_plain_update(content, sent: ArrayRecord) -> None:
-    """The update must have the global model's arrays, shapes and dtypes, all finite."""
-    got = content["arrays"] if "arrays" in content else None
-    if not isinstance(got, ArrayRecord):
-        raise Rejected("malformed update: no arrays record")
-    if list(got) != list(sent):
-        raise Rejected(f"malformed update: arrays {sorted(got)} instead of the model's {sorted(sent)}")
-    for name, theirs in got.items():
-        mine = sent[name]
-        if list(theirs.shape) != list(mine.shape) or theirs.dtype != mine.dtype or theirs.stype != mine.stype:
-            raise Rejected(
-                f"malformed update: {name} is {theirs.dtype}{list(theirs.shape)}, the model's is {mine.dtype}{list(mine.shape)}"
-            )
-        if not np.isfinite(_values(theirs)).all():
-            raise Rejected(f"non-finite update: {name} contains NaN or Inf")
-
-
-def check_models_update(content, packed: ArrayRecord) -> None:
-    """A multimodel update: whole models of the run (packed, fedlearn.packing), any subset of them."""
-    trained = {key.partition(SEPARATOR)[0] for key in content["arrays"]} if "arrays" in content else set()
-    if not trained:
-        raise Rejected("malformed update: it holds none of the run's models")
-    check_plain_update(content, ArrayRecord({k: a for k, a in packed.items() if k.partition(SEPARATOR)[0] in trained}))
-
-
-def _values(array) -> np.ndarray:
-    """The values of a serialized numpy array, in storage order (enough to check finiteness),
-    read in place from the end of its bytes instead of parsing the .npy header."""
-    try:
-        dtype = np.dtype(array.dtype)
-    except TypeError:
-        raise Rejected(f"malformed update: unknown dtype {array.dtype!r}") from None
-    count = int(np.prod(array.shape))
-    offset = len(array.data) - count * dtype.itemsize
-    if offset < 0:
-        raise Rejected(f"malformed update: {count} values of {dtype} do not fit in {len(array.data)} bytes")
-    return np.frombuffer(array.data, dtype=dtype, count=count, offset=offset)

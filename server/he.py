@@ -25,6 +25,7 @@ from fedlearn.errors import ConfigError
 from fedlearn.he import PREVIOUS_RECORD, ModelCodec, StateMeta, encrypted_record, record_chunks
 from fedlearn.messages import HE_RECORD
 from server.grid import round_weight_cap
+from server.privacy import HidingStrategy
 
 
 @dataclass
@@ -36,11 +37,15 @@ class RoundPlan:
     exponents: tuple[int, ...] | None = None  # bfv ranges, set by the first accepted contribution
 
 
-class HEStrategy(Strategy):
-    def __init__(self, base: Strategy, config: RunConfig, key: HEKey, template: dict[str, np.ndarray]):
-        if key.secret:
+class HEStrategy(HidingStrategy):
+    checkpointable = False  # the encrypted model and momentum are not in the checkpoint
+
+    def __init__(self, inner: Strategy, config: RunConfig, template: dict[str, np.ndarray]):
+        super().__init__(inner, config, template)
+        key = load_public_key(config)  # the server reads the public context only
+        if key is None or key.secret:
             raise ValueError("the server must hold the public HE context only")
-        self.base, self.config, self.key = base, config, key
+        self.key = key
         self.codec = ModelCodec(key, template, config.he_bits, config.he_range_factor())
         self.momentum = config.strategy == "fedavgm"
         self.meta: StateMeta | None = None  # None while the global model is the clear initial one
@@ -48,11 +53,24 @@ class HEStrategy(Strategy):
         self.previous: tuple[ArrayRecord, StateMeta] | None = None  # fedavgm: the state before
         self.counts: dict[int, int] = {}  # node id -> training examples it reported
         self.plan: RoundPlan | None = None
-        self.last: dict = {}  # privacy facts of the last aggregation, for the audit log
+
+    @classmethod
+    def preflight(cls, config: RunConfig) -> None:
+        load_public_key(config)  # a bad he-public fails before the run directory exists
+
+    @classmethod
+    def provision(cls, config: RunConfig, directory: Path) -> RunConfig:
+        if load_public_key(config) is not None:
+            return config
+        return provision_he(directory, config)
+
+    def save_model(self, store, arrays: dict[str, np.ndarray]) -> Path:
+        """The final model as the server holds it: encrypted, with what decrypt-model needs."""
+        return store.save_model(arrays, name="model.he.safetensors", metadata=self.state_metadata())
 
     def summary(self) -> None:
         log(INFO, "\t├── privacy: he (%s), the server adds ciphertexts only", self.key.info.scheme)
-        self.base.summary()
+        self.inner.summary()
 
     # -- requests -------------------------------------------------------------------
     def _state_record(self) -> dict:
@@ -70,7 +88,7 @@ class HEStrategy(Strategy):
                 content[PREVIOUS_RECORD] = self.previous[0]
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        messages = list(self.base.configure_train(server_round, arrays, config, grid))
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         if not messages:
             return messages
         nodes = [m.metadata.dst_node_id for m in messages]
@@ -80,7 +98,7 @@ class HEStrategy(Strategy):
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        messages = list(self.base.configure_evaluate(server_round, arrays, config, grid))
+        messages = list(self.inner.configure_evaluate(server_round, arrays, config, grid))
         self._attach(messages, {})
         return messages
 
@@ -134,7 +152,7 @@ class HEStrategy(Strategy):
             "clipped": clipped,
             **self._encoding_facts(summer),
         }
-        fn = getattr(self.base, "train_metrics_aggr_fn", None)
+        fn = getattr(self.inner, "train_metrics_aggr_fn", None)
         metrics = fn([r.content for r in ok], "num-examples") if fn else None
         return arrays, metrics
 
@@ -148,8 +166,6 @@ class HEStrategy(Strategy):
                 "max_terms": self.plan.max_terms, "range_exponents": list(self.plan.exponents or ()),
                 "error_bound": bound}
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.base.aggregate_evaluate(server_round, replies)
 
     def state_metadata(self) -> dict[str, str]:
         """What decrypt-model needs to read the final encrypted model (safetensors metadata)."""
@@ -163,8 +179,6 @@ class HEStrategy(Strategy):
 def load_public_key(config: RunConfig) -> HEKey | None:
     """The server's public HE context from he-public (None: to be generated for this run).
     Called before the run directory exists, so a bad file costs nothing."""
-    if config.privacy != "he":
-        return None
     if not config.he_public:
         if config.access_policy:
             raise ConfigError([

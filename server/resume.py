@@ -9,20 +9,45 @@ fedadam takes the same step it would have taken without the crash.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from crypto import signing
+from fedlearn import audit as audit_log
+from fedlearn import families
+from fedlearn.checkpoint import Checkpoint, CheckpointError
+from fedlearn.config import RunConfig
+from fedlearn.runs import load_run_config
+from server.privacy import innermost
+
 STATE_ATTRIBUTES = ("current_arrays", "momentum_vector", "m_t", "v_t")
 
 
-def innermost(strategy: Strategy) -> Strategy:
-    """The Flower strategy under our privacy wrappers (they keep no cross-round state)."""
-    while hasattr(strategy, "base"):
-        strategy = strategy.base
-    return strategy
+def load_checkpoint(run_dir: Path) -> tuple[RunConfig, Checkpoint]:
+    """The config and checkpoint of a run to resume, or a CheckpointError saying why not."""
+    config = load_run_config(run_dir)
+    checkpoint = Checkpoint.load(run_dir)
+    log = run_dir / "audit.jsonl"
+    if not log.is_file():
+        raise CheckpointError(f"{log} not found: a resumed run continues its audit log, and this run has none")
+    verdict = audit_log.verify(log, signing.load_public(run_dir / "audit.pub"), allow_incomplete=True)
+    if not verdict.ok:
+        raise CheckpointError(
+            f"{run_dir}/audit.jsonl does not verify ({verdict.summary()}): resume refused so nothing is appended "
+            "to a damaged log; keep it as evidence and start a new run"
+        )
+    if checkpoint.config_digest != config.digest():
+        raise CheckpointError(f"{run_dir}/config.toml changed since the checkpoint was written; restore it to resume")
+    why = families.get(config.strategy).not_resumable
+    if why:
+        raise CheckpointError(f"strategy={config.strategy} cannot be resumed: {why}")
+    if checkpoint.round >= config.num_rounds:
+        raise CheckpointError(f"{run_dir} already ran all {config.num_rounds} rounds: nothing to resume")
+    return config, checkpoint
 
 
 def strategy_state(strategy: Strategy) -> tuple[dict[str, np.ndarray], dict]:

@@ -33,6 +33,7 @@ from fedlearn.errors import RoundFailed
 from fedlearn.messages import NODE_RECORD, NUM_EXAMPLES_KEY, SECAGG_RECORD
 from fedlearn.secagg import ADVERTISE, MASKED_ARRAY, SHARE, UNMASK, RoundPlan
 from server.grid import parsed_replies, short_reason
+from server.privacy import HidingStrategy
 
 
 T = TypeVar("T")
@@ -51,9 +52,9 @@ def average_as_reply(average: dict[str, np.ndarray], replies: list[Message], exa
     return Message(content, dst_node_id=0, message_type=MessageType.TRAIN)
 
 
-class SecAggStrategy(Strategy):
-    def __init__(self, base: Strategy, config: RunConfig, template: dict[str, np.ndarray]):
-        self.base, self.config, self.template = base, config, template
+class SecAggStrategy(HidingStrategy):
+    def __init__(self, inner: Strategy, config: RunConfig, template: dict[str, np.ndarray]):
+        super().__init__(inner, config, template)
         self.codec = FixedPointCodec(template)
         self.plan: RoundPlan | None = None
         self.grid: Grid | None = None
@@ -62,11 +63,10 @@ class SecAggStrategy(Strategy):
         self.counts: dict[int, int] = {}  # node -> training examples it reported this round
         self.holders: dict[int, list[int]] = {}  # node -> neighbours it was told to mask with
         self.dropped: dict[str, list[int]] = {}  # stage -> nodes lost there this round
-        self.last: dict = {}  # privacy facts of the last aggregation, for the audit log
 
     def summary(self) -> None:
         log(INFO, "\t├── privacy: secagg (%d-bit masked sums), the server sees only the sum", self.config.secagg_bits)
-        self.base.summary()
+        self.inner.summary()
 
     # -- stages before training ----------------------------------------------------------
     def _exchange(self, server_round: int, stage: str, message_type: str, records: dict[int, dict],
@@ -101,7 +101,7 @@ class SecAggStrategy(Strategy):
         return {stage: len(nodes) for stage, nodes in self.dropped.items()}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        messages = list(self.base.configure_train(server_round, arrays, config, grid))
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         if not messages:
             return messages
         self.grid, self.dropped = grid, {}
@@ -227,10 +227,4 @@ class SecAggStrategy(Strategy):
             "error_bound": self.codec.error_bound(len(survivors), total_weight, self.plan),
             "dropped": self._dropped_counts(),
         }
-        return self.base.aggregate_train(server_round, [average_as_reply(average, ok, examples)])
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        return self.base.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.base.aggregate_evaluate(server_round, replies)
+        return self.inner.aggregate_train(server_round, [average_as_reply(average, ok, examples)])

@@ -38,36 +38,26 @@ from fedlearn.errors import ConfigError, FederationError, RoundFailed
 from fedlearn.messages import NODE_RECORD, NUM_EXAMPLES_KEY, PARTITION_KEY
 from fedlearn.threshold import DECRYPT, HOLD, JOIN, KEYGEN, RECORD, REVEAL, Committee, RoundPlan
 from server.grid import parsed_replies, round_weight_cap
+from server.privacy import HidingStrategy
 from server.secagg import average_as_reply
 
 T = TypeVar("T")
 
 
-def require_openfhe(config: RunConfig) -> None:
-    """Under he-threshold, OpenFHE's bindings or a ConfigError that says how to get them: called
-    before the run directory exists (and by `fedlearn simulate` before the simulation starts)."""
-    if config.privacy == "he-threshold":
-        try:
-            threshold.openfhe()
-        except ImportError as exc:
-            raise ConfigError([str(exc)]) from None
-
-
-class ThresholdStrategy(Strategy):
-    def __init__(self, base: Strategy, config: RunConfig, template: dict[str, np.ndarray]):
-        self.base, self.config = base, config
+class ThresholdStrategy(HidingStrategy):
+    def __init__(self, inner: Strategy, config: RunConfig, template: dict[str, np.ndarray]):
+        super().__init__(inner, config, template)
         self.codec = FixedPointCodec(template)
         self.committee: Committee | None = None
         self.recovered: dict[int, KeyShare] = {}  # member -> key share a quorum recovered after it dropped out
         self.counts: dict[int, int] = {}  # node id -> training examples it reported
         self.plan: RoundPlan | None = None
         self.grid: Grid | None = None
-        self.last: dict = {}  # privacy facts of the last aggregation, for the audit log
 
     def summary(self) -> None:
         log(INFO, "\t├── privacy: he-threshold (BFV, %d-of-%d committee), no party alone can decrypt",
             self.config.threshold_quorum_size(), self.config.threshold_committee)
-        self.base.summary()
+        self.inner.summary()
 
     def _exchange(self, server_round: int, stage: str, message_type: str, records: dict[int, dict],
                   parse: Callable[[int, ConfigRecord, RecordDict], T], extra: dict | None = None) -> dict[int, T]:
@@ -80,6 +70,19 @@ class ThresholdStrategy(Strategy):
                               f"he-threshold: round {server_round}, {stage} stage")
 
     # -- the key ceremony ---------------------------------------------------------------
+    @classmethod
+    def preflight(cls, config: RunConfig) -> None:
+        """OpenFHE's bindings, or a ConfigError that says how to get them (before the run directory
+        exists, and before `fedlearn simulate` starts the simulation)."""
+        try:
+            threshold.openfhe()
+        except ImportError as exc:
+            raise ConfigError([str(exc)]) from None
+
+    def prepare(self, grid: Grid, audit) -> None:
+        """Before any round: the key every update is encrypted under."""
+        audit.append("key_ceremony", 0, self.hold_ceremony(grid).facts())
+
     def hold_ceremony(self, grid: Grid) -> Committee:
         """Choose the committee among the connected keyholders, have each member make its key
         share in turn, and hand out the sealed Shamir shares. Every member must take part: a
@@ -142,7 +145,7 @@ class ThresholdStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         if self.committee is None:
             raise RuntimeError("hold_ceremony() must run before the first round")
-        messages = list(self.base.configure_train(server_round, arrays, config, grid))
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         if not messages:
             return messages
         self.grid = grid
@@ -212,7 +215,7 @@ class ThresholdStrategy(Strategy):
             "add_seconds": round(add_seconds, 4), "fuse_seconds": round(fuse_seconds, 4), **facts,
         }
         examples = sum(count for _, _, count, _ in parsed)
-        return self.base.aggregate_train(server_round, [average_as_reply(average, ok, examples)])
+        return self.inner.aggregate_train(server_round, [average_as_reply(average, ok, examples)])
 
     def _decrypt(self, server_round: int, total: list[bytes]) -> tuple[dict[int, list[bytes]], dict]:
         """Every member's partial decryption of ``total``: asked of the members, computed here for
@@ -268,9 +271,3 @@ class ThresholdStrategy(Strategy):
             except ThresholdError as exc:
                 raise fail(str(exc)) from None
         log(WARNING, "he-threshold: round %d: members %s did not answer; a quorum recovered their key shares", server_round, missing)
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        return self.base.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.base.aggregate_evaluate(server_round, replies)

@@ -42,9 +42,11 @@ def config_from_args(preset: str | None, run_config: str | None, out: str | None
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
     if args.list_keys:
-        defaults = RunConfig().to_flat()
-        for key in RunConfig.keys():
-            print(f"{key} = {defaults[key]!r}")
+        import shutil
+
+        from fedlearn.config import reference_text
+
+        print(reference_text(shutil.get_terminal_size((100, 24)).columns), end="")
         return 0
     config = config_from_args(args.preset, args.run_config, args.out)
     from simulations import simulate
@@ -59,7 +61,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
-    from server.app import load_checkpoint
+    from server.resume import load_checkpoint
 
     run_dir = args.run_dir.expanduser().resolve()
     config, checkpoint = load_checkpoint(run_dir)  # refuses here, before anything starts
@@ -95,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--run-config", help='overrides, e.g. "num-rounds=10 strategy=fedprox proximal-mu=0.01"')
     sim.add_argument("--out", help="directory for run directories (default: runs)")
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
-    sim.add_argument("--list-keys", action="store_true", help="print every config key with its default")
+    sim.add_argument("--list-keys", action="store_true", help="print every config key with its default and what it does")
     sim.set_defaults(func=_cmd_simulate)
 
     resume = sub.add_parser("resume", help="continue a simulated run that stopped (killed, crashed) from its checkpoint")
@@ -114,8 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     he_cli.add_commands(sub, keys_sub)
     deploy_cli.add_commands(sub, config_from_args)
 
+    from simulations.bench import SCENARIOS  # the standard library and psutil only
+
     bench = sub.add_parser("bench", help="run a benchmark scenario (same as python -m simulations.bench)")
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="scenario and its options")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER,
+                       help=f"a scenario ({', '.join(SCENARIOS)}) or report, and its options (SCENARIO --help)")
     bench.set_defaults(func=_cmd_bench)
     return parser
 

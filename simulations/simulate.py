@@ -12,7 +12,7 @@ from fedlearn.config import RunConfig
 from fedlearn.runs import RoundRecord
 from fedlearn.training import select_device
 from server.app import make_server_app
-from server.threshold import require_openfhe
+from server.privacy import preflight
 from simulations import engine
 
 
@@ -22,7 +22,7 @@ def run(config: RunConfig, *, console: Console | None = None, verbose: bool = Fa
     # Preflight: a missing or corrupt dataset, an impossible split or a missing GPU fails here,
     # with its own message, before the simulation runtime starts (loads are cached).
     select_device(config.device)
-    require_openfhe(config)
+    preflight(config)
     data.client_split(config, 0, config.num_clients)
     summary: dict = {}
     columns = (

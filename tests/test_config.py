@@ -1,10 +1,17 @@
+import os
+import re
+import subprocess
+import sys
 import tomllib
+from dataclasses import fields
 
 import pytest
 
-from fedlearn.config import RunConfig, load_toml, parse_overrides, resolve
+from fedlearn import config as config_module
+from fedlearn import privacy
+from fedlearn.config import RunConfig, key_reference, load_toml, parse_overrides, reference_markdown, resolve
 from fedlearn.errors import ConfigError
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def problems(**flat) -> str:
@@ -19,7 +26,12 @@ def test_defaults_are_valid():
 
 def test_pyproject_flower_defaults_match_runconfig():
     app_config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    assert app_config == RunConfig().to_flat()
+    defaults = RunConfig().to_flat()
+    assert not set(defaults) - set(app_config), f"[tool.flwr.app.config] lacks {sorted(set(defaults) - set(app_config))}"
+    assert not set(app_config) - set(defaults), f"[tool.flwr.app.config] has unknown {sorted(set(app_config) - set(defaults))}"
+    # Same values and the same TOML types (an int where RunConfig has a float would still compare equal).
+    differ = {k: (app_config[k], v) for k, v in defaults.items() if (app_config[k], type(app_config[k])) != (v, type(v))}
+    assert not differ, f"[tool.flwr.app.config] differs from RunConfig's defaults (pyproject, RunConfig): {differ}"
 
 
 def test_flat_roundtrip_and_digest_stable():
@@ -162,3 +174,67 @@ def test_he_threshold_defaults_to_a_majority_and_the_widest_exact_encoding():
 def test_a_negative_update_limit_is_refused_with_the_fix():
     with pytest.raises(ConfigError, match=r"max-update-mb=-1.0: must be >= 0 \(0 picks a limit from the model size\)"):
         RunConfig.from_flat({"max-update-mb": -1.0})
+
+
+# -- one source for each key's default and help text -------------------------------------------
+def test_every_key_has_help_text():
+    missing = [f.name for f in fields(RunConfig) if not str(f.metadata.get("help", "")).strip()]
+    assert not missing, f"RunConfig fields without help text (declare them as key(default, help)): {missing}"
+    assert [info.key for info in key_reference()] == RunConfig.keys()
+    assert [info.default for info in key_reference()] == list(RunConfig().to_flat().values())
+    assert {info.type for info in key_reference()} <= {"int", "float", "str"}  # _coerce's types
+
+
+@pytest.mark.parametrize(
+    "key, choices",
+    [
+        ("optimizer", config_module.OPTIMIZERS),
+        ("partitioner", config_module.PARTITIONERS),
+        ("device", config_module.DEVICES),
+        ("amp", config_module.AMP_MODES),
+        ("compile", config_module.COMPILE_MODES),
+        ("privacy", privacy.names()),
+        ("he-scheme", config_module.HE_SCHEMES),
+        ("evaluate-on", config_module.EVALUATE_ON),
+        ("dropout-stage", ("train", *(stage for mode in privacy.modes() for stage in mode.stages))),
+        ("strategy", config_module.STRATEGIES),
+        ("dataset", config_module.DATASETS),
+        ("model", config_module.MODELS),
+    ],
+)
+def test_help_of_a_choice_key_names_every_choice(key, choices):
+    help_text = {info.key: info.help for info in key_reference()}[key]
+    unnamed = [c for c in choices if not re.search(rf"(?<![\w-]){re.escape(c)}(?![\w-])", help_text)]
+    assert not unnamed, f"the help text of {key} does not name {unnamed}: {help_text!r}"
+
+
+def test_generated_reference_is_up_to_date():
+    path = REPO / "docs" / "generated" / "config-keys.md"
+    fix = "run `python -m fedlearn.config --markdown --write docs/generated/config-keys.md`"
+    assert path.is_file(), f"{path.relative_to(REPO)} is missing: {fix}"
+    assert path.read_text() == reference_markdown(), f"{path.relative_to(REPO)} is out of date: {fix}"
+
+
+def test_reference_markdown_has_one_row_per_key_in_order():
+    rows = [line for line in reference_markdown().splitlines() if line.startswith("| `")]
+    assert [row.split("`")[1] for row in rows] == RunConfig.keys()
+    for row, info in zip(rows, key_reference()):
+        assert row.replace("\\|", "").count("|") == 5, f"a '|' in the help of {info.key} is not escaped: {row}"
+
+
+def test_list_keys_prints_every_key_default_and_help():
+    result = subprocess.run(
+        [sys.executable, "-m", "simulations.cli", "simulate", "--list-keys"],
+        cwd=REPO, env={**os.environ, "COLUMNS": "100"}, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    flat = " ".join(result.stdout.split())  # help text may wrap onto indented lines
+    columns = set()
+    for info in key_reference():
+        start = f"{info.key} = {info.default!r}"
+        first = [line for line in lines if line.startswith(start + " ")]
+        assert first, f"--list-keys has no line for {start}"
+        columns.add(len(first[0]) - len(first[0][len(start):].lstrip()))
+        assert " ".join(info.help.split()) in flat, f"--list-keys lacks the help of {info.key}"
+    assert len(columns) == 1, "the help texts of --list-keys do not start in one column"

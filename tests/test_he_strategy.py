@@ -8,7 +8,8 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvgM
 
-from clients.app import NodeTask, encrypted_update, received_model
+from clients.app import NodeTask, received_model
+from clients.he import encrypted_update
 from crypto.he import HEKey, generate_pair
 from fedlearn import strategies
 from fedlearn.config import RunConfig
@@ -38,7 +39,7 @@ def setup(tmp_path, **overrides):
     config = RunConfig.from_flat({"privacy": "he", "num-clients": 3, "model": "logreg", "he-scheme": key.info.scheme,
                                   "he-public": str(public), "he-secret": str(secret), **overrides})
     template = {k: v.detach().numpy() for k, v in global_model(config).state_dict().items()}
-    return config, HEStrategy(strategies.build(config), config, key, template), template
+    return config, HEStrategy(strategies.build(config), config, template), template
 
 
 def client_replies(config, messages, server_round, rng):

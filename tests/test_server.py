@@ -26,10 +26,10 @@ def test_initial_model_is_seeded():
 def test_he_threshold_without_openfhe_stops_before_the_run_with_the_install_hint(monkeypatch, tmp_path):
     import sys
 
-    from server.threshold import require_openfhe
+    from server.privacy import preflight
 
     monkeypatch.setitem(sys.modules, "openfhe", None)  # as if the extra were not installed
     config = RunConfig.from_flat({"privacy": "he-threshold", "out-dir": str(tmp_path)})
     with pytest.raises(ConfigError, match=r"fedlearn\[threshold\]"):
-        require_openfhe(config)
-    require_openfhe(config.replace(privacy="secagg"))  # the other modes never need it
+        preflight(config)
+    preflight(config.replace(privacy="secagg"))  # the other modes never need it

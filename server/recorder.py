@@ -1,0 +1,194 @@
+"""What the server does after each round: evaluate, write the audit records and the round's
+metrics, checkpoint, and decide whether the run goes on (Flower calls it as ``evaluate_fn``)."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from logging import INFO
+
+from flwr.app import ArrayRecord, MetricRecord
+from flwr.common.logger import log
+
+from crypto.digest import arrays_digest
+from fedlearn import data, ifca, multimodel
+from fedlearn.audit import AuditLog
+from fedlearn.checkpoint import Checkpoint
+from fedlearn.config import ASYNCHRONOUS_STRATEGIES, CLUSTERED_STRATEGIES, MULTIMODEL_STRATEGIES
+from fedlearn.errors import RoundFailed
+from fedlearn.runs import RoundRecord
+from fedlearn.training import evaluate
+from server.access import RoundAccess
+from server.grid import short_reason
+from server.resume import strategy_state
+from server.run import ClientMetrics, Run, numpy_arrays
+
+RoundCallback = Callable[[RoundRecord], None]
+
+
+class TargetReached(Exception):
+    """Raised from the per-round hook to end a run early once target-accuracy is met."""
+
+
+def log_round(record: RoundRecord) -> None:
+    log(
+        INFO,
+        "fedlearn round %d: accuracy=%.4f loss=%.4f %.2fs up=%dB down=%dB clients=%d failures=%d",
+        record.round,
+        record.accuracy,
+        record.loss,
+        record.seconds,
+        record.bytes_up,
+        record.bytes_down,
+        record.clients,
+        record.failures,
+    )
+
+
+def audit_round(audit: AuditLog, server_round: int, arrays: ArrayRecord, seen: RoundAccess, results: dict) -> None:
+    """The round's closing records: what was aggregated from whom, then the results."""
+    audit.append("aggregate", server_round, {
+        "digest": arrays_digest(numpy_arrays(arrays)),
+        "updates": seen.accepted,
+        "examples": seen.examples,
+        "update_digests": seen.update_digests,
+    }, sync=False)
+    audit.append("round_end", server_round, results)
+
+
+class RoundRecorder:
+    """Flower's per-round hook for one run: ``after_round(round, arrays)``."""
+
+    def __init__(self, run: Run, metrics: ClientMetrics, on_round: RoundCallback):
+        self.run, self.metrics, self.on_round = run, metrics, on_round
+        self.arrays = run.initial  # the latest global state
+        self.clock = run.started
+        self.audit_seconds = 0.0
+        config = run.config
+        self.truth = ({p: data.rotation_group(config, p) for p in range(config.num_clients)}
+                      if config.dataset == "rotated-digits" else None)
+
+    def resumed_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """``after_round`` for a resumed run, whose Flower loop counts from 1 again."""
+        return self.after_round(server_round + self.run.offset, arrays) if server_round else None  # round `offset` is done
+
+    def _evaluate(self, server_round: int, arrays: ArrayRecord) -> tuple[float, float, dict[str, float]] | None:
+        """(loss, accuracy, each model's accuracy under multimodel), on the server or as the clients reported."""
+        config, client = self.run.config, self.metrics.values
+        several = config.strategy in MULTIMODEL_STRATEGIES
+        if not config.evaluates_on_clients() and several:
+            metrics = multimodel.evaluate_models(config, arrays, self.run.test)
+            return metrics["loss"], metrics["accuracy"], {name: metrics[f"accuracy-{name}"] for name in config.model_names()}
+        if not config.evaluates_on_clients():
+            self.run.model.load_state_dict(arrays.to_torch_state_dict())
+            return (*evaluate(self.run.model, self.run.test, self.run.device), {})
+        if server_round == 0:
+            return None  # clients evaluate after each round; the initial model is not sent to them
+        per_model = {name: client[f"federated_accuracy-{name}"] for name in config.model_names()
+                     if several and f"federated_accuracy-{name}" in client}
+        return client.get("federated_loss", float("nan")), client.get("federated_accuracy", float("nan")), per_model
+
+    def after_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        self.arrays = arrays
+        evaluated = self._evaluate(server_round, arrays)
+        if evaluated is None:
+            return None
+        loss, accuracy, per_model = evaluated
+        run, config = self.run, self.run.config
+        now = time.perf_counter()
+        traffic = run.grid.take_traffic()
+        seen = run.access.take_round()
+        exchange_audit = run.audit.seconds - self.audit_seconds  # appends while replies came in
+        audit_started = time.perf_counter()
+        clusters = self._cluster_facts(server_round)
+        if server_round:
+            audit_round(run.audit, server_round, arrays, seen, {
+                "accuracy": accuracy, "loss": loss, "clients": traffic.replies, "failures": traffic.failures,
+                "rejected": seen.rejected, "client_metrics": dict(self.metrics.values),
+                "privacy": self._privacy_facts(seen, server_round),
+                **({"clusters": clusters} if clusters else {}),
+                **({"model_accuracy": per_model} if per_model else {}),
+                **self._strategy_facts(server_round),
+            })
+        self.audit_seconds = run.audit.seconds
+        timings = {
+            "verify_seconds": seen.verify_seconds,
+            "sign_seconds": seen.sign_seconds,
+            "audit_seconds": exchange_audit + time.perf_counter() - audit_started,
+        }
+        client_accuracy = self.metrics.accuracy
+        record = RoundRecord(
+            round=server_round,
+            accuracy=accuracy,
+            loss=loss,
+            seconds=round(now - self.clock, 4),
+            bytes_up=traffic.bytes_up,
+            bytes_down=traffic.bytes_down,
+            clients=traffic.replies,
+            failures=traffic.failures,
+            rejected=seen.rejected,
+            extra={**self.metrics.values, **{k: round(v, 6) for k, v in timings.items()},
+                   **({"cluster_agreement": clusters["agreement"]} if clusters and self.truth else {}),
+                   **({"client_accuracy": dict(sorted(client_accuracy.items(), key=lambda kv: int(kv[0])))} if client_accuracy else {}),
+                   **({"model_accuracy": per_model} if per_model else {})},
+        )
+        self.metrics.clear()
+        self.clock = now
+        run.store.add_round(record)
+        self.on_round(record)
+        # (fedbuff's server updates come from its buffer, which may hold updates pulled before)
+        if server_round and traffic.replies == 0 and config.strategy not in ASYNCHRONOUS_STRATEGIES:
+            first = (
+                short_reason(traffic.errors[0])
+                if traffic.errors
+                else f"no reply within round-timeout={config.round_timeout:g}s"
+            )
+            raise RoundFailed(
+                f"round {server_round}: no client update to aggregate ({traffic.failures} clients failed; "
+                f"first error: {first}). The run stopped rather than continue with an unchanged model; "
+                f"the rounds so far are in {run.store.directory}"
+            )
+        if server_round and run.strategy.checkpointable:
+            self._save_checkpoint(server_round, arrays)
+        if server_round and config.target_accuracy and accuracy >= config.target_accuracy:
+            raise TargetReached
+        return MetricRecord({"accuracy": accuracy, "loss": loss})
+
+    def _save_checkpoint(self, server_round: int, arrays: ArrayRecord) -> None:
+        state_arrays, layout = strategy_state(self.run.strategy)
+        audit = self.run.audit
+        Checkpoint(
+            round=server_round, model=numpy_arrays(arrays), strategy=state_arrays, layout=layout,
+            config_digest=self.run.config.digest(), audit_seq=audit.seq, audit_head=audit.head,
+            python_random=random.getstate(),
+        ).save(self.run.store.directory)
+
+    def _cluster_facts(self, server_round: int) -> dict | None:
+        """ifca: the cluster each client trained this round, and how well that recovers the true groups."""
+        inner = self.run.inner()
+        if self.run.config.strategy not in CLUSTERED_STRATEGIES or server_round not in inner.membership:
+            return None
+        membership = inner.membership[server_round]
+        facts = {"membership": {str(c): k for c, k in membership.items()}}
+        restarted = inner.reseeded.get(server_round)
+        if restarted:
+            facts["restarted"] = {str(j): p for j, p in restarted.items()}  # cluster -> client whose model restarted it
+        if self.truth:
+            facts["agreement"] = ifca.agreement(membership, self.truth)
+        return facts
+
+    def _strategy_facts(self, server_round: int) -> dict:
+        """multimodel: which client trained which model; fedbuff: the staleness of each update."""
+        config, inner = self.run.config, self.run.inner()
+        if config.strategy in MULTIMODEL_STRATEGIES and hasattr(inner, "trained"):
+            return {"trained": inner.trained.get(server_round, {})}
+        if config.strategy in ASYNCHRONOUS_STRATEGIES:
+            return {"staleness": inner.staleness.get(server_round, [])}
+        return {}
+
+    def _privacy_facts(self, seen: RoundAccess, server_round: int) -> dict:
+        facts = self.run.strategy.round_facts(seen.update_digests)
+        if self.run.faulty is not None:
+            facts["injected_dropouts"] = len(self.run.faulty.dropped.get(server_round, []))
+        return facts
