@@ -6,7 +6,7 @@ composed from vetted primitives only, no Flower, no torch:
 - ChaCha20 (pyca/cryptography) as the pseudorandom generator that expands a 256-bit seed into
   a mask of any length (the keystream of a fixed nonce: each seed is used for one mask only);
 - AES-256-GCM to send Shamir shares to another client through the server, authenticated;
-- Shamir secret sharing over GF(2^128) (pycryptodome) of 128-bit secrets: a client's self-mask
+- Shamir secret sharing over GF(2^128) (pycryptodomex) of 128-bit secrets: a client's self-mask
   secret and the secret its mask key derives from (HKDF), so each takes one sharing, not two.
 
 Masks live in the integers modulo ``2**bits``: a masked input is ``u + mask (mod 2**bits)``,

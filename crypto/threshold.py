@@ -60,7 +60,7 @@ def openfhe():
         raise ImportError(
             "privacy=he-threshold needs OpenFHE's Python bindings (openfhe): install fedlearn[threshold] with "
             "`pip install -e '.[threshold]'` where a wheel fits (PyPI's openfhe imports on Python 3.10), "
-            "or build one for your Python (README: Threshold HE, building OpenFHE)"
+            "or build one for your Python (docs/privacy.md: Threshold HE, building OpenFHE)"
         ) from exc
     return module
 

@@ -55,7 +55,7 @@ def needs_openfhe():
     absence is an error, so the threshold tests cannot silently stop running."""
     if os.environ.get("FEDLEARN_REQUIRE_OPENFHE"):
         return importlib.import_module("openfhe")
-    return pytest.importorskip("openfhe", reason="OpenFHE's Python bindings are not installed (README: Threshold HE)")
+    return pytest.importorskip("openfhe", reason="OpenFHE's Python bindings are not installed (docs/privacy.md: Threshold HE)")
 
 
 # ---- Flower Messages outside a running ServerApp (which normally supplies the run id) -------
