@@ -11,7 +11,7 @@ from flwr.serverapp import strategy as fl
 
 import torch
 
-from fedlearn import distillation, models, multimodel
+from fedlearn import distillation, models, multimodel, privacy
 from fedlearn.config import DISTILLATION_STRATEGIES, MULTIMODEL_STRATEGIES, RunConfig
 from fedlearn.fedbuff import FedBuff
 from fedlearn.ifca import IFCA
@@ -83,10 +83,10 @@ def build(
 ) -> fl.Strategy:
     """The Flower strategy for ``config.strategy``, sampling as the config says.
 
-    Under privacy=he the server only adds ciphertexts: every sum strategy is FedAvg's sampling
-    and sum there (FedProx differs only on clients; FedAvgM's momentum is folded into what
+    Where the server never sees the aggregate (privacy=he) it only adds ciphertexts: every sum
+    strategy is FedAvg's sampling and sum there (FedProx differs only on clients; FedAvgM's momentum is folded into what
     clients encrypt, see fedlearn.he), wrapped by server.he.HEStrategy."""
-    name = "fedavg" if config.privacy == "he" else config.strategy
+    name = config.strategy if privacy.get(config.privacy).sees_aggregate else "fedavg"
     fraction_evaluate = config.evaluation_fraction()
     return CLASSES[name](
         fraction_train=config.fraction_train,

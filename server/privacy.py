@@ -30,6 +30,7 @@ class PrivacyStrategy(Strategy):
     """privacy=plain, and the base of every mode's wrapper."""
 
     checkpointable = True  # its state, and the model, are in clear on the server
+    transparent = True  # messages pass unchanged: the inner strategy may run its own loop (fedbuff's is asynchronous)
 
     def __init__(self, inner: Strategy, config: RunConfig, template: dict[str, np.ndarray]):
         self.inner, self.config, self.template = inner, config, template
@@ -49,6 +50,11 @@ class PrivacyStrategy(Strategy):
         """Before round 1, with the nodes connected (he-threshold: the key ceremony)."""
 
     # -- Flower's Strategy: the inner strategy's, unless a mode changes it ----------------
+    def start(self, **kwargs):
+        if self.transparent:
+            return self.inner.start(**kwargs)
+        return super().start(**kwargs)
+
     def summary(self) -> None:
         self.inner.summary()
 
@@ -82,6 +88,8 @@ class PrivacyStrategy(Strategy):
 class HidingStrategy(PrivacyStrategy):
     """A mode that hides each update from the server: its replies are its own wire format,
     checked by the mode, and its facts of the last aggregation (``last``) go to the audit log."""
+
+    transparent = False  # its own configure/aggregate steps must run in Flower's loop
 
     def __init__(self, inner: Strategy, config: RunConfig, template: dict[str, np.ndarray]):
         super().__init__(inner, config, template)
