@@ -27,7 +27,8 @@ def clear_update(msg: Message, context: Context, task, received, state: dict, nu
 class ClientHalf:
     # (request, config) -> (the global state as numpy arrays, what decoding kept for encoding)
     decode: Callable = clear_state
-    # (request, context, task, received GlobalModel, trained state as tensors, examples) -> reply records
+    # (request, context, task, the round (fedlearn.families.ClientRound: .arrays, .decoded), trained state as tensors,
+    # examples) -> reply records
     encode: Callable = clear_update
     stages: Mapping[str, StageAnswer] = field(default_factory=dict)  # message type -> its answer
 

@@ -28,22 +28,9 @@ AMP_MODES = ("auto", "bf16", "fp16", "off")  # CUDA only: CPU training is always
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")  # torch.compile's modes
 HE_SCHEMES = ("bfv", "ckks")
 EVALUATE_ON = ("auto", "server", "clients")
-# Strategy names and traits live in fedlearn.families, privacy modes in fedlearn.privacy (the
-# registries); both are light, so reading or validating a config imports neither torch nor Flower.
-STRATEGIES = families.STRATEGIES
-SUM_STRATEGIES = families.SUM_STRATEGIES
-PER_UPDATE_STRATEGIES = families.PER_UPDATE_STRATEGIES
-# Strategies that aggregate updates as they arrive, not in synchronous rounds.
-ASYNCHRONOUS_STRATEGIES = ("fedbuff",)
-# Strategies that train several named models (``models``) in one run.
-MULTIMODEL_STRATEGIES = tuple(n for n, f in families.FAMILIES.items() if f.several_models)
-# Strategies whose clients each own a model the server never sees: it holds a consensus instead.
-DISTILLATION_STRATEGIES = ("fedmd",)
-# Strategies whose clients keep part of the model to themselves: only they can evaluate it.
-PERSONAL_STRATEGIES = ("fedper",)
-# Strategies that keep several models and pick one per client from its plaintext losses and
-# update: the server must see which model each client trained and its update in clear.
-CLUSTERED_STRATEGIES = ("ifca",)
+# Strategy families live in fedlearn.families, privacy modes in fedlearn.privacy (the registries,
+# which also hold the checks peculiar to each); both are light, so reading a config imports
+# neither torch nor Flower.
 DATASETS = ("digits", "rotated-digits", "mnist", "fashion-mnist", "cifar10", "synthetic32")
 MODELS = ("logreg", "mlp", "mnist-2nn", "mnist-cnn", "vision-cnn")
 
@@ -97,7 +84,7 @@ class RunConfig:
     )
     model: str = key("mlp", f"model architecture: {', '.join(MODELS)}")
     mlp_hidden: int = key(64, "model=mlp: hidden units (128 on MNIST: ~100k parameters)")
-    strategy: str = key("fedavg", f"aggregation strategy: {', '.join(STRATEGIES)}")
+    strategy: str = key("fedavg", f"aggregation strategy: {', '.join(families.names())}")
     clusters: int = key(0, "strategy=ifca: cluster models (0: the rotations of rotated-digits, else 2)")
     personal_layers: int = key(0, "strategy=fedper: last layers each client keeps to itself (0: 1, the classifier)")
     models: str = key(
@@ -299,14 +286,18 @@ class RunConfig:
 
     def _family(self) -> families.Family:
         """The strategy's traits (FedAvg's for an unknown name: validate reports it)."""
-        return families.FAMILIES.get(self.strategy, families.FAMILIES["fedavg"])
+        return families.find(self.strategy) or families.get("fedavg")
+
+    def applies(self, key: str) -> bool:
+        """Whether a strategy-specific key applies to this run's strategy."""
+        return key in self._family().keys
 
     def model_names(self) -> list[str]:
         return [m.strip() for m in self.models.split(",") if m.strip()] or [self.model]
 
     def public_size_count(self) -> int:
         """Examples in fedmd's public set (0 for every other strategy)."""
-        if self.strategy not in DISTILLATION_STRATEGIES:
+        if not self.applies("public-size"):
             return 0
         if self.public_size:
             return self.public_size
@@ -327,7 +318,7 @@ class RunConfig:
 
     def personal_layer_count(self) -> int:
         """Layers a fedper client keeps to itself (0 for every other strategy)."""
-        if self.strategy not in PERSONAL_STRATEGIES:
+        if not self.applies("personal-layers"):
             return 0
         return self.personal_layers or 1
 
@@ -351,43 +342,40 @@ class RunConfig:
         return self.fraction_evaluate
 
     # -- validation ----------------------------------------------------------------
-    def _collaborative_problems(self) -> list[str]:
+    def _strategy_problems(self) -> list[str]:
+        """The generic checks that follow from the families' traits, then the run's family's own."""
         problems = []
-        if not self._mode().sees_updates and self._family().needs_clear_updates:
+        family = self._family()
+        if not self._mode().sees_updates and family.needs_clear_updates:
             problems.append(
-                f"strategy={self.strategy} cannot run with privacy={self.privacy}: {self._family().needs_clear_updates}; "
+                f"strategy={self.strategy} cannot run with privacy={self.privacy}: {family.needs_clear_updates}; "
                 "set privacy=plain"
             )
-        if self.strategy in CLUSTERED_STRATEGIES:
-            if self.clusters and self.clusters < 2:
-                problems.append(f"clusters={self.clusters}: must be >= 2 (1 cluster is fedavg), or 0 for auto")
-        elif self.clusters:
-            problems.append(f"clusters={self.clusters} only applies to strategy=ifca")
-        if self.evaluate_on == "server" and self._family().server_cannot_evaluate:
+        if self.evaluate_on == "server" and family.server_cannot_evaluate:
             problems.append(
-                f"evaluate-on=server cannot work with strategy={self.strategy}: {self._family().server_cannot_evaluate}; "
+                f"evaluate-on=server cannot work with strategy={self.strategy}: {family.server_cannot_evaluate}; "
                 "use evaluate-on=clients (or auto)"
             )
-        if self.strategy in PERSONAL_STRATEGIES:
-            if self.personal_layers < 0:
-                problems.append(f"personal-layers={self.personal_layers}: must be >= 1, or 0 for 1 (the classifier)")
-        elif self.personal_layers:
-            problems.append(f"personal-layers={self.personal_layers} only applies to strategy=fedper")
-        if self.strategy in DISTILLATION_STRATEGIES:
-            if self.public_size < 0:
-                problems.append(f"public-size={self.public_size}: must be >= 1, or 0 for a tenth of the training data")
-        else:
-            for key, default in (("public-size", 0), ("distill-epochs", 1), ("distill-lr", 0.001), ("consensus-temperature", 0.5)):
-                if getattr(self, key.replace("-", "_")) != default:
-                    problems.append(f"{key} only applies to strategy=fedmd")
-        problems += self._model_set_problems()
-        problems += self._asynchronous_problems()
-        if self.distill_epochs < 0:
-            problems.append(f"distill-epochs={self.distill_epochs}: must be >= 0 (0 = local-only training, no distillation)")
-        if self.distill_lr <= 0:
-            problems.append(f"distill-lr={self.distill_lr}: must be > 0")
-        if not self.consensus_temperature > 0:
-            problems.append(f"consensus-temperature={self.consensus_temperature}: must be > 0 (1 = the consensus as averaged, < 1 sharpens it)")
+        owners: dict[str, list[str]] = {}
+        for other in families.all_families():
+            for key in other.keys:
+                owners.setdefault(key, []).append(other.name)
+        for key, names in owners.items():
+            value = getattr(self, key.replace("-", "_"))
+            if self.strategy not in names and value != getattr(RunConfig, key.replace("-", "_")):
+                problems.append(f"{key}={value} only applies to strategy={' or '.join(names)}")
+        if self.ddp_world_size > 1 and not family.one_model:
+            problems.append(
+                f"ddp-world-size={self.ddp_world_size} with strategy={self.strategy}: a client trains several models "
+                f"(or distils) there; DDP applies to one model's local epochs "
+                f"({', '.join(families.named(lambda f: f.one_model))})"
+            )
+        if self.strategy in families.names():
+            problems += family.problems(self)
+        return problems
+
+    def _run_problems(self) -> list[str]:
+        problems = []
         if not 0.0 <= self.local_test_fraction < 1.0:
             problems.append(f"local-test-fraction={self.local_test_fraction}: must be in [0, 1) (0 = test on the common test split)")
         elif self.local_test_fraction > 0 and self.evaluate_on == "server":
@@ -402,24 +390,6 @@ class RunConfig:
                 f"rotations={self.rotations}: must be between 1 and num-clients={self.num_clients} "
                 "(every rotation needs a client), or 0 for 4"
             )
-        return problems
-
-    def _asynchronous_problems(self) -> list[str]:
-        problems = []
-        if self.strategy in ASYNCHRONOUS_STRATEGIES:
-            if not 0 <= self.buffer_size <= self.num_clients:
-                problems.append(f"buffer-size={self.buffer_size}: must be between 1 and num-clients={self.num_clients}, or 0 for half")
-            if self.staleness_exponent < 0:
-                problems.append(f"staleness-exponent={self.staleness_exponent}: must be >= 0 (0 = stale updates count fully)")
-            if self.dropout_rate > 0:
-                problems.append(
-                    "dropout-rate injects dropouts into synchronous rounds; strategy=fedbuff has none "
-                    "(simulate slow clients with slow-fraction and slow-seconds)"
-                )
-        else:
-            for key, default in (("buffer-size", 0), ("staleness-exponent", 0.5)):
-                if getattr(self, key.replace("-", "_")) != default:
-                    problems.append(f"{key} only applies to strategy=fedbuff")
         if not 0.0 <= self.slow_fraction <= 1.0:
             problems.append(f"slow-fraction={self.slow_fraction}: must be in [0, 1]")
         if self.slow_seconds < 0 or (self.slow_seconds > 0) != (self.slow_fraction > 0):
@@ -433,40 +403,6 @@ class RunConfig:
             problems.append(f"client-resources-num-gpus={self.client_resources_num_gpus}: must be >= 0 (a share of one GPU, e.g. 0.1)")
         if not 1 <= self.ddp_world_size <= 64:
             problems.append(f"ddp-world-size={self.ddp_world_size}: must be between 1 (no DDP) and 64 processes")
-        elif self.ddp_world_size > 1 and not self._family().one_model:
-            problems.append(
-                f"ddp-world-size={self.ddp_world_size} with strategy={self.strategy}: a client trains several models "
-                f"(or distils) there; DDP applies to one model's local epochs "
-                f"({', '.join(n for n, f in families.FAMILIES.items() if f.one_model)})"
-            )
-        return problems
-
-    def _model_set_problems(self) -> list[str]:
-        problems = []
-        names = self.model_names()
-        if self.strategy not in MULTIMODEL_STRATEGIES + DISTILLATION_STRATEGIES:
-            if self.models:
-                problems.append("models only applies to strategy=multimodel or fedmd (use model for one model)")
-        else:
-            unknown = [m for m in names if m not in MODELS]
-            if unknown:
-                problems.append(f"models: unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
-        if self.strategy in MULTIMODEL_STRATEGIES:
-            if len(names) < 2 or len(set(names)) != len(names):
-                problems.append(
-                    f"strategy=multimodel needs models= two or more different architectures, got {self.models!r} "
-                    "(each model is named by its architecture, so each can appear once)"
-                )
-            if not 0 <= self.models_per_client <= len(names):
-                problems.append(f"models-per-client={self.models_per_client}: must be between 1 and {len(names)}, or 0 for all")
-            elif not self._mode().sees_updates and self.models_per_client not in (0, len(names)):
-                problems.append(
-                    f"models-per-client={self.models_per_client} cannot work with privacy={self.privacy}: the server adds "
-                    "the same masked or encrypted vector from every client, so every client must train every model; "
-                    "set models-per-client=0, or privacy=plain"
-                )
-        elif self.models_per_client:
-            problems.append(f"models-per-client={self.models_per_client} only applies to strategy=multimodel")
         return problems
 
     def _privacy_problems(self) -> list[str]:
@@ -522,7 +458,7 @@ class RunConfig:
         choice("device", self.device, DEVICES)
         choice("amp", self.amp, AMP_MODES)
         choice("compile", self.compile, COMPILE_MODES)
-        choice("strategy", self.strategy, STRATEGIES)
+        choice("strategy", self.strategy, families.names())
         choice("dataset", self.dataset, DATASETS)
         choice("model", self.model, MODELS)
         choice("privacy", self.privacy, privacy.names())
@@ -534,7 +470,8 @@ class RunConfig:
         need(self.secagg_range >= 0, f"secagg-range={self.secagg_range}: must be > 0 (a multiple of each tensor's largest value), or 0 for auto")
         need(self.secagg_timeout > 0, f"secagg-timeout={self.secagg_timeout}: must be > 0 seconds")
         need(0.0 <= self.dropout_rate < 1.0, f"dropout-rate={self.dropout_rate}: must be in [0, 1) (0 = no injected dropouts)")
-        problems += self._collaborative_problems()
+        problems += self._strategy_problems()
+        problems += self._run_problems()
         problems += self._privacy_problems()
         need(
             not self.run_signature or bool(self.access_policy),
@@ -548,41 +485,12 @@ class RunConfig:
             f"min-available-clients={self.min_available_clients} exceeds num-clients={self.num_clients}",
         )
         need(self.min_available_clients >= 1, "min-available-clients must be >= 1")
-        if self.strategy == "fedprox":
-            need(self.proximal_mu > 0, "strategy=fedprox needs proximal-mu > 0 (with 0 it is fedavg)")
-        elif self.proximal_mu > 0:
-            problems.append(f"proximal-mu={self.proximal_mu} only applies to strategy=fedprox")
-        if self.strategy == "krum":
-            sampled = self.train_sample_size()
-            need(
-                sampled > 2 * self.krum_malicious + 2,
-                f"strategy=krum with krum-malicious={self.krum_malicious} needs more than "
-                f"{2 * self.krum_malicious + 2} sampled clients per round, got {sampled}",
-            )
         if self.dataset in DATASETS:
             spec = data.spec(self.dataset)
             train_size = spec.approx_train_size(self.test_fraction)
             reason = models.incompatibility(self.model, spec.shape) if self.model in MODELS else None
             if reason:
                 problems.append(f"model={self.model} with dataset={self.dataset}: {reason}")
-            elif self.model in MODELS and self.personal_layer_count():
-                depth = len(models.layers(models.build(self.model, spec.shape, spec.num_classes)))
-                need(
-                    self.personal_layer_count() < depth,
-                    f"strategy={self.strategy} with personal-layers={self.personal_layer_count()}: model={self.model} has "
-                    f"{depth} layer(s), and at least one must be shared; use a deeper model or fewer personal layers",
-                )
-            for name in self.model_names() if self.strategy in DISTILLATION_STRATEGIES + MULTIMODEL_STRATEGIES else ():
-                why = models.incompatibility(name, spec.shape) if name in MODELS else None
-                if why:
-                    problems.append(f"models: {name} with dataset={self.dataset}: {why}")
-            if self.strategy in DISTILLATION_STRATEGIES and self.public_size >= 0:
-                public = self.public_size_count()
-                need(
-                    public + self.num_clients <= train_size,
-                    f"public-size={public} leaves {train_size - public} of {self.dataset}'s ~{train_size} training "
-                    f"examples for {self.num_clients} clients; use a smaller public-size",
-                )
             if self.partitioner == "shards":
                 shards = self.num_clients * self.shards_per_client
                 need(

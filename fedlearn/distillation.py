@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from fedlearn import data, models
+from fedlearn.families import ClientRound, LocalUpdate
+from fedlearn.fedavg import FedAvgFamily, detached
 from fedlearn.training import select_device
 
 SOFT_LABELS = "soft-labels"  # the consensus (request) or a client's probabilities (reply)
@@ -90,3 +92,68 @@ def digest(model: nn.Module, public: np.ndarray, consensus: np.ndarray, config, 
             optimizer.step()
             loss_sum += loss.item() * len(batch)
     return loss_sum / max(len(x), 1)
+
+
+def private_state(config, partition_id: int, state) -> nn.Module:
+    """This node's own model, as its last round left it (its seeded start before that)."""
+    model = private_model(config, partition_id)
+    if PRIVATE_MODEL in state:
+        model.load_state_dict(state[PRIVATE_MODEL].to_torch_state_dict())
+    return model
+
+
+class FedMDFamily(FedAvgFamily):
+    """Flower's FedAvg on the clients' class probabilities; each client trains a model of its own."""
+
+    def build(self, config, **common):
+        from flwr.serverapp.strategy import FedAvg
+
+        return FedAvg(**common)
+
+    def template(self, config) -> dict[str, torch.Tensor]:
+        return initial_consensus(config)
+
+    def model(self, local: ClientRound) -> nn.Module:
+        return private_state(local.config, local.task.partition_id, local.state)  # the consensus says nothing to test
+
+    def client_update(self, local: ClientRound) -> LocalUpdate:
+        """Digest the consensus (from round 2 on), revisit the private data, describe the public set."""
+        from flwr.app import ArrayRecord
+
+        config, model = local.config, self.model(local)
+        public = data.public_split(config).x
+        if local.task.server_round > 1 and config.distill_epochs:
+            digest(model, public, local.arrays[SOFT_LABELS], config, seed=local.seed)
+        result = local.train(model)
+        local.state[PRIVATE_MODEL] = ArrayRecord(detached(model.state_dict()))
+        probabilities = soft_labels(model, public, select_device(config.device))
+        return LocalUpdate({SOFT_LABELS: torch.from_numpy(probabilities)}, result, {})
+
+    def test_split(self, local: ClientRound) -> data.Split:
+        if local.config.local_test_fraction:
+            return super().test_split(local)
+        return data.test_split(local.config)  # every client owns a different model: test each on all of it
+
+
+def config_problems(config) -> list[str]:
+    """strategy=fedmd's own checks: its public set, its distillation, its models."""
+    from fedlearn.config import DATASETS
+
+    problems = [] if config.public_size >= 0 else [
+        f"public-size={config.public_size}: must be >= 1, or 0 for a tenth of the training data"]
+    if config.distill_epochs < 0:
+        problems.append(f"distill-epochs={config.distill_epochs}: must be >= 0 (0 = local-only training, no distillation)")
+    if config.distill_lr <= 0:
+        problems.append(f"distill-lr={config.distill_lr}: must be > 0")
+    if not config.consensus_temperature > 0:
+        problems.append(f"consensus-temperature={config.consensus_temperature}: must be > 0 (1 = the consensus as averaged, < 1 sharpens it)")
+    problems += models.set_problems(config)
+    if config.dataset in DATASETS and config.public_size >= 0:
+        train_size = data.spec(config.dataset).approx_train_size(config.test_fraction)
+        public = config.public_size_count()
+        if public + config.num_clients > train_size:
+            problems.append(
+                f"public-size={public} leaves {train_size - public} of {config.dataset}'s ~{train_size} training "
+                f"examples for {config.num_clients} clients; use a smaller public-size"
+            )
+    return problems

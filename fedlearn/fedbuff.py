@@ -26,6 +26,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.result import Result
 
 from fedlearn.errors import RoundFailed
+from fedlearn.fedavg import FedAvgFamily
 
 POLL_SECONDS = 0.05
 
@@ -142,3 +143,29 @@ class FedBuff(FedAvg):
 
 def _numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {name: array.numpy() for name, array in record.items()}
+
+
+class FedBuffFamily(FedAvgFamily):
+    """FedBuff's server loop; its clients train as FedAvg's do."""
+
+    def build(self, config, **common) -> FedBuff:
+        return FedBuff(buffer_size=config.buffer_count(), staleness_exponent=config.staleness_exponent,
+                       server_lr=config.server_lr, **common)
+
+    def round_facts(self, config, strategy: FedBuff, server_round: int) -> tuple[dict, dict]:
+        """The staleness of each update of this server update."""
+        return {"staleness": strategy.staleness.get(server_round, [])}, {}
+
+
+def config_problems(config) -> list[str]:
+    problems = []
+    if not 0 <= config.buffer_size <= config.num_clients:
+        problems.append(f"buffer-size={config.buffer_size}: must be between 1 and num-clients={config.num_clients}, or 0 for half")
+    if config.staleness_exponent < 0:
+        problems.append(f"staleness-exponent={config.staleness_exponent}: must be >= 0 (0 = stale updates count fully)")
+    if config.dropout_rate > 0:
+        problems.append(
+            "dropout-rate injects dropouts into synchronous rounds; strategy=fedbuff has none "
+            "(simulate slow clients with slow-fraction and slow-seconds)"
+        )
+    return problems

@@ -161,12 +161,12 @@ def config_problems(config) -> list[str]:
     """privacy=he's own config checks (fedlearn.config runs the generic ones)."""
     why = "the server only adds ciphertexts and never sees an update or the model in clear"
     problems = []
-    family = families.FAMILIES.get(config.strategy)
+    family = families.find(config.strategy)
     if family is not None and family.aggregate != families.SUM and not family.needs_clear_updates:  # those have a message of their own
         problems.append(
             f"strategy={config.strategy} cannot run with privacy=he: it needs "
             + ("each update in clear" if family.aggregate == families.PER_UPDATE else "a non-linear step on the clear aggregate")
-            + f", but {why}; use one of {', '.join(families.SUM_STRATEGIES)}"
+            + f", but {why}; use one of {', '.join(families.sum_strategies())}"
         )
     if config.evaluate_on == "server":
         problems.append(f"evaluate-on=server cannot work with privacy=he: {why}; use evaluate-on=clients (or auto)")

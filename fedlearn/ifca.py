@@ -28,8 +28,11 @@ from logging import WARNING
 
 from fedlearn import models, packing
 from fedlearn.data import Split
+from fedlearn.families import ClientRound, LocalUpdate
+from fedlearn.fedavg import FedAvgFamily, UpdateCheck, detached
 from fedlearn.messages import NODE_RECORD, PARTITION_KEY
-from fedlearn.training import evaluate
+from fedlearn.training import evaluate, select_device
+from fedlearn.updates import check_plain_update
 
 IFCA_RECORD = "ifca"
 CLUSTER_KEY = "cluster"
@@ -56,7 +59,8 @@ def initial_arrays(config) -> ArrayRecord:
     return pack([models.for_run(config, seed=config.seed + j).state_dict() for j in range(config.cluster_count())])
 
 
-def load_cluster_models(record: ArrayRecord, config) -> list[torch.nn.Module]:
+def load_cluster_models(record, config) -> list[torch.nn.Module]:
+    """The k cluster models of ``record`` (an ArrayRecord, or packed numpy arrays)."""
     modules = []
     for state in unpack(record, config.cluster_count()):
         module = models.for_run(config, seeded=False)
@@ -195,3 +199,68 @@ def write_membership(directory: Path, membership: dict[int, dict[int, int]], tru
     fig.savefig(directory / "clusters.png")
     plt.close(fig)
     return path
+
+
+def true_groups(config) -> dict[int, int] | None:
+    """Each client's true group, where the dataset knows it (rotated-digits' rotations)."""
+    from fedlearn import data
+
+    if config.dataset != "rotated-digits":
+        return None
+    return {p: data.rotation_group(config, p) for p in range(config.num_clients)}
+
+
+class IFCAFamily(FedAvgFamily):
+    """Both halves of IFCA: the clusters travel packed; a client trains the one that fits it."""
+
+    def build(self, config, **common) -> IFCA:
+        return IFCA(clusters=config.cluster_count(), **common)
+
+    def initial_arrays(self, config, template: dict) -> ArrayRecord:
+        return initial_arrays(config)
+
+    def update_check(self, config, strategy: IFCA, template: ArrayRecord) -> UpdateCheck:
+        """A plain update of one cluster model, and a valid cluster number."""
+        def check(content: RecordDict) -> None:
+            check_plain_update(content, template)
+            strategy.check_reply(content)
+        return check
+
+    def round_facts(self, config, strategy: IFCA, server_round: int) -> tuple[dict, dict]:
+        """The cluster each client trained this round, and how well that recovers the true groups."""
+        if server_round not in strategy.membership:
+            return {}, {}
+        membership = strategy.membership[server_round]
+        facts = {"membership": {str(c): k for c, k in membership.items()}}
+        restarted = strategy.reseeded.get(server_round)
+        if restarted:
+            facts["restarted"] = {str(j): p for j, p in restarted.items()}  # cluster -> client whose model restarted it
+        truth = true_groups(config)
+        if truth is None:
+            return {"clusters": facts}, {}
+        facts["agreement"] = agreement(membership, truth)
+        return {"clusters": facts}, {"cluster_agreement": facts["agreement"]}
+
+    def finish(self, config, store, strategy: IFCA, final: ArrayRecord, sees_aggregate: bool) -> None:
+        write_membership(store.directory, strategy.membership, true_groups(config))
+
+    def _chosen(self, local: ClientRound) -> tuple[torch.nn.Module, ConfigRecord]:
+        """The cluster model with the lowest loss on this node's training data (never on its test
+        data), and the record that tells the server which one it is."""
+        modules = load_cluster_models(local.arrays, local.config)
+        cluster, losses = choose_cluster(modules, local.task.split, select_device(local.config.device))
+        return modules[cluster], cluster_record(cluster, losses)
+
+    def model(self, local: ClientRound) -> torch.nn.Module:
+        return self._chosen(local)[0]
+
+    def client_update(self, local: ClientRound) -> LocalUpdate:
+        model, record = self._chosen(local)
+        result = local.train(model)
+        return LocalUpdate(detached(model.state_dict()), result, {IFCA_RECORD: record})
+
+
+def config_problems(config) -> list[str]:
+    if config.clusters and config.clusters < 2:
+        return [f"clusters={config.clusters}: must be >= 2 (1 cluster is fedavg), or 0 for auto"]
+    return []

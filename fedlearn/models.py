@@ -169,3 +169,19 @@ def load_shared(model: nn.Module, config, state: dict[str, torch.Tensor]) -> Non
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def set_problems(config) -> list[str]:
+    """The checks of ``models``, for the strategies that train several architectures: each is a
+    known model and fits the dataset."""
+    from fedlearn import data
+    from fedlearn.config import DATASETS, MODELS
+
+    names = config.model_names()
+    unknown = [m for m in names if m not in MODELS]
+    if unknown:
+        return [f"models: unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}"]
+    if config.dataset not in DATASETS:
+        return []
+    shape = data.spec(config.dataset).shape
+    return [f"models: {name} with dataset={config.dataset}: {why}" for name in names if (why := incompatibility(name, shape))]

@@ -22,6 +22,9 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedlearn import models, packing
 from fedlearn.data import Split
+from fedlearn.families import ClientRound, LocalUpdate
+from fedlearn.fedavg import FedAvgFamily, UpdateCheck
+from fedlearn.updates import check_models_update
 from fedlearn.training import TrainResult, check_finite, evaluate, select_device, train
 
 
@@ -110,3 +113,68 @@ def evaluate_models(config, arrays, test: Split) -> dict[str, float]:
                "accuracy": float(np.mean([acc for _, acc in results.values()]))}
     metrics.update({f"accuracy-{name}": acc for name, (_, acc) in results.items()})
     return metrics
+
+
+class MultiModelFamily(FedAvgFamily):
+    """Both halves of multimodel: the models travel packed; each client trains its share."""
+
+    def build(self, config, **common) -> MultiModel:
+        return MultiModel(names=config.model_names(), **common)
+
+    def template(self, config) -> dict[str, torch.Tensor]:
+        return initial_state(config)
+
+    def update_check(self, config, strategy: MultiModel, template: ArrayRecord) -> UpdateCheck:
+        """Whole models of the run, the ones the client trained."""
+        return lambda content: check_models_update(content, template)
+
+    def round_facts(self, config, strategy: MultiModel, server_round: int) -> tuple[dict, dict]:
+        """Which client trained which model (under he the server runs plain FedAvg: every client trains all)."""
+        if not isinstance(strategy, MultiModel):
+            return {}, {}
+        return {"trained": strategy.trained.get(server_round, {})}, {}
+
+    def server_evaluate(self, config, arrays: ArrayRecord, model, test: Split, device) -> tuple[float, float, dict]:
+        metrics = evaluate_models(config, arrays, test)
+        return metrics["loss"], metrics["accuracy"], {name: metrics[f"accuracy-{name}"] for name in config.model_names()}
+
+    def reported_per_model(self, config, client_metrics: dict[str, float]) -> dict[str, float]:
+        return {name: client_metrics[f"federated_accuracy-{name}"] for name in config.model_names()
+                if f"federated_accuracy-{name}" in client_metrics}
+
+    def finish(self, config, store, strategy: MultiModel, final: ArrayRecord, sees_aggregate: bool) -> None:
+        """Each model in a file of its own, too, where the server holds them in clear."""
+        if sees_aggregate:
+            for name, named in packing.unpack(final, config.model_names()).items():
+                store.save_model(named, name=f"model-{name}.safetensors", metadata={"model": name})
+
+    def client_update(self, local: ClientRound) -> LocalUpdate:
+        task = local.task
+        state, result = train_models(local.config, local.arrays, task.split, task.partition_id, task.server_round, local.seed)
+        return LocalUpdate(state, result, {})
+
+    def client_evaluate(self, local: ClientRound) -> dict[str, float]:
+        return evaluate_models(local.config, local.arrays, self.test_split(local))
+
+
+def config_problems(config) -> list[str]:
+    """strategy=multimodel's own checks: two or more different models, and each client's share."""
+    names = config.model_names()
+    problems = models.set_problems(config)
+    if len(names) < 2 or len(set(names)) != len(names):
+        problems.append(
+            f"strategy=multimodel needs models= two or more different architectures, got {config.models!r} "
+            "(each model is named by its architecture, so each can appear once)"
+        )
+    from fedlearn import privacy
+
+    if not 0 <= config.models_per_client <= len(names):
+        problems.append(f"models-per-client={config.models_per_client}: must be between 1 and {len(names)}, or 0 for all")
+    elif config.privacy in privacy.names() and not privacy.get(config.privacy).sees_updates \
+            and config.models_per_client not in (0, len(names)):
+        problems.append(
+            f"models-per-client={config.models_per_client} cannot work with privacy={config.privacy}: the server adds "
+            "the same masked or encrypted vector from every client, so every client must train every model; "
+            "set models-per-client=0, or privacy=plain"
+        )
+    return problems

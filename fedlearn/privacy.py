@@ -12,22 +12,11 @@ those peculiar to one mode live in its own module (``checks``).
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
 
 from fedlearn import secagg, threshold
-
-Ref = str | Any  # "package.module:attribute", or the object itself
-
-
-def load(ref: Ref) -> Any:
-    """The object a ``Ref`` names."""
-    if not isinstance(ref, str):
-        return ref
-    module, _, attribute = ref.partition(":")
-    return getattr(importlib.import_module(module), attribute)
+from fedlearn.registry import Ref, Registry, load
 
 
 @dataclass(frozen=True)
@@ -58,40 +47,17 @@ class PrivacyMode:
         return list(load(self.checks)(config)) if self.checks else []
 
 
-_MODES: dict[str, PrivacyMode] = {}
+_MODES = Registry()
+register, unregister, names, modes, get = _MODES.register, _MODES.unregister, _MODES.names, _MODES.entries, _MODES.get
 
 
 def _restore(values: dict) -> PrivacyMode:
-    mode = PrivacyMode(**values)
-    return _MODES.setdefault(mode.name, mode)
-
-
-def register(mode: PrivacyMode) -> PrivacyMode:
-    """Add (or replace) a mode; returns it, so a module can keep it under a name."""
-    _MODES[mode.name] = mode
-    return mode
-
-
-def unregister(name: str) -> None:
-    _MODES.pop(name, None)
-
-
-def names() -> tuple[str, ...]:
-    return tuple(_MODES)
-
-
-def modes() -> tuple[PrivacyMode, ...]:
-    return tuple(_MODES.values())
-
-
-def get(name: str) -> PrivacyMode:
-    """The mode called ``name``; a KeyError for an unknown one (config validation names them)."""
-    return _MODES[name]
+    return _MODES.restore(PrivacyMode(**values))
 
 
 def role_for(message_type: str) -> str | None:
     """The role a mode's own stage needs of the node that answers it (None: not a mode's stage)."""
-    for mode in _MODES.values():
+    for mode in _MODES.entries():
         if message_type in mode.roles:
             return mode.roles[message_type]
     return None

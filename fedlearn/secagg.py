@@ -84,7 +84,7 @@ class RoundPlan:
 def config_problems(config) -> list[str]:
     """privacy=secagg's own config checks (fedlearn.config runs the generic ones)."""
     problems = []
-    if config.strategy in families.PER_UPDATE_STRATEGIES:
+    if getattr(families.find(config.strategy), "aggregate", None) == families.PER_UPDATE:
         problems.append(
             f"strategy={config.strategy} cannot run with privacy=secagg: it needs each update in clear, "
             "but secure aggregation shows the server only the sum; use a sum strategy "

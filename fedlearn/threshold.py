@@ -94,7 +94,7 @@ class RoundPlan:
 def config_problems(config) -> list[str]:
     """privacy=he-threshold's own config checks (fedlearn.config runs the generic ones)."""
     problems = []
-    if config.strategy in families.PER_UPDATE_STRATEGIES:
+    if getattr(families.find(config.strategy), "aggregate", None) == families.PER_UPDATE:
         problems.append(
             f"strategy={config.strategy} cannot run with privacy=he-threshold: it needs each update in clear, but "
             "only the sum is ever decrypted; use a sum strategy (fedavg, fedavgm, fedprox, fedadam, fedyogi, "

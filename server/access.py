@@ -35,7 +35,7 @@ from fedlearn.errors import AccessDenied, ConfigError
 from fedlearn.messages import AUTH_RECORD, NODE_RECORD, PARTITION_KEY, payload_digest
 from fedlearn.runs import RunStore
 from server.grid import GridWrapper
-from server.updates import Rejected, check_plain_update, check_size
+from fedlearn.updates import Rejected, check_plain_update, check_size
 
 REJECTED = 403  # error code of a reply the server refused (Flower's own codes are small integers)
 

@@ -59,7 +59,7 @@ def run_federation(
     except BaseException as exc:
         fail_run(run, exc)
         raise
-    return finish_run(run, recorder.arrays, stopped_early, recorder.truth)
+    return finish_run(run, recorder.arrays, stopped_early)
 
 
 def make_server_app(

@@ -17,12 +17,12 @@ from typing import TypeVar
 from dataclasses import dataclass, field
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
-from flwr.common.serde import recorddict_to_proto
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedlearn.errors import FederationError
 from fedlearn.messages import NODE_RECORD, NUM_EXAMPLES_KEY, PARTITION_KEY
+from fedlearn.updates import payload_bytes
 
 T = TypeVar("T")
 
@@ -71,11 +71,6 @@ def round_weight_cap(grid: Grid, nodes: list[int], counts: dict[int, int], confi
             f"round-timeout={timeout:g}s: are they running fedlearn's ClientApp?"
         )
     return max(known)
-
-
-def payload_bytes(content: RecordDict) -> int:
-    """Serialized size of a message's records (what Flower puts on the wire, minus headers)."""
-    return recorddict_to_proto(content).ByteSize()
 
 
 def total_payload_bytes(messages: Iterable[Message]) -> int:

@@ -12,13 +12,10 @@ from flwr.app import ArrayRecord, MetricRecord
 from flwr.common.logger import log
 
 from crypto.digest import arrays_digest
-from fedlearn import data, ifca, multimodel
 from fedlearn.audit import AuditLog
 from fedlearn.checkpoint import Checkpoint
-from fedlearn.config import ASYNCHRONOUS_STRATEGIES, CLUSTERED_STRATEGIES, MULTIMODEL_STRATEGIES
 from fedlearn.errors import RoundFailed
 from fedlearn.runs import RoundRecord
-from fedlearn.training import evaluate
 from server.access import RoundAccess
 from server.grid import short_reason
 from server.resume import strategy_state
@@ -65,28 +62,19 @@ class RoundRecorder:
         self.arrays = run.initial  # the latest global state
         self.clock = run.started
         self.audit_seconds = 0.0
-        config = run.config
-        self.truth = ({p: data.rotation_group(config, p) for p in range(config.num_clients)}
-                      if config.dataset == "rotated-digits" else None)
 
     def resumed_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """``after_round`` for a resumed run, whose Flower loop counts from 1 again."""
         return self.after_round(server_round + self.run.offset, arrays) if server_round else None  # round `offset` is done
 
     def _evaluate(self, server_round: int, arrays: ArrayRecord) -> tuple[float, float, dict[str, float]] | None:
-        """(loss, accuracy, each model's accuracy under multimodel), on the server or as the clients reported."""
-        config, client = self.run.config, self.metrics.values
-        several = config.strategy in MULTIMODEL_STRATEGIES
-        if not config.evaluates_on_clients() and several:
-            metrics = multimodel.evaluate_models(config, arrays, self.run.test)
-            return metrics["loss"], metrics["accuracy"], {name: metrics[f"accuracy-{name}"] for name in config.model_names()}
-        if not config.evaluates_on_clients():
-            self.run.model.load_state_dict(arrays.to_torch_state_dict())
-            return (*evaluate(self.run.model, self.run.test, self.run.device), {})
+        """(loss, accuracy, each model's accuracy where there are several), on the server or as the clients reported."""
+        run, client = self.run, self.metrics.values
+        if not run.config.evaluates_on_clients():
+            return run.halves.server_evaluate(run.config, arrays, run.model, run.test, run.device)
         if server_round == 0:
             return None  # clients evaluate after each round; the initial model is not sent to them
-        per_model = {name: client[f"federated_accuracy-{name}"] for name in config.model_names()
-                     if several and f"federated_accuracy-{name}" in client}
+        per_model = run.halves.reported_per_model(run.config, client)
         return client.get("federated_loss", float("nan")), client.get("federated_accuracy", float("nan")), per_model
 
     def after_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -101,15 +89,14 @@ class RoundRecorder:
         seen = run.access.take_round()
         exchange_audit = run.audit.seconds - self.audit_seconds  # appends while replies came in
         audit_started = time.perf_counter()
-        clusters = self._cluster_facts(server_round)
+        facts, row = run.halves.round_facts(config, run.inner(), server_round) if server_round else ({}, {})
         if server_round:
             audit_round(run.audit, server_round, arrays, seen, {
                 "accuracy": accuracy, "loss": loss, "clients": traffic.replies, "failures": traffic.failures,
                 "rejected": seen.rejected, "client_metrics": dict(self.metrics.values),
                 "privacy": self._privacy_facts(seen, server_round),
-                **({"clusters": clusters} if clusters else {}),
+                **facts,
                 **({"model_accuracy": per_model} if per_model else {}),
-                **self._strategy_facts(server_round),
             })
         self.audit_seconds = run.audit.seconds
         timings = {
@@ -129,7 +116,7 @@ class RoundRecorder:
             failures=traffic.failures,
             rejected=seen.rejected,
             extra={**self.metrics.values, **{k: round(v, 6) for k, v in timings.items()},
-                   **({"cluster_agreement": clusters["agreement"]} if clusters and self.truth else {}),
+                   **row,
                    **({"client_accuracy": dict(sorted(client_accuracy.items(), key=lambda kv: int(kv[0])))} if client_accuracy else {}),
                    **({"model_accuracy": per_model} if per_model else {})},
         )
@@ -138,7 +125,7 @@ class RoundRecorder:
         run.store.add_round(record)
         self.on_round(record)
         # (fedbuff's server updates come from its buffer, which may hold updates pulled before)
-        if server_round and traffic.replies == 0 and config.strategy not in ASYNCHRONOUS_STRATEGIES:
+        if server_round and traffic.replies == 0 and not run.family.asynchronous:
             first = (
                 short_reason(traffic.errors[0])
                 if traffic.errors
@@ -163,29 +150,6 @@ class RoundRecorder:
             config_digest=self.run.config.digest(), audit_seq=audit.seq, audit_head=audit.head,
             python_random=random.getstate(),
         ).save(self.run.store.directory)
-
-    def _cluster_facts(self, server_round: int) -> dict | None:
-        """ifca: the cluster each client trained this round, and how well that recovers the true groups."""
-        inner = self.run.inner()
-        if self.run.config.strategy not in CLUSTERED_STRATEGIES or server_round not in inner.membership:
-            return None
-        membership = inner.membership[server_round]
-        facts = {"membership": {str(c): k for c, k in membership.items()}}
-        restarted = inner.reseeded.get(server_round)
-        if restarted:
-            facts["restarted"] = {str(j): p for j, p in restarted.items()}  # cluster -> client whose model restarted it
-        if self.truth:
-            facts["agreement"] = ifca.agreement(membership, self.truth)
-        return facts
-
-    def _strategy_facts(self, server_round: int) -> dict:
-        """multimodel: which client trained which model; fedbuff: the staleness of each update."""
-        config, inner = self.run.config, self.run.inner()
-        if config.strategy in MULTIMODEL_STRATEGIES and hasattr(inner, "trained"):
-            return {"trained": inner.trained.get(server_round, {})}
-        if config.strategy in ASYNCHRONOUS_STRATEGIES:
-            return {"staleness": inner.staleness.get(server_round, [])}
-        return {}
 
     def _privacy_facts(self, seen: RoundAccess, server_round: int) -> dict:
         facts = self.run.strategy.round_facts(seen.update_digests)

@@ -10,7 +10,6 @@ log. What happens after each round is server.recorder's.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,17 +22,18 @@ from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from crypto.digest import arrays_digest
-from fedlearn import data, ifca, models, packing, privacy, strategies
+from fedlearn import data, families, models, privacy, strategies
 from fedlearn.checkpoint import Checkpoint
-from fedlearn.config import CLUSTERED_STRATEGIES, MULTIMODEL_STRATEGIES, RunConfig
+from fedlearn.config import RunConfig
+from fedlearn.fedavg import FedAvgFamily
 from fedlearn.messages import NODE_RECORD, PARTITION_KEY
 from fedlearn.runs import RunStore
+from fedlearn.strategies import MetricsAggregator
 from fedlearn.training import select_device
 from server.access import AccessGrid, AuditedRun, load_credentials, load_run_audit_key, open_audited_run, reopen_audited_run
 from server.grid import DropoutGrid, MeteredGrid, PartitionOrderedGrid, short_reason
 from server.privacy import PrivacyStrategy, innermost, strategy_class
 from server.resume import load_checkpoint, restore_strategy_state
-from server.updates import check_models_update, check_plain_update
 
 
 def global_model(config: RunConfig) -> torch.nn.Module:
@@ -62,14 +62,13 @@ def software_versions() -> dict[str, str]:
     return versions
 
 
-MetricsAggregator = Callable[[list[RecordDict], str], MetricRecord]
-
-
 @dataclass
 class Run:
     """A run in progress: what the round loop, the recorder and teardown share."""
 
     config: RunConfig
+    family: families.Family  # the strategy's traits
+    halves: FedAvgFamily  # and its hooks
     store: RunStore
     audited: AuditedRun
     strategy: PrivacyStrategy  # the Flower strategy under the run's privacy mode
@@ -132,18 +131,6 @@ def _connected_grid(grid: Grid, config: RunConfig) -> tuple[PartitionOrderedGrid
     return ordered, nodes
 
 
-def _update_check(config: RunConfig, strategy: Strategy, template: ArrayRecord):
-    """How a clear update is checked: the model's arrays, or what the strategy trains."""
-    if config.strategy in CLUSTERED_STRATEGIES:  # a plain update of one cluster model, and a valid cluster number
-        def check(content):
-            check_plain_update(content, template)
-            innermost(strategy).check_reply(content)
-        return check
-    if config.strategy in MULTIMODEL_STRATEGIES:  # whole models of the run, the ones the client trained
-        return lambda content: check_models_update(content, template)
-    return lambda content: check_plain_update(content, template)
-
-
 def start_run(grid: Grid, config: RunConfig, metrics: ClientMetrics, run_id: str | None = None) -> Run:
     """Everything before round 1. With ``resume-from`` set, continue that run directory from its
     checkpoint instead: its own config, model, strategy state, round number and audit chain."""
@@ -160,15 +147,17 @@ def start_run(grid: Grid, config: RunConfig, metrics: ClientMetrics, run_id: str
         audit_key = load_run_audit_key(resume_dir)
     wrapper = strategy_class(config)
     wrapper.preflight(config)
+    family = families.get(config.strategy)
+    halves = family.halves()
     model = global_model(config)  # the initial weights; evaluates each round's model when the server does
-    shared = strategies.initial_state(config)  # what is federated (fedper: no head; fedmd: a consensus)
+    shared = halves.template(config)  # what is federated (fedper: no head; fedmd: a consensus)
     ordered, nodes = _connected_grid(grid, config)
     store = RunStore.reopen(resume_dir, config, checkpoint.round) if checkpoint else RunStore.create(config, run_id)
     provisioned = wrapper.provision(config, store.directory)
     if provisioned != config:
         config = provisioned
         store.update_config(config)
-    initial = ifca.initial_arrays(config) if config.strategy in CLUSTERED_STRATEGIES else ArrayRecord(shared)
+    initial = halves.initial_arrays(config, shared)
     facts = {"versions": software_versions(), "nodes_connected": len(nodes)}
     if checkpoint is None:
         audited = open_audited_run(config, store, policy, audit_key, {**facts, "initial_model": arrays_digest(numpy_arrays(initial))})
@@ -180,7 +169,7 @@ def start_run(grid: Grid, config: RunConfig, metrics: ClientMetrics, run_id: str
                              evaluate_metrics_aggr_fn=metrics.aggregator("federated"))
     template = ArrayRecord(shared)  # the names, shapes and dtypes an update must have
     strategy = wrapper(inner, config, numpy_arrays(template))
-    strategy.check_update = _update_check(config, strategy, template)
+    strategy.check_update = halves.update_check(config, innermost(strategy), template)
     if checkpoint is not None:
         restore_strategy_state(strategy, checkpoint.strategy, checkpoint.layout)
     faulty = None
@@ -190,7 +179,7 @@ def start_run(grid: Grid, config: RunConfig, metrics: ClientMetrics, run_id: str
     access = AccessGrid(faulty or ordered, audited.policy, audited.audit, store.run_id, model=template,
                         check_update=strategy.check_reply,
                         max_update_bytes=config.max_update_bytes(sum(t.numel() for t in shared.values())))
-    return Run(config, store, audited, strategy, MeteredGrid(access), access, faulty, initial, model, test, device,
+    return Run(config, family, halves, store, audited, strategy, MeteredGrid(access), access, faulty, initial, model, test, device,
                checkpoint, time.perf_counter())
 
 
@@ -201,16 +190,12 @@ def fail_run(run: Run, exc: BaseException) -> None:
     run.audit.close()
 
 
-def finish_run(run: Run, final: ArrayRecord, stopped_early: bool, truth: dict[int, int] | None) -> dict:
+def finish_run(run: Run, final: ArrayRecord, stopped_early: bool) -> dict:
     """Save the models, end the audit log, write the summary; returns it."""
     config, store, audit = run.config, run.store, run.audit
     arrays = numpy_arrays(final)
-    if config.strategy in CLUSTERED_STRATEGIES:
-        ifca.write_membership(store.directory, run.inner().membership, truth)
     model_file = run.strategy.save_model(store, arrays)
-    if config.strategy in MULTIMODEL_STRATEGIES and privacy.get(config.privacy).sees_aggregate:
-        for name, named in packing.unpack(final, config.model_names()).items():  # and each model in a file of its own
-            store.save_model(named, name=f"model-{name}.safetensors", metadata={"model": name})
+    run.halves.finish(config, store, run.inner(), final, privacy.get(config.privacy).sees_aggregate)
     audit.append("run_end", store.rounds[-1].round, {
         "status": "stopped at target accuracy" if stopped_early else "completed",
         "final_model": arrays_digest(arrays),

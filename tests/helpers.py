@@ -43,7 +43,7 @@ def mnist_dir() -> Path | None:
     """Where MNIST lives: $FEDLEARN_DATA_DIR or the workspace's ../shared/data."""
     for candidate in (os.environ.get("FEDLEARN_DATA_DIR"), SHARED_DATA):
         if candidate and (Path(candidate) / "mnist" / "train-images-idx3-ubyte.gz").is_file():
-            return Path(candidate)
+            return Path(candidate).resolve()
     return None
 
 

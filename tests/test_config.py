@@ -8,7 +8,7 @@ from dataclasses import fields
 import pytest
 
 from fedlearn import config as config_module
-from fedlearn import privacy
+from fedlearn import families, privacy
 from fedlearn.config import RunConfig, key_reference, load_toml, parse_overrides, reference_markdown, resolve
 from fedlearn.errors import ConfigError
 from tests.helpers import REPO
@@ -144,12 +144,13 @@ def test_replace_validates():
 
 
 def test_choices_match_the_registries():
-    from fedlearn import data, models, strategies
-    from fedlearn.config import DATASETS, MODELS, STRATEGIES
+    from fedlearn import data, fedavg, models
+    from fedlearn.config import DATASETS, MODELS
 
     assert set(DATASETS) == set(data.SPECS)
     assert set(MODELS) == set(models.REGISTRY)
-    assert set(STRATEGIES) == set(strategies.CLASSES)
+    flowers = {f.name for f in families.all_families() if f.hooks == "fedlearn.fedavg:FedAvgFamily"}
+    assert flowers == set(fedavg.CLASSES)  # every row of Flower's family builds one of its classes
 
 
 @pytest.mark.parametrize("sampled, neighbours, expected", [(10, 0, 6), (5, 0, 3), (2, 0, 2), (50, 0, 26), (50, 4, 3), (50, 5, 4)])
@@ -197,7 +198,7 @@ def test_every_key_has_help_text():
         ("he-scheme", config_module.HE_SCHEMES),
         ("evaluate-on", config_module.EVALUATE_ON),
         ("dropout-stage", ("train", *(stage for mode in privacy.modes() for stage in mode.stages))),
-        ("strategy", config_module.STRATEGIES),
+        ("strategy", families.names()),
         ("dataset", config_module.DATASETS),
         ("model", config_module.MODELS),
     ],

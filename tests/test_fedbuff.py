@@ -134,7 +134,7 @@ def test_no_update_at_all_stops_the_run_with_a_reason(run_identity):
         ({"privacy": "he"}, "strategy=fedbuff cannot run with privacy=he"),
         ({"buffer-size": 11}, "buffer-size=11: must be between 1 and num-clients=10"),
         ({"dropout-rate": 0.2}, "dropout-rate injects dropouts into synchronous rounds"),
-        ({"strategy": "fedavg", "buffer-size": 3}, "buffer-size only applies to strategy=fedbuff"),
+        ({"strategy": "fedavg", "buffer-size": 3}, "buffer-size=3 only applies to strategy=fedbuff"),
         ({"slow-fraction": 0.3}, "set both"),
         ({"slow-fraction": 1.5, "slow-seconds": 1.0}, r"slow-fraction=1.5: must be in \[0, 1\]"),
         ({"client-resources-num-cpus": 0}, "client-resources-num-cpus=0.0: must be > 0"),

@@ -124,10 +124,10 @@ def test_sharpening_renormalises_what_the_encodings_rounded():
         ({"public-size": 1435}, "public-size=1435 leaves 2 of digits"),
         ({"distill-epochs": -1}, "distill-epochs=-1: must be >= 0"),
         ({"consensus-temperature": 0}, "consensus-temperature=0.0: must be > 0"),
-        ({"strategy": "fedavg", "models": "", "consensus-temperature": 0.8}, "consensus-temperature only applies to strategy=fedmd"),
+        ({"strategy": "fedavg", "models": "", "consensus-temperature": 0.8}, "consensus-temperature=0.8 only applies to strategy=fedmd"),
         ({"strategy": "fedavg", "models": ""}, None),
-        ({"strategy": "fedavg", "models": "", "public-size": 10}, "public-size only applies to strategy=fedmd"),
-        ({"strategy": "fedavg", "models": "", "distill-epochs": 3}, "distill-epochs only applies to strategy=fedmd"),
+        ({"strategy": "fedavg", "models": "", "public-size": 10}, "public-size=10 only applies to strategy=fedmd"),
+        ({"strategy": "fedavg", "models": "", "distill-epochs": 3}, "distill-epochs=3 only applies to strategy=fedmd"),
     ],
 )
 def test_config_errors_name_the_problem(overrides, expected):

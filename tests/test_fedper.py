@@ -10,7 +10,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, RecordDict
 
-from clients.app import keep_personal_layers, personal_layers
+from fedlearn.fedper import keep_personal_layers, personal_layers
 from fedlearn import data, models
 from fedlearn.config import RunConfig
 from fedlearn.errors import ConfigError

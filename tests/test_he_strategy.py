@@ -8,10 +8,11 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvgM
 
-from clients.app import NodeTask, received_model
+from clients.app import NodeTask, client_half
 from clients.he import encrypted_update
 from crypto.he import HEKey, generate_pair
 from fedlearn import strategies
+from fedlearn.families import ClientRound
 from fedlearn.config import RunConfig
 from fedlearn.messages import HE_RECORD, NODE_RECORD, NUM_EXAMPLES_KEY
 from server.app import global_model
@@ -40,6 +41,14 @@ def setup(tmp_path, **overrides):
                                   "he-public": str(public), "he-secret": str(secret), **overrides})
     template = {k: v.detach().numpy() for k, v in global_model(config).state_dict().items()}
     return config, HEStrategy(strategies.build(config), config, template), template
+
+
+def received_model(msg, config, state) -> ClientRound:
+    """What the ClientApp's round holds of the global state (decoded as it is: by the mode's client half)."""
+    local = ClientRound(NodeTask(config, 1, 0, split=None), state, 0, fit=None,
+                        decode=lambda: client_half(config).decode(msg, config))
+    local.arrays  # decode now
+    return local
 
 
 def client_replies(config, messages, server_round, rng):

@@ -16,7 +16,7 @@ from fedlearn.config import RunConfig
 from fedlearn.errors import ConfigError
 from fedlearn.messages import NODE_RECORD, PARTITION_KEY
 from fedlearn.runs import load_model
-from server.updates import Rejected, check_models_update
+from fedlearn.updates import Rejected, check_models_update
 from tests.helpers import message, run_simulation
 
 MULTI = {"strategy": "multimodel", "models": "logreg,mlp,mnist-cnn", "privacy": "plain"}
@@ -74,7 +74,7 @@ def test_each_round_every_model_gets_clients():
         ({"models": "mlp,transformer"}, "unknown model"),
         ({"models-per-client": 4}, "models-per-client=4: must be between 1 and 3"),
         ({"models-per-client": 1, "privacy": "secagg"}, "models-per-client=1 cannot work with privacy=secagg"),
-        ({"strategy": "fedavg", "models": "mlp,logreg"}, "models only applies to strategy=multimodel or fedmd"),
+        ({"strategy": "fedavg", "models": "mlp,logreg"}, "models=mlp,logreg only applies to strategy=fedmd or multimodel"),
         ({"strategy": "fedavg", "models": "", "models-per-client": 2}, "models-per-client=2 only applies"),
     ],
 )

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from fedlearn import data, models
-from fedlearn.config import PER_UPDATE_STRATEGIES, RunConfig
+from fedlearn import families
+from fedlearn.config import RunConfig
 from fedlearn.runs import load_model
 from fedlearn.training import client_seed, train
 from server.app import initial_arrays
@@ -105,7 +106,7 @@ def test_every_strategy_learns_in_a_real_simulation(tmp_path, strategy):
     config = RunConfig.from_flat(
         {"strategy": strategy, "num-clients": 5, "num-rounds": 3, "out-dir": str(tmp_path), **STRATEGY_OPTIONS[strategy],
          # sum strategies run in the default mode (secagg); the others need each update in clear
-         **({"privacy": "plain"} if strategy in PER_UPDATE_STRATEGIES else {})}
+         **({"privacy": "plain"} if families.get(strategy).aggregate == families.PER_UPDATE else {})}
     )
     summary = simulate.run(config)
     metrics = json.loads((tmp_path / summary["run_id"] / "metrics.json").read_text())

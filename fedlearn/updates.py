@@ -1,14 +1,22 @@
 """What a reply must be before it reaches a strategy: its size, and for updates in clear their
 arrays (names, shapes, dtypes, finite values). Access control calls these on every reply; a
-privacy mode checks its own wire format (server.privacy.PrivacyStrategy.check_reply)."""
+privacy mode checks its own wire format (server.privacy.PrivacyStrategy.check_reply), a strategy
+family what it trains (fedlearn.families: ``update_check``)."""
 
 from __future__ import annotations
 
 import numpy as np
 from flwr.app import ArrayRecord
 
+from flwr.app import RecordDict
+from flwr.common.serde import recorddict_to_proto
+
 from fedlearn.packing import SEPARATOR
-from server.grid import payload_bytes
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Serialized size of a message's records (what Flower puts on the wire, minus headers)."""
+    return recorddict_to_proto(content).ByteSize()
 
 
 class Rejected(Exception):
