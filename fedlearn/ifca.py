@@ -29,7 +29,7 @@ from logging import WARNING
 from fedlearn import models, packing
 from fedlearn.data import Split
 from fedlearn.families import ClientRound, LocalUpdate
-from fedlearn.fedavg import FedAvgFamily, UpdateCheck, detached
+from fedlearn.fedavg import FedAvgFamily, UpdateCheck, detached, tensors
 from fedlearn.messages import NODE_RECORD, PARTITION_KEY
 from fedlearn.training import evaluate, select_device
 from fedlearn.updates import check_plain_update
@@ -64,7 +64,7 @@ def load_cluster_models(record, config) -> list[torch.nn.Module]:
     modules = []
     for state in unpack(record, config.cluster_count()):
         module = models.for_run(config, seeded=False)
-        module.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()})
+        module.load_state_dict(tensors(state))
         modules.append(module)
     return modules
 

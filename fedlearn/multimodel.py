@@ -23,7 +23,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from fedlearn import models, packing
 from fedlearn.data import Split
 from fedlearn.families import ClientRound, LocalUpdate
-from fedlearn.fedavg import FedAvgFamily, UpdateCheck
+from fedlearn.fedavg import FedAvgFamily, UpdateCheck, tensors
 from fedlearn.updates import check_models_update
 from fedlearn.training import TrainResult, check_finite, evaluate, select_device, train
 
@@ -50,7 +50,7 @@ def assignment(config, partition_id: int, server_round: int) -> list[str]:
 
 def load(config, state: dict[str, np.ndarray], name: str) -> torch.nn.Module:
     module = build_model(config, name, seeded=False)
-    module.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()})
+    module.load_state_dict(tensors(state))
     return module
 
 
