@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients import ddp
 from clients.privacy import ClientHalf
 from crypto import signing
 from fedlearn import data, families, privacy
@@ -32,7 +31,11 @@ from fedlearn.config import RunConfig
 from fedlearn.errors import ConfigError
 from fedlearn.families import ClientRound
 from fedlearn.messages import AUTH_RECORD, NODE_RECORD, NUM_EXAMPLES_KEY, PARTITION_KEY, payload_digest
-from fedlearn.training import TrainResult, check_finite, client_seed, train
+
+if TYPE_CHECKING:
+    import torch
+
+    from fedlearn.training import TrainResult
 
 NODE_OVERRIDES = ("data-dir", "device", "he-secret", "amp", "compile", "ddp-world-size")  # the node's own hardware and files
 
@@ -42,7 +45,13 @@ class NodeTask:
     config: RunConfig
     server_round: int
     partition_id: int
-    split: data.Split
+    num_partitions: int
+
+    @cached_property
+    def split(self) -> data.Split:
+        """This node's training examples, loaded when first asked for: Flower starts a process for
+        every message, and the key stages of the privacy modes never need the data."""
+        return data.client_split(self.config, self.partition_id, self.num_partitions)
 
 
 def partition_of(context: Context) -> int:
@@ -68,8 +77,7 @@ def node_task(msg: Message, context: Context) -> NodeTask:
                 f"--federation-config 'num-supernodes={config.num_clients}') or set num-clients={num_partitions}"
             ]
         )
-    split = data.client_split(config, partition_id, num_partitions)
-    return NodeTask(config, int(sent.get("server-round", 0)), partition_id, split)
+    return NodeTask(config, int(sent.get("server-round", 0)), partition_id, num_partitions)
 
 
 def key_path(context: Context, config: RunConfig, partition_id: int) -> Path:
@@ -136,6 +144,9 @@ def client_half(config: RunConfig) -> ClientHalf:
 def trained(model: torch.nn.Module, task: NodeTask, seed: int) -> TrainResult:
     """Train ``model`` on this node's data (in ddp-world-size processes when > 1); refuse NaN/Inf
     weights (diverged) before they are sent."""
+    from clients import ddp
+    from fedlearn.training import check_finite, train
+
     fit = ddp.train_data_parallel if task.config.ddp_world_size > 1 else train
     result = fit(model, task.split, task.config, task.server_round, seed=seed)
     check_finite(model.state_dict())
@@ -145,6 +156,8 @@ def trained(model: torch.nn.Module, task: NodeTask, seed: int) -> TrainResult:
 def local_round(msg: Message, context: Context, task: NodeTask) -> ClientRound:
     """This round's work on the node, for its strategy family; the global state is decoded by the
     privacy mode's client half when the family reads it."""
+    from fedlearn.training import client_seed
+
     seed = client_seed(task.config.seed, task.server_round, task.partition_id)
     return ClientRound(task, context.state, seed, fit=trained, decode=lambda: client_half(task.config).decode(msg, task.config))
 

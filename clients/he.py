@@ -10,7 +10,7 @@ from flwr.app import ConfigRecord, Context, Message
 
 from clients.privacy import ClientHalf
 from crypto.he import HEKey, HEKeyError
-from fedlearn import he, strategies
+from fedlearn import he
 from fedlearn.config import RunConfig
 from fedlearn.errors import ConfigError
 from fedlearn.messages import HE_RECORD
@@ -48,6 +48,8 @@ class Decrypted:
 
 def decrypted_state(msg: Message, config: RunConfig) -> tuple[dict[str, np.ndarray], Decrypted]:
     """The global state: the decrypted aggregate (the clear initial model before the first one)."""
+    from fedlearn import strategies  # torch: imported by the messages that need a model only
+
     initial = {k: v.numpy() for k, v in strategies.initial_state(config).items()}
     template = {k: np.zeros_like(v) for k, v in initial.items()}
     codec = he_codec(msg, config, template)

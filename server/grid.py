@@ -1,6 +1,7 @@
 """Grid wrappers: what the server adds around Flower's Grid without touching strategies.
 
 - ``MeteredGrid`` counts what crosses the wire (payload bytes, replies, failures).
+- ``PromptGrid`` collects replies as they arrive instead of at Flower's deployed pace.
 - ``PartitionOrderedGrid`` lists nodes and replies in partition order, so that Flower's node
   sampling (``random.sample`` over ``get_node_ids()``) picks the same partitions for the same
   seed and aggregation adds updates in the same order, although Flower gives nodes random IDs
@@ -116,6 +117,29 @@ class GridWrapper(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+class PromptGrid(GridWrapper):
+    """Waits for replies polling every ``interval`` seconds. Flower's deployed Grid sleeps 3 s
+    between pulls, so every exchange (secure aggregation has four a round) waited 1.5 s on
+    average after its last reply had arrived; its simulation Grid already polls every 0.1 s."""
+
+    def __init__(self, grid: Grid, interval: float = 0.1):
+        super().__init__(grid)
+        self.interval = interval
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        pending = set(self._grid.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending:
+            pulled = list(self._grid.pull_messages(pending))
+            replies += pulled
+            pending -= {reply.metadata.reply_to_message_id for reply in pulled}
+            if not pending or (deadline is not None and time.monotonic() >= deadline):
+                break
+            time.sleep(self.interval)
+        return replies
 
 
 @dataclass

@@ -31,7 +31,7 @@ from fedlearn.runs import RunStore
 from fedlearn.strategies import MetricsAggregator
 from fedlearn.training import select_device
 from server.access import AccessGrid, AuditedRun, load_credentials, load_run_audit_key, open_audited_run, reopen_audited_run
-from server.grid import DropoutGrid, MeteredGrid, PartitionOrderedGrid, short_reason
+from server.grid import DropoutGrid, MeteredGrid, PartitionOrderedGrid, PromptGrid, short_reason
 from server.privacy import PrivacyStrategy, innermost, strategy_class
 from server.resume import load_checkpoint, restore_strategy_state
 
@@ -121,7 +121,7 @@ class ClientMetrics:
 
 def _connected_grid(grid: Grid, config: RunConfig) -> tuple[PartitionOrderedGrid, list[int]]:
     """The grid that orders nodes by partition, once enough nodes are connected."""
-    ordered = PartitionOrderedGrid(grid)
+    ordered = PartitionOrderedGrid(PromptGrid(grid))
     subset = config.fraction_train < 1 or 0 < config.fraction_evaluate < 1 or config.dropout_rate > 0
     nodes = ordered.wait_for_nodes(config.min_available_clients, config.round_timeout,
                                    expected=config.num_clients if subset else 0)

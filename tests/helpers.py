@@ -61,9 +61,10 @@ def needs_openfhe():
 # ---- Flower Messages outside a running ServerApp (which normally supplies the run id) -------
 
 
-def message(content: RecordDict, *, src: int = 2, dst: int = 1, message_type: str = MessageType.TRAIN) -> Message:
+def message(content: RecordDict, *, src: int = 2, dst: int = 1, message_type: str = MessageType.TRAIN,
+            reply_to: str = "") -> Message:
     metadata = Metadata(
-        run_id=1, message_id="", src_node_id=src, dst_node_id=dst, reply_to_message_id="",
+        run_id=1, message_id="", src_node_id=src, dst_node_id=dst, reply_to_message_id=reply_to,
         group_id="1", created_at=0.0, ttl=60.0, message_type=message_type,
     )
     return make_message(metadata=metadata, content=content)

@@ -60,3 +60,19 @@ def test_node_overrides_data_dir(tmp_path):
     config = CONFIG.replace(dataset="mnist", model="mnist-2nn", data_dir="/server/side/path")
     with pytest.raises(DataError, match=f"missing file {tmp_path / 'mnist'}"):
         train_handler(request(config), context(**{"partition-id": 0, "num-partitions": 4, "data-dir": str(tmp_path)}))
+
+
+def test_messages_that_need_no_model_or_data_load_neither():
+    """Flower starts a fresh ClientApp process for every message: secure aggregation's key stages
+    and the queries must not pay for importing torch or loading and partitioning the data."""
+    import subprocess
+    import sys
+
+    probe = "import sys, clients.app; print(sorted({'torch', 'sklearn', 'datasets'} & set(sys.modules)))"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
+    config = CONFIG.replace(dataset="mnist", model="mnist-2nn")
+    task = node_task(request(config), context(**{"partition-id": 0, "num-partitions": 4, "data-dir": "/no/such/dir"}))
+    assert task.partition_id == 0  # the data is read only when a handler asks for it
+    with pytest.raises(DataError, match="/no/such/dir"):
+        task.split

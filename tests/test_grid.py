@@ -1,7 +1,10 @@
+import time
+
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from server.grid import payload_bytes
+from tests.helpers import message
 
 
 def test_payload_bytes_track_array_size():
@@ -141,3 +144,37 @@ def test_dropout_grid_drops_the_same_seeded_nodes_from_their_stage_to_the_end_of
         assert len(grid.send_and_receive(stage("train.secagg_advertise", partitions, server_round=2))) == 10
         runs.append(gone)
     assert runs[0] == runs[1]  # seeded: the same nodes vanish for the same seed and round
+
+
+class SlowLink:
+    """A SuperLink whose replies arrive ``delays`` seconds after their requests were pushed (None: never)."""
+
+    def __init__(self, delays):
+        self.delays, self.pulls = delays, 0
+
+    def push_messages(self, messages):
+        self.pushed = time.monotonic()
+        self.ids = [f"m{i}" for i, _ in enumerate(messages)]
+        return list(self.ids)
+
+    def pull_messages(self, message_ids):
+        self.pulls += 1
+        waited = time.monotonic() - self.pushed
+        return [message(RecordDict(), src=1, dst=0, reply_to=i)
+                for i, delay in zip(self.ids, self.delays) if i in message_ids and delay is not None and waited >= delay]
+
+
+def test_prompt_grid_returns_as_soon_as_the_last_reply_is_in_and_stops_at_the_timeout():
+    from server.grid import PromptGrid
+
+    requests = [message(RecordDict(), dst=n) for n in (1, 2, 3)]
+    started = time.monotonic()
+    replies = list(PromptGrid(SlowLink([0.0, 0.3, 0.5]), interval=0.05).send_and_receive(requests, timeout=10))
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m1", "m2"]
+    assert time.monotonic() - started < 1.0  # Flower's deployed Grid would pull again only after 3 s
+
+    link = SlowLink([0.0, None, 0.1])
+    started = time.monotonic()
+    replies = list(PromptGrid(link, interval=0.05).send_and_receive(requests, timeout=0.6))
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m2"]  # each reply once
+    assert 0.6 <= time.monotonic() - started < 1.5 and link.pulls >= 3

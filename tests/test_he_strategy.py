@@ -45,7 +45,7 @@ def setup(tmp_path, **overrides):
 
 def received_model(msg, config, state) -> ClientRound:
     """What the ClientApp's round holds of the global state (decoded as it is: by the mode's client half)."""
-    local = ClientRound(NodeTask(config, 1, 0, split=None), state, 0, fit=None,
+    local = ClientRound(NodeTask(config, 1, 0, config.num_clients), state, 0, fit=None,
                         decode=lambda: client_half(config).decode(msg, config))
     local.arrays  # decode now
     return local
@@ -58,7 +58,7 @@ def client_replies(config, messages, server_round, rng):
         node = msg.metadata.dst_node_id
         received = received_model(msg, config, RecordDict())
         local = {k: (v + rng.normal(0, 0.05, v.shape)).astype(v.dtype) for k, v in received.arrays.items()}
-        task = NodeTask(config, server_round, node, split=None)
+        task = NodeTask(config, server_round, node, config.num_clients)
         metrics = MetricRecord({"num-examples": COUNTS[node]})
         records = encrypted_update(msg, task, received, local, COUNTS[node])
         replies.append(Message(RecordDict({"metrics": metrics, **records}), reply_to=msg))
