@@ -30,9 +30,6 @@ from fedlearn.errors import FedlearnError
 BIN = Path(sys.executable).parent
 CONNECTION = "local-cluster"  # the SuperLink connection name in the cluster's Flower config
 QUIET = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
-# A SuperNode's SuperExec asks every second whether a message waits for a ClientApp; every
-# exchange of a round waited half of that on average. Asking every 0.1 s costs little on loopback.
-PROMPT = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
 REFUSED_NODE = "Failed to activate SuperNode"  # what flower-supernode logs when the SuperLink refuses its key
 
 
@@ -81,7 +78,7 @@ class LocalCluster:
         self.supernodes: dict[int, subprocess.Popen] = {}
         self.keys = self.directory / "keys"
         self.port = 0
-        self.env = {**os.environ, **QUIET, **PROMPT, "FLWR_HOME": str(self.directory / "flwr")}
+        self.env = {**os.environ, **QUIET, "FLWR_HOME": str(self.directory / "flwr")}
 
     def __enter__(self) -> LocalCluster:
         return self
