@@ -83,7 +83,13 @@ class RecordingGrid(GridWrapper):
         self.received = []  # the reply Messages themselves
 
     def send_and_receive(self, messages, *, timeout=None):
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        return self._record(self._grid.send_and_receive(messages, timeout=timeout))
+
+    def pull_messages(self, message_ids):  # how the server's PromptGrid collects replies
+        return self._record(self._grid.pull_messages(message_ids))
+
+    def _record(self, replies):
+        replies = list(replies)
         for r in replies:
             if not r.has_error():
                 self.received.append(r)
