@@ -276,10 +276,6 @@ def _alive(process: psutil.Process) -> bool:
         return False
 
 
-def stop_process_group(process: subprocess.Popen) -> None:
-    stop_process_groups([process])
-
-
 def _signal_group(process: subprocess.Popen, signum: int) -> None:
     try:
         os.killpg(process.pid, signum)

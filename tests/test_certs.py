@@ -14,7 +14,7 @@ from cryptography import x509
 
 from crypto import certs
 from simulations.cli import main as cli
-from simulations.cluster import free_port, stop_process_group, wait_for_text
+from simulations.cluster import free_port, stop_process_groups, wait_for_text
 
 BIN = Path(sys.executable).parent
 
@@ -77,5 +77,5 @@ def test_a_flower_superlink_serves_tls_with_them_and_a_supernode_trusting_the_ca
         assert link_log.read_text().count("Activated node_id") == 1
     finally:
         for process in reversed(processes):
-            stop_process_group(process)
+            stop_process_groups([process])
     assert all(p.poll() is not None for p in processes)
