@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedlearn.arraycache import cached_arrays
 from fedlearn.errors import DataError
 
 
@@ -218,16 +219,22 @@ def load_cifar10(data_dir: str | None) -> Dataset:
 
 
 def load_digits(test_fraction: float, seed: int, name: str = "digits") -> Dataset:
-    from sklearn.datasets import load_digits as sk_digits
-    from sklearn.model_selection import train_test_split
+    """scikit-learn's digits, split stratified; kept in the array cache, as importing
+    scikit-learn costs a fresh client process more than the rest of its start."""
 
-    bunch = sk_digits()
-    x = (bunch.images.astype(np.float32) / 16.0)[:, None, :, :]
-    y = bunch.target.astype(np.int64)
-    x_tr, x_te, y_tr, y_te = train_test_split(
-        x, y, test_size=test_fraction, random_state=seed, stratify=y
-    )
-    return Dataset(SPECS[name], Split(x_tr, y_tr), Split(x_te, y_te))
+    def split() -> dict[str, np.ndarray]:
+        from sklearn.datasets import load_digits as sk_digits
+        from sklearn.model_selection import train_test_split
+
+        bunch = sk_digits()
+        x = (bunch.images.astype(np.float32) / 16.0)[:, None, :, :]
+        y = bunch.target.astype(np.int64)
+        x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_fraction, random_state=seed, stratify=y)
+        return {"x_train": x_tr, "y_train": y_tr, "x_test": x_te, "y_test": y_te}
+
+    arrays = cached_arrays("digits", {"test_fraction": test_fraction, "seed": seed}, split,
+                           libraries=("scikit-learn", "numpy"))
+    return Dataset(SPECS[name], Split(arrays["x_train"], arrays["y_train"]), Split(arrays["x_test"], arrays["y_test"]))
 
 
 def make_synthetic32(train_size: int = 4000, test_size: int = 1000, seed: int = 0) -> Dataset:
@@ -271,6 +278,20 @@ def load(name: str, data_dir: str = "", test_fraction: float = 0.2, seed: int = 
 
 @functools.lru_cache(maxsize=8)
 def _partitions_cached(
+    labels_key: bytes, num_partitions: int, partitioner: str, alpha: float, shards: int, seed: int
+) -> tuple[np.ndarray, ...]:
+    """In memory for this process, on disk for the next (flwr-datasets' import is most of a fresh
+    client's start)."""
+    key = {"num_partitions": num_partitions, "partitioner": partitioner, "alpha": alpha, "shards": shards, "seed": seed}
+    arrays = cached_arrays(
+        "partitions", key,
+        lambda: {f"p{i}": part for i, part in enumerate(_partitions(labels_key, num_partitions, partitioner, alpha, shards, seed))},
+        data=labels_key, libraries=("flwr-datasets", "datasets", "numpy"),
+    )
+    return tuple(arrays[f"p{i}"] for i in range(num_partitions))
+
+
+def _partitions(
     labels_key: bytes, num_partitions: int, partitioner: str, alpha: float, shards: int, seed: int
 ) -> tuple[np.ndarray, ...]:
     from datasets import Dataset as HFDataset

@@ -4,6 +4,8 @@ tests/helpers.py, never from here."""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,11 @@ import pytest
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+# The array cache (fedlearn/arraycache.py) of this test session, shared with the processes tests
+# start, never the user's own; removed at the end unless FEDLEARN_CACHE_DIR was set.
+_SESSION_CACHE = None if "FEDLEARN_CACHE_DIR" in os.environ else tempfile.mkdtemp(prefix="fedlearn-test-cache-")
+if _SESSION_CACHE:
+    os.environ["FEDLEARN_CACHE_DIR"] = _SESSION_CACHE
 
 # After the settings above: tests.helpers imports Flower.
 from tests.helpers import mnist_dir  # noqa: E402
@@ -33,3 +40,8 @@ def run_identity():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     yield
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _SESSION_CACHE:
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
