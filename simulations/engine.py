@@ -7,9 +7,11 @@ here: the next Flower release should be a one-file change.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
+from collections.abc import Iterator
 
 from fedlearn.errors import ConfigError
 
@@ -63,3 +65,29 @@ def simulate(server_app, client_app, num_clients: int, *, num_cpus_per_client: f
     )
     if not verbose:  # run_simulation resets the flwr logger; keep it quiet for the next run
         logging.getLogger("flwr").setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def shared_runtime() -> Iterator[None]:
+    """Inside, simulations one after another in this process share one Ray runtime.
+
+    Flower starts Ray for each simulation and shuts it down at the end, about 7 s a run on
+    2 cores. A process that runs many (the test session) starts it once: the first run starts
+    it as usual, later runs find it started (Flower's backend then skips `ray.init`), each run
+    still ends its own ClientApp actors, and Ray stops when the context exits. Not for
+    `fedlearn simulate`, whose first round is measured with its start-up included."""
+    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+
+    def end_actors_only(backend: RayBackend) -> None:
+        if backend.pool:
+            backend.pool.terminate_all_actors()
+
+    own_terminate = RayBackend.terminate
+    RayBackend.terminate = end_actors_only
+    try:
+        yield
+    finally:
+        RayBackend.terminate = own_terminate
+        import ray
+
+        ray.shutdown()
