@@ -85,15 +85,16 @@ def _write(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 def cached_arrays(
     kind: str, key: dict, compute: Callable[[], dict[str, np.ndarray]], *,
-    data: bytes = b"", libraries: tuple[str, ...] = (),
+    names: tuple[str, ...], data: bytes = b"", libraries: tuple[str, ...] = (),
 ) -> dict[str, np.ndarray]:
-    """``compute()``'s arrays, from disk when an earlier process already computed them.
+    """``compute()``'s arrays (named ``names``), from disk when an earlier process already
+    computed them.
 
     ``key`` (JSON-serialisable parameters) and ``data`` (input bytes) must determine the result
     together with the versions of ``libraries``."""
     path = entry_path(kind, key, data=data, libraries=libraries)
     stored = _read(path) if path is not None else None
-    if stored is not None:
+    if stored is not None and sorted(stored) == sorted(names):
         return stored
     arrays = compute()
     if path is not None:

@@ -233,7 +233,7 @@ def load_digits(test_fraction: float, seed: int, name: str = "digits") -> Datase
         return {"x_train": x_tr, "y_train": y_tr, "x_test": x_te, "y_test": y_te}
 
     arrays = cached_arrays("digits", {"test_fraction": test_fraction, "seed": seed}, split,
-                           libraries=("scikit-learn", "numpy"))
+                           names=("x_train", "y_train", "x_test", "y_test"), libraries=("scikit-learn", "numpy"))
     return Dataset(SPECS[name], Split(arrays["x_train"], arrays["y_train"]), Split(arrays["x_test"], arrays["y_test"]))
 
 
@@ -283,12 +283,13 @@ def _partitions_cached(
     """In memory for this process, on disk for the next (flwr-datasets' import is most of a fresh
     client's start)."""
     key = {"num_partitions": num_partitions, "partitioner": partitioner, "alpha": alpha, "shards": shards, "seed": seed}
+    names = tuple(f"p{i}" for i in range(num_partitions))
     arrays = cached_arrays(
         "partitions", key,
-        lambda: {f"p{i}": part for i, part in enumerate(_partitions(labels_key, num_partitions, partitioner, alpha, shards, seed))},
-        data=labels_key, libraries=("flwr-datasets", "datasets", "numpy"),
+        lambda: dict(zip(names, _partitions(labels_key, num_partitions, partitioner, alpha, shards, seed))),
+        names=names, data=labels_key, libraries=("flwr-datasets", "datasets", "numpy"),
     )
-    return tuple(arrays[f"p{i}"] for i in range(num_partitions))
+    return tuple(arrays[name] for name in names)
 
 
 def _partitions(

@@ -31,8 +31,8 @@ def cache(tmp_path, monkeypatch):
 
 
 def test_a_second_call_reads_what_the_first_computed(cache):
-    first = arraycache.cached_arrays("kind", {"n": 1}, lambda: ARRAYS, data=b"input")
-    second = arraycache.cached_arrays("kind", {"n": 1}, _never, data=b"input")
+    first = arraycache.cached_arrays("kind", {"n": 1}, lambda: ARRAYS, names=("a", "b"), data=b"input")
+    second = arraycache.cached_arrays("kind", {"n": 1}, _never, names=("a", "b"), data=b"input")
     assert _equal(first, ARRAYS) and _equal(second, ARRAYS)
     assert len(list((cache / "kind").glob("*.npz"))) == 1
 
@@ -51,15 +51,20 @@ def test_a_damaged_entry_is_rebuilt_and_replaced(cache, damage):
     path = arraycache.entry_path("kind", {"n": 1})
     path.parent.mkdir(parents=True)
     path.write_bytes(damage)
-    assert _equal(arraycache.cached_arrays("kind", {"n": 1}, lambda: ARRAYS), ARRAYS)
-    assert _equal(arraycache.cached_arrays("kind", {"n": 1}, _never), ARRAYS)
+    assert _equal(arraycache.cached_arrays("kind", {"n": 1}, lambda: ARRAYS, names=("a", "b")), ARRAYS)
+    assert _equal(arraycache.cached_arrays("kind", {"n": 1}, _never, names=("a", "b")), ARRAYS)
+
+
+def test_an_entry_without_the_expected_arrays_is_rebuilt(cache):
+    arraycache.cached_arrays("kind", {"n": 1}, lambda: {"a": ARRAYS["a"]}, names=("a",))
+    assert _equal(arraycache.cached_arrays("kind", {"n": 1}, lambda: ARRAYS, names=("a", "b")), ARRAYS)
 
 
 def test_a_cache_that_cannot_be_written_is_skipped(tmp_path, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     monkeypatch.setenv("FEDLEARN_CACHE_DIR", str(blocker))
-    assert _equal(arraycache.cached_arrays("kind", {"n": 1}, lambda: ARRAYS), ARRAYS)
+    assert _equal(arraycache.cached_arrays("kind", {"n": 1}, lambda: ARRAYS, names=("a", "b")), ARRAYS)
     assert blocker.read_text() == "not a folder"
 
 
@@ -67,7 +72,7 @@ def test_off_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDLEARN_CACHE_DIR", "off")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert arraycache.cache_dir() is None
-    assert _equal(arraycache.cached_arrays("kind", {"n": 1}, lambda: ARRAYS), ARRAYS)
+    assert _equal(arraycache.cached_arrays("kind", {"n": 1}, lambda: ARRAYS, names=("a", "b")), ARRAYS)
     assert list(tmp_path.iterdir()) == []
 
 
