@@ -77,6 +77,20 @@ def test_he_rounds_equal_plain_within_the_bound_and_leak_no_key(tmp_path):
         ts.bfv_vector_from(public.context, he.arrays_to_chunks(state)[0]).decrypt()
 
 
+@pytest.fixture(scope="module")
+def plain_runs(tmp_path_factory):
+    """The plain reference of a job, run once for the tests that compare he with it."""
+    done: dict[tuple, dict] = {}
+
+    def run(job: dict) -> dict:
+        key = tuple(sorted(job.items()))
+        if key not in done:
+            done[key], _ = run_simulation(base(tmp_path_factory.mktemp("plain"), **job))
+        return done[key]
+
+    return run
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides, tolerance", [
     # ckks: the issue's bound for the whole seeded job.
@@ -88,9 +102,9 @@ def test_he_rounds_equal_plain_within_the_bound_and_leak_no_key(tmp_path):
     ({"strategy": "fedprox", "proximal-mu": 0.01}, 0.05),
     ({"he-bits": 8}, 0.1),
 ])
-def test_he_reaches_plain_accuracy_over_rounds(tmp_path, overrides, tolerance):
+def test_he_reaches_plain_accuracy_over_rounds(tmp_path, plain_runs, overrides, tolerance):
     job = {"num-rounds": 5, "num-clients": 5, **overrides}
-    plain, _ = run_simulation(base(tmp_path / "plain", **{k: v for k, v in job.items() if not k.startswith("he-")}))
+    plain = plain_runs({k: v for k, v in job.items() if not k.startswith("he-")})
     encrypted, _ = run_simulation(base(tmp_path / "he", privacy="he", **job))
     assert abs(encrypted["final_accuracy"] - plain["final_accuracy"]) <= 0.005
     reference = load_model(f"{plain['run_dir']}/model.safetensors")
