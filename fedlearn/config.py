@@ -21,6 +21,7 @@ from typing import Any
 from fedlearn import families, privacy
 from fedlearn.errors import ConfigError
 
+SEED_MAX = 2**32 - 1  # scikit-learn's random_state takes no more (numpy's legacy seeding neither)
 OPTIMIZERS = ("sgd", "momentum", "adam")
 PARTITIONERS = ("iid", "dirichlet", "shards")
 DEVICES = ("auto", "cpu", "cuda")
@@ -447,6 +448,7 @@ class RunConfig:
         for key in ("weight-decay", "l1", "clip-grad-norm", "proximal-mu", "krum-malicious"):
             value = getattr(self, key.replace("-", "_"))
             need(value >= 0, f"{key}={value}: must be >= 0 (0 turns it off)")
+        need(0 <= self.seed <= SEED_MAX, f"seed={self.seed}: must be between 0 and {SEED_MAX} (numpy and scikit-learn's range)")
         need(self.dirichlet_alpha > 0, f"dirichlet-alpha={self.dirichlet_alpha}: must be > 0")
         need(0.0 < self.test_fraction < 1.0, f"test-fraction={self.test_fraction}: must be in (0, 1)")
         need(0.0 <= self.target_accuracy <= 1.0, f"target-accuracy={self.target_accuracy}: must be in [0, 1] (0 = off)")

@@ -83,6 +83,8 @@ def test_all_problems_reported_at_once():
         ({"privacy": "secagg", "num-clients": 1, "min-available-clients": 1}, "needs at least 2 clients per round"),
         ({"privacy": "secagg", "secagg-range": -1}, "secagg-range=-1"),
         ({"dropout-rate": 1.0}, "dropout-rate=1.0: must be in [0, 1)"),
+        ({"seed": -1}, "seed=-1: must be between 0 and 4294967295"),
+        ({"seed": 2**32}, "seed=4294967296: must be between 0 and 4294967295"),
         ({"privacy": "plain", "dropout-stage": "unmask"}, "needs privacy=secagg"),
         ({"strategy": "krum"}, "or privacy=plain to give up secure aggregation"),
         ({"dropout-stage": "later"}, "dropout-stage='later': choose one of"),
