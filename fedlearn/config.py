@@ -561,11 +561,17 @@ def parse_overrides(text: str) -> dict[str, Any]:
     Bare words that are not TOML values are taken as strings, so ``strategy=fedavg`` works.
     """
     result: dict[str, Any] = {}
-    for token in shlex.split(text):
+    try:
+        tokens = shlex.split(text)
+    except ValueError as exc:  # shlex's own words: "No closing quotation"
+        raise ConfigError([f"run-config {text!r}: {exc}; quote a value with spaces as key='a b'"]) from None
+    for token in tokens:
         if "=" not in token:
             raise ConfigError([f"run-config item {token!r} is not key=value"])
         key, _, value = token.partition("=")
         key = key.strip()
+        if key in result:
+            raise ConfigError([f"run-config gives {key} twice; keep one {key}=..."])
         try:
             result[key] = tomllib.loads(f"v = {value}")["v"]
         except tomllib.TOMLDecodeError:

@@ -109,6 +109,15 @@ def test_impossible_combinations(flat, fragment):
     assert fragment in str(info.value)
 
 
+@pytest.mark.parametrize("text, fragment", [
+    ("data-dir='/a b", "No closing quotation; quote a value with spaces"),
+    ("lr=0.1 seed=3 lr=0.2", "run-config gives lr twice; keep one lr=..."),
+])
+def test_parse_overrides_refuses_unbalanced_quotes_and_repeated_keys(text, fragment):
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        parse_overrides(text)
+
+
 def test_parse_overrides_accepts_toml_and_bare_words():
     assert parse_overrides("num-rounds=3 lr=0.1 strategy=fedavg data-dir='/a b'") == {
         "num-rounds": 3,
