@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
 from crypto import signing
 from fedlearn.errors import ConfigError
+
+
+def file_stem(name: str) -> str:
+    """A key name is a file name inside --out: no path, no hidden file, nothing a shell mangles."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise argparse.ArgumentTypeError(
+            f"{name!r} is not a file name stem: use letters, digits, '.', '_' and '-', starting with a letter "
+            "or digit (the files are written inside --out)")
+    return name
 
 
 def add_commands(sub, config_from_args):
@@ -16,7 +26,7 @@ def add_commands(sub, config_from_args):
 
     generate = keys_sub.add_parser("generate", help="create a key pair: NAME.key (mode 0600) and NAME.pub")
     generate.add_argument("--out", required=True, type=Path, help="directory for the key files")
-    generate.add_argument("--name", required=True, help="file name stem, e.g. the node or operator name")
+    generate.add_argument("--name", required=True, type=file_stem, help="file name stem, e.g. the node or operator name")
     generate.add_argument("--supernode-auth", action="store_true",
                           help="also write NAME.auth.key/.auth.pub: the EC P-384 pair Flower's SuperNode authentication uses")
     generate.set_defaults(func=_generate)

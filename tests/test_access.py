@@ -134,3 +134,22 @@ def test_simulation_provisioning_writes_keys_policy_and_a_signed_config(tmp_path
         assert signing.fingerprint(key) == member.fingerprint
     assert signed.access_policy == str(policy_path) and signed.node_keys_dir == str(tmp_path / "keys")
     assert policy.authorising_operator(signed, signed.run_signature).name == "simulation-operator"
+
+
+@pytest.mark.parametrize("name", ["../../x", "", ".hidden", "a/b", "node 1"])
+def test_keys_generate_refuses_a_name_that_is_not_a_file_name_and_writes_nothing(tmp_path, capsys, name):
+    from simulations.cli import main as cli
+
+    out = tmp_path / "deep" / "keys"
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["keys", "generate", "--out", str(out), "--name", name])
+    assert exit_info.value.code == 2
+    assert "is not a file name stem" in capsys.readouterr().err
+    assert [p for p in tmp_path.rglob("*")] == []
+
+
+def test_keys_generate_writes_a_plain_name_inside_out(tmp_path):
+    from simulations.cli import main as cli
+
+    assert cli(["keys", "generate", "--out", str(tmp_path), "--name", "node-0.v2"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["node-0.v2.key", "node-0.v2.pub"]
