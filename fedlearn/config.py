@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import shlex
 import tomllib
 from collections.abc import Mapping
@@ -201,6 +202,8 @@ class RunConfig:
                 continue
             try:
                 values[name] = _coerce(raw, types[name])
+            except NotFinite:
+                problems.append(f"{key}={raw!r}: must be a finite number, not nan or inf")
             except (TypeError, ValueError):
                 problems.append(f"{key}={raw!r}: expected {types[name]}")
         if problems:
@@ -519,6 +522,10 @@ def _key(name: str) -> str:
     return name.replace("_", "-")
 
 
+class NotFinite(ValueError):
+    """A float key given nan or inf."""
+
+
 def _coerce(raw: Any, type_name: str) -> Any:
     if type_name == "int":
         if isinstance(raw, bool):
@@ -532,8 +539,8 @@ def _coerce(raw: Any, type_name: str) -> Any:
         if isinstance(raw, bool):
             raise TypeError
         value = float(raw)
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ValueError
+        if not math.isfinite(value):
+            raise NotFinite
         return value
     if type_name == "str":
         if not isinstance(raw, str):

@@ -56,7 +56,7 @@ def test_bad_type_and_choice():
     assert "expected int" in problems(num_rounds="many")
     assert "choose one of sgd, momentum, adam" in problems(optimizer="rmsprop")
     assert "must be in (0, 1]" in problems(fraction_train=1.5)
-    assert "expected float" in problems(lr=float("nan"))
+    assert "must be a finite number, not nan or inf" in problems(lr=float("nan"))
 
 
 def test_all_problems_reported_at_once():
@@ -84,6 +84,8 @@ def test_all_problems_reported_at_once():
         ({"privacy": "secagg", "secagg-range": -1}, "secagg-range=-1"),
         ({"dropout-rate": 1.0}, "dropout-rate=1.0: must be in [0, 1)"),
         ({"seed": -1}, "seed=-1: must be between 0 and 4294967295"),
+        ({"lr": "nan"}, "lr='nan': must be a finite number, not nan or inf"),
+        ({"server-lr": float("inf")}, "server-lr=inf: must be a finite number"),
         ({"seed": 2**32}, "seed=4294967296: must be between 0 and 4294967295"),
         ({"privacy": "plain", "dropout-stage": "unmask"}, "needs privacy=secagg"),
         ({"strategy": "krum"}, "or privacy=plain to give up secure aggregation"),
