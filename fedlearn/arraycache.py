@@ -61,9 +61,7 @@ def _read(path: Path) -> dict[str, np.ndarray] | None:
     try:
         with np.load(path, allow_pickle=False) as stored:
             return {name: stored[name] for name in stored.files}
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile):  # truncated or foreign: rebuild it
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):  # absent, truncated or foreign: (re)build it
         return None
 
 
