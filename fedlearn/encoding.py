@@ -49,6 +49,12 @@ class FixedPointCodec:
         self.template = template
         self.length = sum(int(np.prod(a.shape)) for a in template.values())
 
+    def range_exponents(self, arrays: dict[str, np.ndarray], factor: float) -> list[int]:
+        """The ranges of ``arrays`` in this codec's order. A mapping's own order is not to be
+        trusted: a model read back from a checkpoint lists its arrays in another order, and
+        ranges given in that order land on the wrong tensors."""
+        return range_exponents({name: arrays[name] for name in self.template}, factor)
+
     def ranges(self, plan) -> np.ndarray:
         return expand_ranges(list(plan.exponents), self.template)
 

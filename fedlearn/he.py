@@ -97,7 +97,9 @@ class ModelCodec:
         return expand_ranges(list(exponents), self.template)
 
     def exponents_for(self, global_arrays: dict[str, np.ndarray]) -> tuple[int, ...]:
-        return tuple(range_exponents(global_arrays, self.range_factor)) if self.key.info.scheme == "bfv" else ()
+        if self.key.info.scheme != "bfv":
+            return ()
+        return tuple(range_exponents({n: global_arrays[n] for n in self.template}, self.range_factor))
 
     _decrypted: OrderedDict[str, dict] = OrderedDict()  # per process: the last models decrypted
 

@@ -18,7 +18,7 @@ from flwr.serverapp.strategy import Strategy
 
 from crypto import signing
 from fedlearn import audit as audit_log
-from fedlearn import families
+from fedlearn import families, privacy
 from fedlearn.checkpoint import Checkpoint, CheckpointError
 from fedlearn.config import RunConfig
 from fedlearn.runs import load_run_config
@@ -30,6 +30,11 @@ STATE_ATTRIBUTES = ("current_arrays", "momentum_vector", "m_t", "v_t")
 def load_checkpoint(run_dir: Path) -> tuple[RunConfig, Checkpoint]:
     """The config and checkpoint of a run to resume, or a CheckpointError saying why not."""
     config = load_run_config(run_dir)
+    if not privacy.get(config.privacy).server_class().checkpointable:
+        raise CheckpointError(
+            f"privacy={config.privacy} runs cannot be resumed: the server holds the global model and its momentum "
+            "only as ciphertexts, which are not checkpointed; start a new run"
+        )
     checkpoint = Checkpoint.load(run_dir)
     log = run_dir / "audit.jsonl"
     if not log.is_file():

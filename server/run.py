@@ -23,7 +23,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from crypto.digest import arrays_digest
 from fedlearn import data, families, models, privacy, strategies
-from fedlearn.checkpoint import Checkpoint
+from fedlearn.checkpoint import Checkpoint, CheckpointError
 from fedlearn.config import RunConfig
 from fedlearn.fedavg import FedAvgFamily
 from fedlearn.messages import NODE_RECORD, PARTITION_KEY
@@ -39,6 +39,16 @@ from server.resume import load_checkpoint, restore_strategy_state
 def global_model(config: RunConfig) -> torch.nn.Module:
     """The run's model at its seeded initial weights."""
     return models.for_run(config)
+
+
+def resumed_arrays(checkpoint: Checkpoint, initial: ArrayRecord) -> ArrayRecord:
+    """The checkpoint's model in the order of the run's own arrays (a safetensors file gives
+    its arrays back in another order, and order matters wherever arrays are flattened)."""
+    model = checkpoint.model
+    if set(model) != set(initial):
+        raise CheckpointError(f"the checkpoint's model holds {sorted(model)}, this run's model {sorted(initial)}: "
+                              "the checkpoint is not of this model; start a new run")
+    return ArrayRecord({name: Array(model[name]) for name in initial})
 
 
 def initial_arrays(config: RunConfig) -> ArrayRecord:
@@ -162,7 +172,7 @@ def start_run(grid: Grid, config: RunConfig, metrics: ClientMetrics, run_id: str
     if checkpoint is None:
         audited = open_audited_run(config, store, policy, audit_key, {**facts, "initial_model": arrays_digest(numpy_arrays(initial))})
     else:
-        initial = ArrayRecord({name: Array(value) for name, value in checkpoint.model.items()})
+        initial = resumed_arrays(checkpoint, initial)
         audited = reopen_audited_run(config, store, policy, audit_key, checkpoint, facts)
     config = audited.config
     inner = strategies.build(config, train_metrics_aggr_fn=metrics.aggregator("train"),

@@ -28,7 +28,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from crypto.secagg_protocol import neighbourhoods, unmask_sum
 from fedlearn.config import RunConfig
-from fedlearn.encoding import FixedPointCodec, range_exponents
+from fedlearn.encoding import FixedPointCodec
 from fedlearn.errors import RoundFailed
 from fedlearn.messages import NODE_RECORD, NUM_EXAMPLES_KEY, SECAGG_RECORD
 from fedlearn.secagg import ADVERTISE, MASKED_ARRAY, SHARE, UNMASK, RoundPlan
@@ -108,7 +108,7 @@ class SecAggStrategy(HidingStrategy):
         sampled = [m.metadata.dst_node_id for m in messages]
         n = len(sampled)
         encoding = self.config.secagg_encoding(n)
-        exponents = range_exponents(
+        exponents = self.codec.range_exponents(
             {k: v.numpy() for k, v in arrays.items()}, self.config.secagg_range_factor(encoding.bits)
         )
         self.plan = RoundPlan(

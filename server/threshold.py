@@ -33,7 +33,7 @@ from crypto import threshold
 from crypto.threshold import KeyShare, ThresholdError
 from fedlearn import he
 from fedlearn.config import RunConfig
-from fedlearn.encoding import FixedPointCodec, range_exponents
+from fedlearn.encoding import FixedPointCodec
 from fedlearn.errors import ConfigError, FederationError, RoundFailed
 from fedlearn.messages import NODE_RECORD, NUM_EXAMPLES_KEY, PARTITION_KEY
 from fedlearn.threshold import DECRYPT, HOLD, JOIN, KEYGEN, RECORD, REVEAL, Committee, RoundPlan
@@ -152,7 +152,8 @@ class ThresholdStrategy(HidingStrategy):
         nodes = [m.metadata.dst_node_id for m in messages]
         cap = round_weight_cap(grid, nodes, self.counts, self.config.to_flat(), self.config.round_timeout)
         encoding = self.config.threshold_encoding(len(nodes))
-        exponents = range_exponents({k: v.numpy() for k, v in arrays.items()}, self.config.threshold_range_factor(encoding.bits))
+        exponents = self.codec.range_exponents({k: v.numpy() for k, v in arrays.items()},
+                                               self.config.threshold_range_factor(encoding.bits))
         self.plan = RoundPlan(encoding.bits, len(nodes), cap, tuple(exponents))
         record = ConfigRecord({**self.plan.to_record(), "context": self.committee.context,
                                "joint-public": self.committee.joint_public})

@@ -35,7 +35,7 @@ def max_diff(a, b) -> float:
     return max(float(np.abs(a[k].astype(np.float64) - b[k]).max()) for k in a)
 
 
-def test_he_rounds_equal_plain_within_the_bound_and_leak_no_key(tmp_path):
+def test_he_rounds_equal_plain_within_the_bound_and_leak_no_key(tmp_path, capsys):
     plain, _ = run_simulation(base(tmp_path / "plain"))
     bfv, recorder = run_simulation(base(tmp_path / "bfv", privacy="he"), record=True)
     ckks, _ = run_simulation(base(tmp_path / "ckks", privacy="he", **{"he-scheme": "ckks"}))
@@ -52,6 +52,10 @@ def test_he_rounds_equal_plain_within_the_bound_and_leak_no_key(tmp_path):
     for summary in (bfv, ckks):
         assert abs(summary["final_accuracy"] - plain["final_accuracy"]) <= 0.005
         assert verify(f"{summary['run_dir']}/audit.jsonl", signing.load_public(f"{summary['run_dir']}/audit.pub")).ok
+    # The server holds he's global model only as ciphertexts, which no checkpoint keeps: resume says so.
+    capsys.readouterr()
+    assert cli(["resume", bfv["run_dir"]]) == 2
+    assert "privacy=he runs cannot be resumed" in capsys.readouterr().err
 
     # 16-bit bfv: ~8 bytes per parameter per client (one ciphertext minimum per update).
     params = models.count_parameters(models.build("mlp", (1, 8, 8), 10))
