@@ -137,11 +137,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _interrupted() -> None:
-    """Exit with 130 without waiting for anything: Flower's server thread may still wait on
-    clients that are gone. Every run file is written atomically and audit records are whole
-    fsynced lines (a torn last line is reported by `audit verify`), so what is on disk stays
-    consistent."""
+    """Stop the processes this command started (Ray's) and exit with 130, without waiting for
+    Flower: its server thread may still wait on clients that are gone. Every run file is
+    written atomically and audit records are whole fsynced lines (a torn last line is reported
+    by `audit verify`), so what is on disk stays consistent."""
     print("interrupted; the run directory keeps the rounds finished so far", file=sys.stderr)
+    from simulations.processes import kill_children
+
+    kill_children()  # os._exit skips Ray's own shutdown: its daemons would outlive us
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(130)

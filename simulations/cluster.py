@@ -14,20 +14,18 @@ config, one log per process), so a failure can be read afterwards.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
-
-import psutil
 
 from crypto import certs, signing
 from fedlearn.access import provision_simulation
 from fedlearn.config import RunConfig
 from fedlearn.errors import FedlearnError
+from simulations.processes import stop_process_groups
 
 BIN = Path(sys.executable).parent
 CONNECTION = "local-cluster"  # the SuperLink connection name in the cluster's Flower config
@@ -206,78 +204,3 @@ class LocalCluster:
         """Stop every process this cluster started, and whatever they spawned."""
         stop_process_groups(reversed(self.processes))
         self.processes.clear()
-
-
-def stop_process_groups(processes: Iterable[subprocess.Popen], grace: float = 10.0) -> None:
-    """Stop processes started in their own sessions, and everything they spawned (SuperExec,
-    apps; Flower starts the ServerApp detached, in a session of its own): all are asked at once
-    (SIGTERM), so that stopping a cluster takes one ``grace`` period at most, not one per process;
-    those still running after it are killed."""
-    processes = list(processes)
-    spawned = _descendants(processes)
-    for process in processes:
-        _signal_group(process, signal.SIGTERM)
-    for child in spawned:
-        _signal(child, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    for process in processes:
-        try:
-            process.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
-    psutil.wait_procs(spawned, timeout=max(0.0, deadline - time.monotonic()))
-    for process in processes:
-        _signal_group(process, signal.SIGKILL)  # the stragglers, and children that outlived their parent
-        process.wait()
-    for child in spawned:
-        _signal(child, signal.SIGKILL)
-    _wait_until_gone({process.pid for process in processes}, spawned, grace)
-
-
-def _descendants(processes: list[subprocess.Popen]) -> list[psutil.Process]:
-    found = []
-    for process in processes:
-        try:
-            found += psutil.Process(process.pid).children(recursive=True)
-        except psutil.Error:
-            pass
-    return found
-
-
-def _signal(process: psutil.Process, signum: int) -> None:
-    try:
-        process.send_signal(signum)
-    except psutil.Error:
-        pass
-
-
-def _wait_until_gone(groups: set[int], spawned: list[psutil.Process], seconds: float) -> None:
-    """Return once no live process is left in ``groups`` or among ``spawned``: a killed process
-    can take a moment to exit, and whoever stops a cluster expects it gone when stop() returns."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if not any(_alive(child) for child in spawned) and not any(
-                _in_groups(process, groups) for process in psutil.process_iter(["status"])):
-            return
-        time.sleep(0.05)
-
-
-def _in_groups(process: psutil.Process, groups: set[int]) -> bool:
-    try:
-        return process.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(process.pid) in groups
-    except (OSError, psutil.Error):
-        return False
-
-
-def _alive(process: psutil.Process) -> bool:
-    try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def _signal_group(process: subprocess.Popen, signum: int) -> None:
-    try:
-        os.killpg(process.pid, signum)
-    except ProcessLookupError:
-        pass

@@ -14,7 +14,8 @@ from cryptography import x509
 
 from crypto import certs
 from simulations.cli import main as cli
-from simulations.cluster import free_port, stop_process_groups, wait_for_text
+from simulations.cluster import free_port, wait_for_text
+from simulations.processes import stop_process_groups
 
 BIN = Path(sys.executable).parent
 

@@ -123,8 +123,22 @@ def test_diverged_round_stops_the_run_and_keeps_what_was_written(tmp_path):
     assert "training diverged" in final["data"]["reason"]
 
 
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _in_session(process: psutil.Process, session: int) -> bool:
+    try:
+        return os.getsid(process.pid) == session and _alive(process)
+    except (OSError, psutil.Error):
+        return False
+
+
 @pytest.mark.slow
-def test_ctrl_c_stops_promptly_and_leaves_consistent_files(tmp_path):
+def test_ctrl_c_stops_promptly_leaves_no_process_behind_and_consistent_files(tmp_path):
     import signal
     import threading
 
@@ -141,9 +155,15 @@ def test_ctrl_c_stops_promptly_and_leaves_consistent_files(tmp_path):
     threading.Thread(target=watch_rounds, daemon=True).start()
     try:
         assert running.wait(180), "no round finished within 180 s"
-        proc.send_signal(signal.SIGINT)
+        started = psutil.Process(proc.pid).children(recursive=True)
+        assert {"gcs_server", "raylet"} <= {p.name() for p in started}, [p.name() for p in started]
+        proc.send_signal(signal.SIGINT)  # mid-round 3
         assert proc.wait(timeout=30) == 130
         assert "interrupted" in proc.stderr.read()
+        # Nothing it started outlives it: not Ray's daemons, not its ClientApp actors (all of
+        # which stay in the command's session unless they leave it).
+        left = [p for p in started if _alive(p)] + [p for p in psutil.process_iter() if _in_session(p, proc.pid)]
+        assert not left, [(p.pid, p.name()) for p in left]
         (run_dir,) = tmp_path.iterdir()
         metrics = json.loads((run_dir / "metrics.json").read_text())
         assert metrics[-1]["round"] >= 2
