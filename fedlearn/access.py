@@ -31,7 +31,7 @@ import tomli_w
 from crypto import signing
 from crypto.digest import canonical_json, sha256_hex
 from fedlearn import privacy
-from fedlearn.config import RunConfig
+from fedlearn.config import RunConfig, read_toml
 from fedlearn.errors import AccessDenied, ConfigError
 
 ROLES = ("trainer", "evaluator", "keyholder")
@@ -81,17 +81,8 @@ class AccessPolicy:
     # -- files ---------------------------------------------------------------------
     @classmethod
     def load(cls, path: Path) -> AccessPolicy:
-        import tomllib
-
         path = Path(path)
-        try:
-            table = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(
-                [f"access policy {path} does not exist: create it with `fedlearn keys enroll --policy {path} ...`"]
-            ) from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError([f"access policy {path} is not valid TOML: {exc}"]) from None
+        table = read_toml(path, "access policy", missing=f"create it with `fedlearn keys enroll --policy {path} ...`")
         problems: list[str] = []
         unknown = set(table) - {"node", "operator"}
         if unknown:

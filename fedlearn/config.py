@@ -586,16 +586,32 @@ def parse_overrides(text: str) -> dict[str, Any]:
     return result
 
 
+MAX_TOML_BYTES = 8 << 20  # configs and policies are a few KB; a larger file is not one
+
+
+def read_toml(path: Path, what: str = "config file", missing: str = "") -> dict[str, Any]:
+    """A TOML file's table, or a ConfigError that names the file and what is wrong with it."""
+    path = Path(path)
+    try:
+        if path.stat().st_size > MAX_TOML_BYTES:
+            raise ConfigError([f"{what} {path} is {path.stat().st_size} bytes: not a {what} (they are a few KB)"])
+        text = path.read_bytes().decode("utf-8")
+        return tomllib.loads(text)
+    except FileNotFoundError:
+        raise ConfigError([f"{what} {path} does not exist" + (f": {missing}" if missing else "")]) from None
+    except IsADirectoryError:
+        raise ConfigError([f"{what} {path} is a directory: give the file"]) from None
+    except OSError as exc:
+        raise ConfigError([f"cannot read {what} {path}: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{what} {path} is not UTF-8 text (byte {exc.start}): is it the right file?"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{what} {path} is not valid TOML: {exc}"]) from None
+
+
 def load_toml(path: Path) -> dict[str, Any]:
     """Read a preset or config TOML file: flat keys at the top level."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError([f"config file {path} does not exist"]) from None
-    try:
-        table = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([f"{path} is not valid TOML: {exc}"]) from None
+    table = read_toml(path)
     nested = [k for k, v in table.items() if isinstance(v, dict)]
     if nested:
         raise ConfigError([f"{path}: keys must be flat (found tables {', '.join(nested)})"])

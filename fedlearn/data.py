@@ -7,6 +7,7 @@ Every loader returns numpy arrays ``x`` (float32, N x C x H x W, normalised) and
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import hashlib
@@ -14,6 +15,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+import urllib.error
 import urllib.request
 import warnings
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ import numpy as np
 
 from fedlearn.arraycache import cached_arrays
 from fedlearn.errors import DataError
+from fedlearn.paths import writable_directory
 
 
 @dataclass(frozen=True)
@@ -124,7 +127,9 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
         )
     path = Path(chosen).expanduser()
     if not path.is_dir():
-        raise DataError(f"data directory {path} does not exist (set data-dir or FEDLEARN_DATA_DIR)")
+        what = "is a file, not a directory" if path.exists() else "does not exist"
+        source = "data-dir" if data_dir else "FEDLEARN_DATA_DIR"
+        raise DataError(f"data directory {path} (from {source}) {what}: point {source} at the directory holding the datasets")
     return path
 
 
@@ -446,37 +451,60 @@ def client_test_split(config, partition_id: int, num_partitions: int) -> Split:
 
 
 def download(name: str, data_dir: str | os.PathLike, base_url: str | None = None) -> Path:
-    """Fetch a dataset's files into ``data_dir/<layout>`` and verify them."""
-    root = Path(data_dir).expanduser()
-    root.mkdir(parents=True, exist_ok=True)
-    if name in CHECKSUMS:
-        target = root / name
-        target.mkdir(exist_ok=True)
-        for filename in IDX_FILES.values():
-            path = target / filename
-            if path.is_file():
-                try:
-                    _read_verified_idx(path, name)
-                    continue
-                except DataError:
-                    pass
-            _fetch(f"{base_url or DOWNLOAD_URLS[name]}{filename}", path)
-            _read_verified_idx(path, name)
-        return target
+    """Fetch a dataset's files into ``data_dir/<layout>`` and verify them. Files arrive in a
+    temporary directory and move into place verified, so a failed download (no network, a bad
+    checksum) leaves ``data_dir`` as it was."""
+    if name not in CHECKSUMS and name != "cifar10":
+        raise DataError(f"{name!r} needs no download (available for download: {', '.join(DOWNLOAD_URLS)})")
+    root = writable_directory(data_dir, "--data-dir")
+    created = [p for p in (root, *root.parents) if not p.exists()]
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as tmp:
+            return _download_into(name, root, Path(tmp), base_url)
+    except BaseException:
+        for directory in created:  # deepest first: only what this call made, and only if still empty
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        raise
+
+
+def _download_into(name: str, root: Path, tmp: Path, base_url: str | None) -> Path:
     if name == "cifar10":
-        with tempfile.TemporaryDirectory() as tmp:
-            archive = Path(tmp) / "cifar-10-binary.tar.gz"
-            _fetch(base_url or DOWNLOAD_URLS["cifar10"], archive)
-            if _md5(archive.read_bytes()) != CIFAR10_TAR_MD5:
-                raise DataError("the CIFAR-10 archive fails its MD5 checksum; try again later")
-            with tarfile.open(archive) as tar:
-                tar.extractall(root, filter="data")
+        archive = tmp / "cifar-10-binary.tar.gz"
+        _fetch(base_url or DOWNLOAD_URLS["cifar10"], archive)
+        if _md5(archive.read_bytes()) != CIFAR10_TAR_MD5:
+            raise DataError("the CIFAR-10 archive fails its MD5 checksum; try again later")
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")
+        (root / CIFAR10_DIR).mkdir(exist_ok=True)
+        for extracted in (tmp / CIFAR10_DIR).iterdir():
+            extracted.replace(root / CIFAR10_DIR / extracted.name)
         return root / CIFAR10_DIR
-    raise DataError(f"{name!r} needs no download (available for download: {', '.join(DOWNLOAD_URLS)})")
+    target = root / name
+    fetched = []
+    for filename in IDX_FILES.values():
+        path = target / filename
+        if path.is_file():
+            try:
+                _read_verified_idx(path, name)
+                continue
+            except DataError:
+                pass
+        _fetch(f"{base_url or DOWNLOAD_URLS[name]}{filename}", tmp / filename)
+        _read_verified_idx(tmp / filename, name)
+        fetched.append(filename)
+    target.mkdir(exist_ok=True)
+    for filename in fetched:
+        (tmp / filename).replace(target / filename)
+    return target
 
 
 def _fetch(url: str, path: Path) -> None:
-    partial = path.with_suffix(path.suffix + ".part")
-    with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
-        shutil.copyfileobj(response, out)
-    partial.replace(path)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(path, "wb") as out:
+            shutil.copyfileobj(response, out)
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise DataError(f"could not download {url} ({reason}): check the network connection, or copy the files "
+                        "there by hand (docs/data-and-models.md)") from None

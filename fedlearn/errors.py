@@ -33,3 +33,8 @@ class RoundFailed(FederationError):
 
 class AccessDenied(FedlearnError):
     """The access policy refuses a run (no valid operator signature) or a policy change."""
+
+
+class PathError(FedlearnError):
+    """A path given is missing, of the wrong kind (a file where a directory belongs), or cannot
+    be written."""

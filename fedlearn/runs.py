@@ -47,6 +47,24 @@ class RoundRecord:
                    extra={k: v for k, v in record.items() if k not in names})
 
 
+def recorded_rounds(directory: Path, upto_round: int) -> list[RoundRecord]:
+    """Rounds 0..``upto_round`` of a run's metrics.json, or a FedlearnError saying what is wrong
+    with the file (a resumed run keeps them: a history with holes would be saved as whole)."""
+    path = Path(directory) / "metrics.json"
+    fix = "restore it (it is rewritten after every round), or start a new run"
+    try:
+        recorded = json.loads(path.read_bytes())
+        rounds = [RoundRecord.from_json(r) for r in recorded if r["round"] <= upto_round]
+    except FileNotFoundError:
+        raise FedlearnError(f"{path} not found: {fix}") from None
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise FedlearnError(f"{path} is not a metrics file fedlearn wrote ({type(exc).__name__}: {exc}): {fix}") from None
+    found = [r.round for r in rounds]
+    if found != list(range(upto_round + 1)):
+        raise FedlearnError(f"{path} holds rounds {found}, the checkpoint needs rounds 0..{upto_round}: {fix}")
+    return rounds
+
+
 def new_run_id() -> str:
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     return f"{stamp}-{secrets.token_hex(3)}"
@@ -86,10 +104,8 @@ class RunStore:
         if (directory / "summary.json").exists():
             raise FedlearnError(f"{directory} holds a finished run (summary.json): nothing to resume")
         store = cls(directory, config, directory.name)
-        metrics = directory / "metrics.json"
-        recorded = json.loads(metrics.read_text()) if metrics.exists() else []
-        store.rounds = [RoundRecord.from_json(r) for r in recorded if r["round"] <= upto_round]
-        atomic_write(metrics, json.dumps([r.to_json() for r in store.rounds], indent=1).encode())
+        store.rounds = recorded_rounds(directory, upto_round)
+        atomic_write(directory / "metrics.json", json.dumps([r.to_json() for r in store.rounds], indent=1).encode())
         return store
 
     def update_config(self, config: RunConfig) -> None:
@@ -152,7 +168,8 @@ class RunStore:
         loss_axis = acc_axis.twinx()
         loss_axis.plot(rounds, [r.loss for r in self.rounds], "s--" if dots else "--", color="tab:red", label="loss")
         loss_axis.set_ylabel("test loss", color="tab:red")
-        acc_axis.set_title(f"{self.config.strategy} / {self.config.model} on {self.config.dataset}")
+        acc_axis.set_title(f"run {self.run_id}: {self.config.strategy}, privacy={self.config.privacy}, "
+                           f"{self.config.model} on {self.config.dataset}", fontsize=9)
         fig.tight_layout()
         tmp = path.with_name(".accuracy.tmp.png")
         fig.savefig(tmp)

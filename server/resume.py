@@ -21,7 +21,7 @@ from fedlearn import audit as audit_log
 from fedlearn import families, privacy
 from fedlearn.checkpoint import Checkpoint, CheckpointError
 from fedlearn.config import RunConfig
-from fedlearn.runs import load_run_config
+from fedlearn.runs import load_run_config, recorded_rounds
 from server.privacy import innermost
 
 STATE_ATTRIBUTES = ("current_arrays", "momentum_vector", "m_t", "v_t")
@@ -52,6 +52,7 @@ def load_checkpoint(run_dir: Path) -> tuple[RunConfig, Checkpoint]:
         raise CheckpointError(f"strategy={config.strategy} cannot be resumed: {why}")
     if checkpoint.round >= config.num_rounds:
         raise CheckpointError(f"{run_dir} already ran all {config.num_rounds} rounds: nothing to resume")
+    recorded_rounds(run_dir, checkpoint.round)  # refuses a damaged history before anything starts
     return config, checkpoint
 
 

@@ -27,6 +27,7 @@ from fedlearn.checkpoint import Checkpoint, CheckpointError
 from fedlearn.config import RunConfig
 from fedlearn.fedavg import FedAvgFamily
 from fedlearn.messages import NODE_RECORD, PARTITION_KEY
+from fedlearn.paths import writable_directory
 from fedlearn.runs import RunStore
 from fedlearn.strategies import MetricsAggregator
 from fedlearn.training import select_device
@@ -149,6 +150,7 @@ def start_run(grid: Grid, config: RunConfig, metrics: ClientMetrics, run_id: str
     if resume_dir is not None:
         config, checkpoint = load_checkpoint(resume_dir)
     # Everything that can fail on bad input fails before the run directory exists.
+    writable_directory(resume_dir or config.out_dir, "resume-from" if resume_dir else "out-dir")
     # The server needs the test split only when it evaluates (never under he).
     test = None if config.evaluates_on_clients() else data.test_split(config)
     device = select_device(config.device)

@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
 from crypto import signing
-from fedlearn.errors import ConfigError
-
-
-def file_stem(name: str) -> str:
-    """A key name is a file name inside --out: no path, no hidden file, nothing a shell mangles."""
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-        raise argparse.ArgumentTypeError(
-            f"{name!r} is not a file name stem: use letters, digits, '.', '_' and '-', starting with a letter "
-            "or digit (the files are written inside --out)")
-    return name
+from fedlearn.errors import ConfigError, FedlearnError, PathError
+from simulations.argtypes import file_stem, out_directory
 
 
 def add_commands(sub, config_from_args):
@@ -25,7 +16,7 @@ def add_commands(sub, config_from_args):
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
 
     generate = keys_sub.add_parser("generate", help="create a key pair: NAME.key (mode 0600) and NAME.pub")
-    generate.add_argument("--out", required=True, type=Path, help="directory for the key files")
+    generate.add_argument("--out", required=True, type=out_directory, help="directory for the key files")
     generate.add_argument("--name", required=True, type=file_stem, help="file name stem, e.g. the node or operator name")
     generate.add_argument("--supernode-auth", action="store_true",
                           help="also write NAME.auth.key/.auth.pub: the EC P-384 pair Flower's SuperNode authentication uses")
@@ -63,14 +54,14 @@ def add_commands(sub, config_from_args):
     audit = sub.add_parser("audit", help="verify and read audit logs")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
     verify = audit_sub.add_parser("verify", help="check every record's chain and signature (exit 0 ok, 1 bad, 2 usage)")
-    verify.add_argument("log", type=Path, help="audit.jsonl")
+    verify.add_argument("log", type=Path, help="audit.jsonl, or the run directory holding it")
     verify.add_argument("--key", required=True, type=Path, help="the server's audit public key (audit.pub)")
     verify.add_argument("--model", type=Path, help="also check that this model.safetensors is the logged final model")
     verify.add_argument("--allow-incomplete", action="store_true", help="accept a log without run_end (a live run)")
     verify.set_defaults(func=_verify)
 
     show_log = audit_sub.add_parser("show", help="print a log as a per-round table (does not verify)")
-    show_log.add_argument("log", type=Path)
+    show_log.add_argument("log", type=Path, help="audit.jsonl, or the run directory holding it")
     show_log.set_defaults(func=_show)
 
     digest = audit_sub.add_parser("digest", help="print the digest of a saved model, as the audit log records it")
@@ -157,13 +148,23 @@ def _authorize(args: argparse.Namespace, config_from_args) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from fedlearn import audit
 
-    if not args.log.is_file():
-        raise ConfigError([f"audit log {args.log} does not exist"])
+    args.log = _audit_log(args.log)
     verdict = audit.verify(args.log, signing.load_public(args.key), allow_incomplete=args.allow_incomplete)
     if verdict.ok and args.model:
         verdict = _check_model(verdict, args.model)
     print(verdict.summary())
     return 0 if verdict.ok else 1
+
+
+def _audit_log(path: Path) -> Path:
+    """The log itself, or the audit.jsonl of a run directory."""
+    if path.is_dir():
+        if not (path / "audit.jsonl").is_file():
+            raise PathError(f"{path} is a directory without audit.jsonl: give a run directory or its audit.jsonl")
+        return path / "audit.jsonl"
+    if not path.is_file():
+        raise PathError(f"audit log {path} " + ("is not a regular file" if path.exists() else "does not exist"))
+    return path
 
 
 def _model_digest(model: Path) -> str:
@@ -194,9 +195,10 @@ def _show(args: argparse.Namespace) -> int:
 
     from fedlearn import audit
 
-    if not args.log.is_file():
-        raise ConfigError([f"audit log {args.log} does not exist"])
-    records = audit.read(args.log)
+    log = _audit_log(args.log)
+    records = [r for r in audit.read(log) if "event" in r and "seq" in r]
+    if not records:
+        raise FedlearnError(f"{log} holds no audit record: it is not a fedlearn audit log (a run directory's audit.jsonl)")
     start = next((r for r in records if r.get("event") in ("run_start", "run_refused")), None)
     console = Console(width=None if sys.stdout.isatty() else 160)
     if start:

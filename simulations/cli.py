@@ -7,6 +7,7 @@ import argparse
 import os
 import signal
 import sys
+import traceback
 from pathlib import Path
 
 from crypto.certs import CertificateError
@@ -56,7 +57,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     # that may still be busy: that can take minutes.
     signal.signal(signal.SIGINT, lambda signum, frame: _interrupted())
     summary = simulate.run(config, verbose=args.verbose)
-    print(summary["run_dir"])
+    print_next_steps(summary["run_dir"])
     return 0
 
 
@@ -70,8 +71,18 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, lambda signum, frame: _interrupted())
     summary = simulate.run(config.replace(resume_from=str(run_dir)), verbose=args.verbose)
-    print(summary["run_dir"])
+    print_next_steps(summary["run_dir"])
     return 0
+
+
+def print_next_steps(run_dir: str | Path) -> None:
+    """What a finished run left and what to do with it; the last line names the run directory
+    (scripts read it: everything after the label is the path)."""
+    run = Path(run_dir)
+    print(f"plot      {run / 'accuracy.png'}")
+    print(f"verify    fedlearn audit verify {run} --key {run / 'audit.pub'} --model {run / 'model.safetensors'}")
+    print(f"inspect   fedlearn audit show {run}   (per-round table; metrics.json and summary.json hold the figures)")
+    print(f"run dir   {run}")
 
 
 def _cmd_data_download(args: argparse.Namespace) -> int:
@@ -85,11 +96,17 @@ def _cmd_data_download(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from simulations import bench
 
-    return bench.main(args.bench_args)
+    return bench.main(args.bench_args, prog="fedlearn bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedlearn", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="fedlearn", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Federated learning on Flower with secure aggregation or homomorphic encryption, access control "
+                    "and an audit log a third party can verify.",
+        epilog="exit codes: 0 done, 1 a verification failed (audit verify), 2 a usage or input error, "
+               "130 interrupted,\n            70 a bug in fedlearn (please report it)\n"
+               "manual: the docs/ folder of the repository (mkdocs serve)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sim = sub.add_parser("simulate", help="run a federated job with simulated clients (Flower simulation)")
@@ -125,15 +142,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+USER_ERRORS = (FedlearnError, KeyFileError, HEKeyError, CertificateError)
+EXIT_BUG = 70  # sysexits' EX_SOFTWARE: distinct from 1 (a verification failed) and 2 (the input)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Exit codes: 0 done, 1 a verification failed (`audit verify`), 2 a usage or input error
+    (one line that names the input and the fix), 130 interrupted, 70 a bug in fedlearn."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # its own parser, --help included (ours would answer that)
+        args = argparse.Namespace(func=_cmd_bench, bench_args=argv[1:])
+    else:
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as exc:  # argparse: --help (0) or a usage error (2), already printed
+            return exc.code if isinstance(exc.code, int) else 2
     try:
         return args.func(args)
-    except (FedlearnError, KeyFileError, HEKeyError, CertificateError) as exc:
+    except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a path the user gave: missing, unreadable, a directory, a full disk
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"error: cannot use{where}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         _interrupted()
+    except Exception:
+        traceback.print_exc()
+        print(f"\nThis is a bug in fedlearn, not a problem with your input: please report it with the command "
+              f"line ({' '.join(argv)}) and the traceback above.", file=sys.stderr)
+        return EXIT_BUG
 
 
 def _interrupted() -> None:

@@ -9,16 +9,18 @@ import signal
 from pathlib import Path
 
 from crypto import certs
+from simulations.argtypes import int_between, out_directory
 
 
 def add_commands(sub, config_from_args) -> None:
     group = sub.add_parser("certs", help="TLS certificates for a deployment")
     group_sub = group.add_subparsers(dest="certs_command", required=True)
     generate = group_sub.add_parser("generate", help="create a CA and a server certificate (ca.crt, server.pem, their keys)")
-    generate.add_argument("--out", required=True, type=Path, help="directory for ca.crt, ca.key, server.pem, server.key")
+    generate.add_argument("--out", required=True, type=out_directory, help="directory for ca.crt, ca.key, server.pem, server.key")
     generate.add_argument("--host", action="append", dest="hosts", metavar="NAME",
                           help=f"a DNS name or IP address clients dial (repeat; default: {', '.join(certs.DEFAULT_HOSTS)})")
-    generate.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
+    generate.add_argument("--days", type=int_between(1, 36500, " days (100 years)"), default=365,
+                          help="validity in days (default 365)")
     generate.set_defaults(func=_generate)
 
     cluster = sub.add_parser(
@@ -44,11 +46,13 @@ def _generate(args: argparse.Namespace) -> int:
 def _local_cluster(args: argparse.Namespace, config_from_args) -> int:
     from fedlearn.config import parse_overrides
     from fedlearn.errors import ConfigError
+    from fedlearn.paths import writable_directory
     from simulations.cluster import LocalCluster
 
     config = config_from_args(args.preset, args.run_config, args.out)
     if "num-clients" in parse_overrides(args.run_config or "") and config.num_clients != args.nodes:
         raise ConfigError([f"num-clients={config.num_clients} but --nodes {args.nodes}: each SuperNode is one client, drop num-clients"])
+    writable_directory(config.out_dir, "out-dir (--out)")  # before any process starts
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     directory = Path(config.out_dir).expanduser() / f"cluster-{stamp}"
     signal.signal(signal.SIGTERM, _raise_interrupt)  # stop the cluster on kill as on Ctrl-C
@@ -62,7 +66,9 @@ def _local_cluster(args: argparse.Namespace, config_from_args) -> int:
 
         print(f"run         flwr run . {config.num_rounds} rounds (Flower's log: {cluster.directory / 'flwr-run.log'})")
         run_dir = cluster.submit(config, on_line=show)
-    print(run_dir)
+    from simulations.cli import print_next_steps
+
+    print_next_steps(run_dir)
     return 0
 
 

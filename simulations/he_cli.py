@@ -7,28 +7,27 @@ from pathlib import Path
 
 from crypto.he import SCHEMES, HEKey, HEKeyError, generate_pair
 from fedlearn.errors import ConfigError
+from simulations.argtypes import int_between, new_file, out_directory
 
 
 def add_commands(sub, keys_sub) -> None:
     generate = keys_sub.add_parser(
         "he-generate", help="create an HE key pair: he.secret for the clients (0600) and he.public for the server"
     )
-    generate.add_argument("--out", required=True, type=Path, help="directory for he.secret and he.public")
+    generate.add_argument("--out", required=True, type=out_directory, help="directory for he.secret and he.public")
     generate.add_argument("--scheme", choices=SCHEMES, default="bfv", help="bfv (default, packed fixed point) or ckks")
-    generate.add_argument("--max-clients", type=int, default=100,
+    generate.add_argument("--max-clients", type=int_between(1, 1 << 18), default=100,
                           help="most clients one round may add (sets the bfv noise budget; default 100)")
     generate.set_defaults(func=_he_generate)
 
     decrypt = sub.add_parser("decrypt-model", help="decrypt a privacy=he run's final model into model.safetensors")
     decrypt.add_argument("run_dir", type=Path, help="the run directory (has model.he.safetensors and config.toml)")
     decrypt.add_argument("--key", required=True, type=Path, help="the clients' secret context (he.secret)")
-    decrypt.add_argument("--out", type=Path, help="output file (default: RUN_DIR/model.safetensors; never overwritten)")
+    decrypt.add_argument("--out", type=new_file, help="output file (default: RUN_DIR/model.safetensors; never overwritten)")
     decrypt.set_defaults(func=_decrypt_model)
 
 
 def _he_generate(args: argparse.Namespace) -> int:
-    if args.max_clients < 1:
-        raise ConfigError([f"--max-clients {args.max_clients}: must be >= 1"])
     secret, public = generate_pair(args.out, args.scheme, args.max_clients)
     key = HEKey.load(public, secret=False)
     print(f"secret context {secret} (mode 0600: give it to every client, never to the server)")

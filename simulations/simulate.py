@@ -9,6 +9,7 @@ from rich.table import Table
 from clients.app import app as client_app
 from fedlearn import data
 from fedlearn.config import RunConfig
+from fedlearn.paths import writable_directory
 from fedlearn.runs import RoundRecord
 from fedlearn.training import select_device
 from server.app import make_server_app
@@ -19,8 +20,10 @@ from simulations import engine
 def run(config: RunConfig, *, console: Console | None = None, verbose: bool = False) -> dict:
     """Run ``config`` with simulated clients; return the run summary (also in summary.json)."""
     console = console or Console()
-    # Preflight: a missing or corrupt dataset, an impossible split or a missing GPU fails here,
-    # with its own message, before the simulation runtime starts (loads are cached).
+    # Preflight: an unwritable output directory, a missing or corrupt dataset, an impossible
+    # split or a missing GPU fails here, with its own message, before the simulation runtime
+    # starts (loads are cached).
+    writable_directory(config.resume_from or config.out_dir, "resume-from" if config.resume_from else "out-dir (--out)")
     select_device(config.device)
     preflight(config)
     data.client_split(config, 0, config.num_clients)

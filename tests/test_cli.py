@@ -11,14 +11,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.helpers import ENV, FEDLEARN, REPO, audit_verdict, run_command
+from tests.helpers import ENV, FEDLEARN, REPO, audit_verdict, printed_run_dir, run_command
 
 
 def test_simulate_command_prints_run_dir_last(tmp_path):
     result = run_command([*FEDLEARN, "simulate", "--run-config", "num-rounds=2 num-clients=3", "--out", str(tmp_path)])
     assert result.returncode == 0, result.stderr
-    last = result.stdout.strip().splitlines()[-1]
-    run_dir = Path(last)
+    run_dir = printed_run_dir(result.stdout)
+    assert f"fedlearn audit verify {run_dir} --key" in result.stdout and str(run_dir / "accuracy.png") in result.stdout
     assert run_dir.parent == tmp_path and (run_dir / "summary.json").is_file()
     assert "round   2" in result.stdout and "final accuracy" in result.stdout
     assert "DEPRECATED" not in result.stdout + result.stderr
@@ -38,7 +38,7 @@ def test_simulate_command_prints_run_dir_last(tmp_path):
         (["--run-config", "bogus-key=1"], "unknown key 'bogus-key'"),
         (["--run-config", "num-rounds=0"], "num-rounds=0: must be >= 1"),
         (["--preset", "no-such-preset"], "unknown preset 'no-such-preset'"),
-        (["--run-config", "dataset=mnist data-dir=/nonexistent"], "data directory /nonexistent does not exist"),
+        (["--run-config", "dataset=mnist data-dir=/nonexistent"], "data directory /nonexistent (from data-dir) does not exist"),
     ],
 )
 def test_bad_input_fails_before_any_work(tmp_path, args, message):

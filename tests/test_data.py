@@ -1,5 +1,6 @@
 import gzip
 import hashlib
+import socket
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ from hypothesis import strategies as st
 
 from fedlearn import data
 from fedlearn.config import RunConfig
-from fedlearn.errors import DataError
+from fedlearn.errors import DataError, PathError
 
 
 def test_digits_split_is_stratified_and_deterministic():
@@ -137,6 +138,29 @@ def test_download_fetches_and_verifies(mnist_data_dir, tmp_path):
         ).digest()
     with pytest.raises(DataError, match="needs no download"):
         data.download("digits", tmp_path)
+
+
+def test_a_failed_download_says_why_and_leaves_the_data_directory_as_it_was(tmp_path):
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there: as without a network
+    fresh = tmp_path / "new" / "data"
+    with pytest.raises(DataError, match="could not download http://127.0.0.1.*check the network"):
+        data.download("mnist", fresh, base_url=f"http://127.0.0.1:{port}/")
+    assert not (tmp_path / "new").exists()  # no empty dataset folder left behind
+
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="could not download file:"):
+        data.download("fashion-mnist", existing, base_url=(tmp_path / "missing").as_uri() + "/")
+    assert [p.name for p in existing.iterdir()] == ["notes.txt"]
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    with pytest.raises(PathError, match="is a file, not a directory"):
+        data.download("mnist", a_file)
 
 
 def _write_cifar_batch(path, n, rng):

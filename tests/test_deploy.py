@@ -14,7 +14,7 @@ import pytest
 from crypto import certs
 from fedlearn.config import RunConfig
 from simulations.cluster import REFUSED_NODE, LocalCluster, wait_for_text
-from tests.helpers import FEDLEARN, REPO, audit_records, cluster_processes, needs_openfhe
+from tests.helpers import FEDLEARN, REPO, audit_records, cluster_processes, needs_openfhe, printed_run_dir
 
 
 def run_on_three_nodes(tmp_path: Path, config: RunConfig) -> tuple[Path, list[dict]]:
@@ -113,7 +113,7 @@ def test_local_cluster_command_prints_the_run_directory_last_and_stops_on_ctrl_c
     command = [*FEDLEARN, "local-cluster", "--nodes", "2", "--out", str(out), "--run-config", "num-rounds=1 privacy=plain"]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    run_dir = Path(done.stdout.strip().splitlines()[-1])
+    run_dir = printed_run_dir(done.stdout)
     assert (run_dir / "summary.json").exists() and run_dir.parent == out
     assert not cluster_processes(out)
 

@@ -21,7 +21,7 @@ from server.app import make_server_app
 from simulations import engine, simulate
 from simulations.cli import config_from_args
 from simulations.cli import main as cli
-from tests.helpers import ENV, FEDLEARN, audit_verdict, run_command
+from tests.helpers import ENV, FEDLEARN, audit_verdict, printed_run_dir, run_command
 
 JOB = "num-rounds=4 num-clients=3 strategy=fedadam privacy=plain"  # fedadam: server state to carry over
 
@@ -60,7 +60,7 @@ def runs(tmp_path_factory):
     resumed = run_command([*FEDLEARN, "resume", str(killed)])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"after round {killed_at} of 4" in resumed.stderr
-    assert resumed.stdout.strip().splitlines()[-1] == str(killed)
+    assert printed_run_dir(resumed.stdout) == killed
     return straight, killed, killed_at, snapshot
 
 
@@ -119,6 +119,12 @@ def test_a_damaged_or_finished_run_is_refused_and_left_as_it_was(runs, tmp_path,
     unlogged = shutil.copytree(snapshot, tmp_path / "unlogged")
     (unlogged / "audit.jsonl").unlink()
     assert "audit.jsonl not found: a resumed run continues its audit log" in _refused(unlogged, capsys)
+
+    for name, text, says in [("garbled", "[{\"round\": 0", "is not a metrics file"), ("emptied", "{}", "holds rounds []"),
+                             ("holed", "[{\"round\": 0, \"accuracy\": 0.1, \"loss\": 2.3}]", "holds rounds [0]")]:
+        history = shutil.copytree(snapshot, tmp_path / name)
+        (history / "metrics.json").write_text(text)
+        assert says in _refused(history, capsys)
 
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -34,8 +34,8 @@ from simulations.bench.harness import SCENARIOS, report, write_docs
 from simulations.bench import scale, collaborative, privacy, access, deployment, training  # noqa: E402, F401, I001
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m simulations.bench", description=__doc__,
+def build_parser(prog: str = "python -m simulations.bench") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="scenario", required=True)
     for name, (function, add_args) in SCENARIOS.items():
@@ -48,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m simulations.bench") -> int:
+    args = build_parser(prog).parse_args(argv)
     if args.scenario == "report" and args.docs:
         written, skipped = write_docs(args.docs, args.names, args.commit)
         for path in written:

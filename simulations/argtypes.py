@@ -1,0 +1,50 @@
+"""Argument types of the `fedlearn` commands: a value argparse refuses ends as a usage error
+(exit 2) naming the option, before the command does any work."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+from fedlearn import paths
+from fedlearn.errors import PathError
+
+
+def file_stem(name: str) -> str:
+    """A key name is a file name inside --out: no path, no hidden file, nothing a shell mangles."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise argparse.ArgumentTypeError(
+            f"{name!r} is not a file name stem: use letters, digits, '.', '_' and '-', starting with a letter "
+            "or digit (the files are written inside --out)")
+    return name
+
+
+def _checked(check: Callable[[str], Path]) -> Callable[[str], Path]:
+    def parse(value: str) -> Path:
+        try:
+            return check(value)
+        except PathError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix("--out ")) from None
+    parse.__name__ = check.__name__  # argparse names the type in its messages
+    return parse
+
+
+out_directory = _checked(lambda value: paths.writable_directory(value))
+out_directory.__name__ = "directory"
+new_file = _checked(lambda value: paths.new_file(value))
+new_file.__name__ = "new file"
+
+
+def int_between(low: int, high: int, unit: str = "") -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+        if not low <= number <= high:
+            raise argparse.ArgumentTypeError(f"{number} is out of range: give {low} to {high}{unit}")
+        return number
+    parse.__name__ = "number"
+    return parse
