@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,14 +43,19 @@ def _name(common_name: str) -> x509.Name:
                       x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+DNS_NAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?")  # RFC 1123 host names, ASCII only
+
+
 def _san(hosts: list[str]) -> x509.SubjectAlternativeName:
     names: list[x509.GeneralName] = []
     for host in hosts:
         try:
             names.append(x509.IPAddress(ipaddress.ip_address(host)))
         except ValueError:
-            if not host or any(c in host for c in " /:@") or host.startswith(("-", ".")):
-                raise CertificateError(f"--host {host!r} is neither an IP address nor a DNS name") from None
+            if not DNS_NAME.fullmatch(host):
+                raise CertificateError(f"--host {host!r} is neither an IP address nor a DNS name (letters, digits, "
+                                       "'-' and '.'; a non-ASCII name in its IDNA 'xn--' form)") from None
             names.append(x509.DNSName(host))
     return x509.SubjectAlternativeName(names)
 

@@ -13,6 +13,8 @@ from fedlearn.errors import PathError
 def writable_directory(path: str | Path, option: str = "--out") -> Path:
     """``path`` as a directory this process can create files in (it may not exist yet: then
     the nearest existing parent must be a directory it can write to)."""
+    if not str(path).strip():
+        raise PathError(f"{option} is empty: give a directory")
     path = Path(path).expanduser()
     existing = _nearest_existing(path)
     if not existing.is_dir():
@@ -24,6 +26,8 @@ def writable_directory(path: str | Path, option: str = "--out") -> Path:
 
 def new_file(path: str | Path, option: str = "--out") -> Path:
     """``path`` as a file that does not exist yet, in a directory this process can write to."""
+    if not str(path).strip():
+        raise PathError(f"{option} is empty: give a file name")
     path = Path(path).expanduser()
     if path.exists():
         raise PathError(f"{option} {path} already exists: it is never overwritten; give a new file name")

@@ -96,7 +96,10 @@ def _cmd_data_download(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from simulations import bench
 
-    return bench.main(args.bench_args, prog="fedlearn bench")
+    try:
+        return bench.main(args.bench_args, prog="fedlearn bench")
+    except SystemExit as exc:  # its argparse: --help (0) or a usage error (2), already printed
+        return exc.code if isinstance(exc.code, int) else 2
 
 
 def build_parser() -> argparse.ArgumentParser:

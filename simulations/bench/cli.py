@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from simulations.argtypes import out_directory
 from simulations.bench import harness
 from simulations.bench.harness import SCENARIOS, report, write_docs
 
@@ -41,9 +42,10 @@ def build_parser(prog: str = "python -m simulations.bench") -> argparse.Argument
     for name, (function, add_args) in SCENARIOS.items():
         add_args(sub.add_parser(name, help=(function.__doc__ or "").replace("%", "%%")))  # argparse %-formats help
     show = sub.add_parser("report", help="print recorded results as markdown tables")
-    show.add_argument("names", nargs="*", default=list(SCENARIOS), help="scenarios (default: all)")
+    show.add_argument("names", nargs="*", default=list(SCENARIOS), choices=list(SCENARIOS), metavar="SCENARIO",
+                      help="scenarios (default: all)")
     show.add_argument("--commit", help="the commit whose records to show (default: the latest)")
-    show.add_argument("--docs", type=Path, metavar="DIR",
+    show.add_argument("--docs", type=out_directory, metavar="DIR",
                       help="instead of printing, write each scenario's tables to DIR/bench-<scenario>.md")
     return parser
 

@@ -158,6 +158,8 @@ def report(scenario: str, commit: str | None = None) -> str:
     entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     commit = commit or entries[-1]["machine"]["commit"]
     rows = [e for e in entries if e["machine"]["commit"] == commit]
+    if not rows:
+        return f"no results recorded for {scenario} at commit {commit}"
     columns = list(rows[0]["figures"])
     lines = [
         f"{scenario} (commit {commit}, {rows[0]['machine']['cpus']} CPUs, torch {rows[0]['machine']['torch']}, "
@@ -175,7 +177,8 @@ def docs_page(scenario: str, commit: str | None = None) -> str | None:
     results are recorded for it."""
     if not (RESULTS_DIR / f"{scenario}.jsonl").is_file():
         return None
-    return report(scenario, commit) + "\n"
+    page = report(scenario, commit)
+    return None if page.startswith("no results recorded") else page + "\n"
 
 
 def write_docs(directory: Path, names: list[str], commit: str | None = None) -> tuple[list[Path], list[str]]:
