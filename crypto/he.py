@@ -152,11 +152,13 @@ class HEKey:
 
     @classmethod
     def load(cls, path: str | Path, *, secret: bool) -> HEKey:
-        path = Path(path).expanduser()
         try:
+            path = Path(path).expanduser()
             data = path.read_bytes()
         except FileNotFoundError:
             raise HEKeyError(f"HE key {path} does not exist (create keys with `fedlearn keys he-generate`)") from None
+        except RuntimeError:  # pathlib cannot expand ~user
+            raise HEKeyError(f"HE key {path}: no such user's home directory") from None
         key = cls.from_bytes(data, str(path))
         if key.secret != secret:
             wanted = "the secret context (he.secret) of the clients" if secret else "the public context (he.public)"

@@ -33,7 +33,10 @@ def cache_dir() -> Path | None:
     if chosen is not None and chosen.strip().lower() == "off":
         return None
     if chosen:
-        return Path(chosen).expanduser()
+        try:
+            return Path(chosen).expanduser()
+        except RuntimeError:  # ~user of no known user: no cache rather than a failed run
+            return None
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fedlearn"
 
 

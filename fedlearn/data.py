@@ -25,7 +25,7 @@ import numpy as np
 
 from fedlearn.arraycache import cached_arrays
 from fedlearn.errors import DataError
-from fedlearn.paths import writable_directory
+from fedlearn.paths import expand, writable_directory
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
             "no data directory given: set data-dir=PATH in the run config or export "
             "FEDLEARN_DATA_DIR=PATH (get the files with `fedlearn data download NAME --data-dir PATH`)"
         )
-    path = Path(chosen).expanduser()
+    path = expand(chosen, "data directory")
     if not path.is_dir():
         what = "is a file, not a directory" if path.exists() else "does not exist"
         source = "data-dir" if data_dir else "FEDLEARN_DATA_DIR"

@@ -10,12 +10,20 @@ from pathlib import Path
 from fedlearn.errors import PathError
 
 
+def expand(path: str | Path, option: str = "path") -> Path:
+    """``path`` with ``~`` expanded; a PathError for ``~user`` of no known user."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:  # pathlib: "Could not determine home directory."
+        raise PathError(f"{option} {path}: no home directory for {str(path).split('/')[0]!r}") from None
+
+
 def writable_directory(path: str | Path, option: str = "--out") -> Path:
     """``path`` as a directory this process can create files in (it may not exist yet: then
     the nearest existing parent must be a directory it can write to)."""
     if not str(path).strip():
         raise PathError(f"{option} is empty: give a directory")
-    path = Path(path).expanduser()
+    path = expand(path, option)
     existing = _nearest_existing(path)
     if not existing.is_dir():
         where = "is a file" if existing == path else f"is under {existing}, which is a file"
@@ -28,7 +36,7 @@ def new_file(path: str | Path, option: str = "--out") -> Path:
     """``path`` as a file that does not exist yet, in a directory this process can write to."""
     if not str(path).strip():
         raise PathError(f"{option} is empty: give a file name")
-    path = Path(path).expanduser()
+    path = expand(path, option)
     if path.exists():
         raise PathError(f"{option} {path} already exists: it is never overwritten; give a new file name")
     writable_directory(path.parent, f"{option} {path}: its directory")

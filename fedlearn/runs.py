@@ -104,8 +104,7 @@ class RunStore:
         if (directory / "summary.json").exists():
             raise FedlearnError(f"{directory} holds a finished run (summary.json): nothing to resume")
         store = cls(directory, config, directory.name)
-        store.rounds = recorded_rounds(directory, upto_round)
-        atomic_write(directory / "metrics.json", json.dumps([r.to_json() for r in store.rounds], indent=1).encode())
+        store.rounds = recorded_rounds(directory, upto_round)  # metrics.json is rewritten with the next round
         return store
 
     def update_config(self, config: RunConfig) -> None:

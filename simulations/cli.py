@@ -64,7 +64,9 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 def _cmd_resume(args: argparse.Namespace) -> int:
     from server.resume import load_checkpoint
 
-    run_dir = args.run_dir.expanduser().resolve()
+    from fedlearn.paths import expand
+
+    run_dir = expand(args.run_dir, "the run directory").resolve()
     config, checkpoint = load_checkpoint(run_dir)  # refuses here, before anything starts
     print(f"resuming {run_dir.name} after round {checkpoint.round} of {config.num_rounds}", file=sys.stderr)
     from simulations import simulate
@@ -79,6 +81,8 @@ def print_next_steps(run_dir: str | Path) -> None:
     """What a finished run left and what to do with it; the last line names the run directory
     (scripts read it: everything after the label is the path)."""
     run = Path(run_dir)
+    if run.is_relative_to(Path.cwd()):
+        run = run.relative_to(Path.cwd())  # runs/<id>, as the user's own --out reads
     print(f"plot      {run / 'accuracy.png'}")
     print(f"verify    fedlearn audit verify {run} --key {run / 'audit.pub'} --model {run / 'model.safetensors'}")
     print(f"inspect   fedlearn audit show {run}   (per-round table; metrics.json and summary.json hold the figures)")

@@ -27,7 +27,8 @@ def add_commands(sub, config_from_args) -> None:
         "local-cluster",
         help="run a job as a real deployment on this machine: a TLS SuperLink with node auth and N SuperNodes",
     )
-    cluster.add_argument("--nodes", type=int, default=3, help="SuperNodes to start, one partition each (default 3)")
+    cluster.add_argument("--nodes", type=int_between(1, 256, " processes on this machine"), default=3,
+                         help="SuperNodes to start, one partition each (default 3)")
     cluster.add_argument("--preset", help="as for `fedlearn simulate`")
     cluster.add_argument("--run-config", help="as for `fedlearn simulate` (num-clients is --nodes)")
     cluster.add_argument("--out", help="directory for the run directory and the cluster's files (default: runs)")

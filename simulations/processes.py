@@ -85,7 +85,7 @@ def _wait_until_gone(groups: set[int], spawned: list[psutil.Process], seconds: f
     can take a moment to exit, and whoever stops a cluster expects it gone when stop() returns."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        if not any(_alive(child) for child in spawned) and not any(
+        if not any(is_alive(child) for child in spawned) and not any(
                 _in_groups(process, groups) for process in psutil.process_iter(["status"])):
             return
         time.sleep(0.05)
@@ -98,7 +98,7 @@ def _in_groups(process: psutil.Process, groups: set[int]) -> bool:
         return False
 
 
-def _alive(process: psutil.Process) -> bool:
+def is_alive(process: psutil.Process) -> bool:
     try:
         return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:

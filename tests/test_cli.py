@@ -11,6 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from simulations.processes import is_alive
 from tests.helpers import ENV, FEDLEARN, REPO, audit_verdict, printed_run_dir, run_command
 
 
@@ -123,16 +124,9 @@ def test_diverged_round_stops_the_run_and_keeps_what_was_written(tmp_path):
     assert "training diverged" in final["data"]["reason"]
 
 
-def _alive(process: psutil.Process) -> bool:
-    try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
 def _in_session(process: psutil.Process, session: int) -> bool:
     try:
-        return os.getsid(process.pid) == session and _alive(process)
+        return os.getsid(process.pid) == session and is_alive(process)
     except (OSError, psutil.Error):
         return False
 
@@ -162,7 +156,7 @@ def test_ctrl_c_stops_promptly_leaves_no_process_behind_and_consistent_files(tmp
         assert "interrupted" in proc.stderr.read()
         # Nothing it started outlives it: not Ray's daemons, not its ClientApp actors (all of
         # which stay in the command's session unless they leave it).
-        left = [p for p in started if _alive(p)] + [p for p in psutil.process_iter() if _in_session(p, proc.pid)]
+        left = [p for p in started if is_alive(p)] + [p for p in psutil.process_iter() if _in_session(p, proc.pid)]
         assert not left, [(p.pid, p.name()) for p in left]
         (run_dir,) = tmp_path.iterdir()
         metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -173,17 +173,36 @@ def _command(words: tuple[str, ...], parser: argparse.ArgumentParser, paths: lis
 def _bench(paths: list[str]) -> st.SearchStrategy[list[str]]:
     """Benchmarks run for minutes: only their arguments' refusals, help and report."""
     return st.one_of(
-        st.lists(st.sampled_from(["--help", "report", "throughput", "nope", "--docs", "--commit", "x"]), max_size=3),
+        st.lists(st.sampled_from(["--help", "report", "nope", "--docs", "--commit", "x"]), max_size=3),
+        st.sampled_from(["throughput", "secagg-round", "fedavg-scale"]).map(lambda name: [name, "--help"]),
         st.tuples(st.sampled_from(paths), WORDS).map(lambda t: ["report", "--docs", t[0], "--commit", t[1]]),
         st.sampled_from(paths).map(lambda p: ["report", "--docs", p]),
     ).map(lambda rest: ["bench", *rest])
+
+
+def _typical(material: Path) -> st.SearchStrategy[list[str]]:
+    """Command lines as the docs write them, on the real files (which DAMAGES may have hit)."""
+    key = next(p.name for p in sorted((material / "done" / "keys").iterdir()) if p.suffix == ".pub")
+    return st.sampled_from([
+        ["audit", "verify", "in/done", "--key", "in/done/audit.pub", "--model", "in/done/model.safetensors"],
+        ["audit", "verify", "in/crashed/audit.jsonl", "--key", "in/crashed/audit.pub", "--allow-incomplete"],
+        ["audit", "show", "in/done"],
+        ["audit", "digest", "in/done/model.safetensors"],
+        ["resume", "in/crashed"],
+        ["resume", "in/done"],
+        ["keys", "list", "--policy", "in/done/policy.toml"],
+        ["keys", "enroll", "--policy", "in/done/policy.toml", "--name", "newcomer", "--pub", f"in/done/keys/{key}"],
+        ["keys", "revoke", "--policy", "in/done/policy.toml", "node-0"],
+        ["simulate", "--out", "out", "--run-config", "num-rounds=1 num-clients=2"],
+        ["simulate", "--preset", "in/done/config.toml", "--out", "out"],
+    ])
 
 
 def arguments(material: Path) -> st.SearchStrategy[list[str]]:
     paths = _paths(material)
     commands = [_command(words, parser, paths) for words, parser in _leaves(cli.build_parser()) if words != ("bench",)]
     noise = st.lists(st.one_of(WORDS, st.sampled_from(["--help", "-h", "simulate", "keys", "--out"])), max_size=4)
-    return st.one_of(*commands, _bench(paths), noise)
+    return st.one_of(_typical(material), st.one_of(*commands), _bench(paths), noise)
 
 
 DAMAGES = st.one_of(
