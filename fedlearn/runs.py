@@ -47,6 +47,17 @@ class RoundRecord:
                    extra={k: v for k, v in record.items() if k not in names})
 
 
+RUN_DIR_LABEL = "run dir   "  # the last line a command that made a run prints, before the path
+
+
+def printed_run_dir(output: str) -> Path:
+    """The run directory a command named on its last line (for scripts and benchmarks)."""
+    last = output.strip().splitlines()[-1] if output.strip() else ""
+    if not last.startswith(RUN_DIR_LABEL):
+        raise ValueError(f"the output does not end with a run directory line: {last[:200]!r}")
+    return Path(last.removeprefix(RUN_DIR_LABEL))
+
+
 def recorded_rounds(directory: Path, upto_round: int) -> list[RoundRecord]:
     """Rounds 0..``upto_round`` of a run's metrics.json, or a FedlearnError saying what is wrong
     with the file (a resumed run keeps them: a history with holes would be saved as whole)."""

@@ -62,9 +62,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
-    from server.resume import load_checkpoint
-
     from fedlearn.paths import expand
+    from server.resume import load_checkpoint
 
     run_dir = expand(args.run_dir, "the run directory").resolve()
     config, checkpoint = load_checkpoint(run_dir)  # refuses here, before anything starts
@@ -86,7 +85,9 @@ def print_next_steps(run_dir: str | Path) -> None:
     print(f"plot      {run / 'accuracy.png'}")
     print(f"verify    fedlearn audit verify {run} --key {run / 'audit.pub'} --model {run / 'model.safetensors'}")
     print(f"inspect   fedlearn audit show {run}   (per-round table; metrics.json and summary.json hold the figures)")
-    print(f"run dir   {run}")
+    from fedlearn.runs import RUN_DIR_LABEL
+
+    print(f"{RUN_DIR_LABEL}{run}")
 
 
 def _cmd_data_download(args: argparse.Namespace) -> int:
@@ -187,7 +188,8 @@ def _interrupted() -> None:
     Flower: its server thread may still wait on clients that are gone. Every run file is
     written atomically and audit records are whole fsynced lines (a torn last line is reported
     by `audit verify`), so what is on disk stays consistent."""
-    print("interrupted; the run directory keeps the rounds finished so far", file=sys.stderr)
+    print("interrupted; the run directory keeps the rounds finished so far (`fedlearn resume RUN_DIR` "
+          "continues it)", file=sys.stderr)
     from simulations.processes import kill_children
 
     kill_children()  # os._exit skips Ray's own shutdown: its daemons would outlive us

@@ -191,10 +191,3 @@ def audit_records(run_dir: Path) -> list[dict]:
     verdict = audit.verify(run_dir / "audit.jsonl", signing.load_public(run_dir / "audit.pub"))
     assert verdict.ok, verdict.summary()
     return audit.read(run_dir / "audit.jsonl")
-
-
-def printed_run_dir(stdout: str) -> Path:
-    """The run directory a command names on its last line ("run dir   PATH")."""
-    label, _, path = stdout.strip().splitlines()[-1].partition(" ")
-    assert label == "run", stdout[-500:]
-    return Path(path.strip().removeprefix("dir").strip())

@@ -11,8 +11,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from fedlearn.runs import printed_run_dir
 from simulations.processes import is_alive
-from tests.helpers import ENV, FEDLEARN, REPO, audit_verdict, printed_run_dir, run_command
+from tests.helpers import ENV, FEDLEARN, REPO, audit_verdict, run_command
 
 
 def test_simulate_command_prints_run_dir_last(tmp_path):

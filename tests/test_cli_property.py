@@ -96,12 +96,14 @@ def _paths(material: Path) -> list[str]:
     ]
     hostile = [f"in/hostile/{p.name}" for p in sorted((material / "hostile").iterdir())]
     places = ["out", "out/new/deep", "out/x.safetensors", "in/hostile/a-file/sub", "missing/file.toml",
-              UNWRITABLE, "", "-", "~nobody/x"]
+              UNWRITABLE, "", "-", "~/x", "~no-such-user-of-fedlearn/x"]
     return real + hostile + places
 
 
 CONFIG_KEYS = key_reference()
-WORDS = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=12)
+# Typed text, never an absolute or ~user path: a case must not write outside its sandbox
+# (we may run as root). "~" alone is the sandbox: HOME points there.
+WORDS = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=12).map(lambda w: w.lstrip("/~"))
 
 
 def _key_value(info, paths: list[str]) -> st.SearchStrategy[str]:
@@ -293,6 +295,7 @@ def sandbox_factory(material, tmp_path, monkeypatch):
         shutil.copytree(material, root / "in", symlinks=True)
         previous = os.getcwd()
         os.chdir(root)
+        monkeypatch.setenv("HOME", str(root))
         try:
             yield root
         finally:

@@ -13,8 +13,9 @@ import pytest
 
 from crypto import certs
 from fedlearn.config import RunConfig
+from fedlearn.runs import printed_run_dir
 from simulations.cluster import REFUSED_NODE, LocalCluster, wait_for_text
-from tests.helpers import FEDLEARN, REPO, audit_records, cluster_processes, needs_openfhe, printed_run_dir
+from tests.helpers import FEDLEARN, REPO, audit_records, cluster_processes, needs_openfhe
 
 
 def run_on_three_nodes(tmp_path: Path, config: RunConfig) -> tuple[Path, list[dict]]:

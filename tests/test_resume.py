@@ -16,12 +16,12 @@ import pytest
 
 from clients.app import app as client_app
 from fedlearn.checkpoint import FILE, Checkpoint
-from fedlearn.runs import load_model, load_run_config
+from fedlearn.runs import load_model, load_run_config, printed_run_dir
 from server.app import make_server_app
 from simulations import engine, simulate
 from simulations.cli import config_from_args
 from simulations.cli import main as cli
-from tests.helpers import ENV, FEDLEARN, audit_verdict, printed_run_dir, run_command
+from tests.helpers import ENV, FEDLEARN, audit_verdict, run_command
 
 JOB = "num-rounds=4 num-clients=3 strategy=fedadam privacy=plain"  # fedadam: server state to carry over
 
@@ -121,7 +121,7 @@ def test_a_damaged_or_finished_run_is_refused_and_left_as_it_was(runs, tmp_path,
     assert "audit.jsonl not found: a resumed run continues its audit log" in _refused(unlogged, capsys)
 
     for name, text, says in [("garbled", "[{\"round\": 0", "is not a metrics file"), ("emptied", "{}", "holds rounds []"),
-                             ("holed", "[{\"round\": 0, \"accuracy\": 0.1, \"loss\": 2.3}]", "holds rounds [0]")]:
+                             ("holed", json.dumps(json.loads((snapshot / "metrics.json").read_text())[:1]), "holds rounds [0]")]:
         history = shutil.copytree(snapshot, tmp_path / name)
         (history / "metrics.json").write_text(text)
         assert says in _refused(history, capsys)

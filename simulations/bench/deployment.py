@@ -26,7 +26,9 @@ def cluster_once(nodes: int, run_config: str, timeout: float = 3600) -> dict:
         proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
             raise RuntimeError(f"local-cluster failed ({proc.returncode}) for {run_config!r}:\n{proc.stderr[-3000:]}")
-        run_dir = Path(proc.stdout.strip().splitlines()[-1])
+        from fedlearn.runs import printed_run_dir
+
+        run_dir = printed_run_dir(proc.stdout)
         return {
             "summary": json.loads((run_dir / "summary.json").read_text()),
             "metrics": json.loads((run_dir / "metrics.json").read_text()),

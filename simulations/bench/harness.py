@@ -123,7 +123,9 @@ def simulate_once(run_config: str, timeout: float = 3600, preset: str | None = N
         wall = time.perf_counter() - started
         if proc.returncode != 0:
             raise RuntimeError(f"simulate failed ({proc.returncode}) for {run_config!r}:\n{stderr[-3000:]}")
-        run_dir = Path(stdout.strip().splitlines()[-1])
+        from fedlearn.runs import printed_run_dir
+
+        run_dir = printed_run_dir(stdout)
         clusters = run_dir / "clusters.json"
         return {
             "clusters": json.loads(clusters.read_text()) if clusters.is_file() else None,
