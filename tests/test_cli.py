@@ -13,6 +13,7 @@ import pytest
 
 from fedlearn.runs import printed_run_dir
 from simulations.processes import is_alive
+from simulations.cli import main as cli
 from tests.helpers import ENV, FEDLEARN, REPO, audit_verdict, run_command
 
 
@@ -48,6 +49,53 @@ def test_bad_input_fails_before_any_work(tmp_path, args, message):
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not any(tmp_path.iterdir()), "a failed config must not create a run directory"
+
+
+def _mistakes(tmp: Path) -> list[tuple[list[str], str]]:
+    """Each mistake the issue reports (#21) that reached a traceback, a late failure or a wrong
+    message, and the one-line error it gets now. ``tmp`` holds a file, a binary and an empty file."""
+    a_file, binary, empty = tmp / "a-file", tmp / "binary.toml", tmp / "empty.jsonl"
+    return [
+        (["simulate", "--out", str(a_file)], f"out-dir (--out) {a_file} is a file, not a directory"),
+        (["simulate", "--run-config", "out-dir=/proc/fedlearn-x"], "cannot write in /proc"),
+        (["simulate", "--run-config", "seed=-1"], "seed=-1"),
+        (["simulate", "--run-config", "lr=nan"], "must be a finite number, not nan or inf"),
+        (["simulate", "--run-config", "lr='0.1"], "No closing quotation"),
+        (["simulate", "--run-config", "lr=0.1 lr=0.2"], "gives lr twice"),
+        (["simulate", "--preset", str(binary)], "is not UTF-8 text"),
+        (["keys", "generate", "--out", str(a_file), "--name", "n"], "is a file, not a directory"),
+        (["keys", "he-generate", "--out", "/proc/fedlearn-x"], "cannot write in /proc"),
+        (["keys", "list", "--policy", str(binary)], "is not UTF-8 text"),
+        (["certs", "generate", "--out", str(tmp / "certs"), "--days", "99999999"], "give 1 to 36500 days"),
+        (["decrypt-model", str(tmp), "--key", str(a_file), "--out", str(a_file)], "already exists"),
+        (["audit", "show", str(empty)], "holds no audit record"),
+        (["audit", "show", str(binary)], "holds no audit record"),
+        (["audit", "show", str(tmp)], "is a directory without audit.jsonl"),
+        (["resume", str(tmp)], "not a run directory"),
+    ]
+
+
+def test_each_reported_mistake_gets_a_one_line_error_and_exit_2(tmp_path, capsys, monkeypatch):
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "binary.toml").write_bytes(bytes(range(256)))
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    before = sorted(tmp_path.rglob("*"))
+    for argv, message in _mistakes(tmp_path):
+        assert cli(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (argv, err)
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written, not even an empty folder
+
+    monkeypatch.setenv("FEDLEARN_DATA_DIR", str(tmp_path / "a-file"))
+    assert cli(["simulate", "--run-config", "dataset=mnist", "--out", str(tmp_path / "runs")]) == 2
+    assert "(from FEDLEARN_DATA_DIR) is a file, not a directory" in capsys.readouterr().err
+
+
+def test_the_bench_command_has_its_own_help_and_name(capsys):
+    assert cli(["bench", "--help"]) == 0
+    shown = capsys.readouterr().out
+    assert shown.startswith("usage: fedlearn bench") and "secagg-round" in shown
+    assert cli(["bench", "nope"]) == 2 and "fedlearn bench: error" in capsys.readouterr().err
 
 
 def test_list_keys():
