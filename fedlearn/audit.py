@@ -266,16 +266,18 @@ def rounds(records: list[dict[str, Any]]) -> list[RoundView]:
             continue
         view = views.setdefault(r, RoundView(round=r))
         if event == "round_start":
-            view.sampled = len(data.get("sampled", []))
+            sampled = data.get("sampled", [])
+            view.sampled = len(sampled) if isinstance(sampled, list) else 0
         elif event == "update_accepted" and data.get("kind") == "train":
-            view.accepted.append(data.get("node", "?"))
-            view.examples += int(data.get("num_examples", 0))
+            view.accepted.append(str(data.get("node", "?")))
+            count = data.get("num_examples", 0)
+            view.examples += count if isinstance(count, int) else 0
         elif event == "update_rejected":
-            view.rejected.append(f"{data.get('node') or data.get('fingerprint', '?')[:12]}: {data.get('reason', '?')}")
+            view.rejected.append(f"{data.get('node') or str(data.get('fingerprint', '?'))[:12]}: {data.get('reason', '?')}")
         elif event == "node_failed":
             view.failed += 1
         elif event == "aggregate":
-            view.aggregate = data.get("digest", "")
+            view.aggregate = str(data.get("digest", ""))
         elif event == "round_end":
             view.accuracy, view.loss = data.get("accuracy"), data.get("loss")
     return [views[r] for r in sorted(views)]

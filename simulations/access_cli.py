@@ -192,35 +192,42 @@ def _check_model(verdict, model: Path):
 def _show(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from fedlearn import audit
 
     log = _audit_log(args.log)
-    records = [r for r in audit.read(log) if "event" in r and "seq" in r]
+    records = [r for r in audit.read(log) if _displayable(r)]
     if not records:
         raise FedlearnError(f"{log} holds no audit record: it is not a fedlearn audit log (a run directory's audit.jsonl)")
-    start = next((r for r in records if r.get("event") in ("run_start", "run_refused")), None)
-    console = Console(width=None if sys.stdout.isatty() else 160)
+    # Records are untrusted text (node names, reasons): printed as text, never as rich markup.
+    console = Console(width=None if sys.stdout.isatty() else 160, markup=False, highlight=False, emoji=False)
+    start = next((r for r in records if r["event"] in ("run_start", "run_refused")), None)
     if start:
         data = start["data"]
-        operator = data.get("operator", {})
-        console.print(f"run {start['run_id']}  {start['event']}  operator {operator.get('name', '-')} "
-                      f"{operator.get('fingerprint', '')[:16]}  config {data.get('config_digest', '')[:16]}  "
-                      f"privacy {data.get('config', {}).get('privacy', '-')}")
+        operator = data.get("operator") if isinstance(data.get("operator"), dict) else {}
+        config = data.get("config") if isinstance(data.get("config"), dict) else {}
+        console.print(f"run {start.get('run_id')}  {start['event']}  operator {operator.get('name', '-')} "
+                      f"{str(operator.get('fingerprint', ''))[:16]}  config {str(data.get('config_digest', ''))[:16]}  "
+                      f"privacy {config.get('privacy', '-')}")
         if start["event"] == "run_refused":
             console.print(f"refused: {data.get('reason')}")
     table = Table("round", "sampled", "accepted", "rejected", "failed", "examples", "aggregate", "accuracy", "loss")
     for view in audit.rounds(records):
-        table.add_row(
-            str(view.round), str(view.sampled), str(len(view.accepted)), "\n".join(view.rejected) or "0",
-            str(view.failed), str(view.examples), view.aggregate[:16],
-            _fmt(view.accuracy), _fmt(view.loss),
-        )
+        cells = (view.round, view.sampled, len(view.accepted), "\n".join(view.rejected) or "0", view.failed,
+                 view.examples, view.aggregate[:16], _fmt(view.accuracy), _fmt(view.loss))
+        table.add_row(*(Text(str(cell)) for cell in cells))
     console.print(table)
-    end = next((r for r in reversed(records) if r.get("event") == "run_end"), None)
+    end = next((r for r in reversed(records) if r["event"] == "run_end"), None)
     console.print(f"run_end: {end['data'].get('status')}" if end else "no run_end record (live, crashed or truncated)")
-    console.print("[dim]not verified: run `fedlearn audit verify LOG --key audit.pub`[/dim]")
+    console.print(Text("not verified: run `fedlearn audit verify LOG --key audit.pub`", style="dim"))
     return 0
+
+
+def _displayable(record: dict) -> bool:
+    """A record of the shape `audit show` reads (it does not verify: any line may be anything)."""
+    return (isinstance(record.get("seq"), int) and isinstance(record.get("event"), str)
+            and isinstance(record.get("round", 0), int) and isinstance(record.get("data", {}), dict))
 
 
 def _digest(args: argparse.Namespace) -> int:

@@ -190,3 +190,24 @@ def test_cli_verify_exit_codes(log, tmp_path):
         result = cli(*usage)
         assert result.returncode == 2, (usage, result.stdout, result.stderr)
         assert "Traceback" not in result.stderr
+
+
+def test_audit_show_prints_what_records_say_as_text_and_survives_odd_shapes(tmp_path):
+    """Issue 22: records are untrusted text (a node name or a reason can come from whoever wrote
+    the log or the policy). Failed before: `audit show` rendered them as rich markup, so
+    '[bold]x[/bold]' lost its brackets, '[/x]' stopped it with a MarkupError traceback, and a
+    record whose data or round had another JSON type crashed it (exit 1, traceback)."""
+    _, _, key = signing.write_keypair(tmp_path, "audit")
+    writer = audit.AuditLog(tmp_path / "audit.jsonl", key, "run-1")
+    writer.append("run_start", 0, {"operator": {"name": "[bold]op[/bold]"}, "config": {"privacy": "plain"}})
+    writer.append("round_start", 1, {"sampled": [1, 2]})
+    writer.append("update_rejected", 1, {"node": "[red]n1[/red]", "kind": "train", "reason": "closing [/x] tag"})
+    writer.append("update_accepted", 1, {"node": "n2", "kind": "train", "num_examples": "ten"})
+    writer.close()
+    with open(tmp_path / "audit.jsonl", "a") as log:  # lines of other shapes, as an edited log may hold
+        log.write(json.dumps({"seq": 9, "event": "round_end", "round": "one", "data": []}) + "\n")
+        log.write(json.dumps({"seq": 10, "event": "aggregate", "round": 1, "data": {"digest": 7}}) + "\n")
+    shown = cli("audit", "show", tmp_path / "audit.jsonl")
+    assert shown.returncode == 0 and "Traceback" not in shown.stderr, shown.stderr
+    for literal in ("[bold]op[/bold]", "[red]n1[/red]: closing [/x] tag"):
+        assert literal in shown.stdout, shown.stdout
