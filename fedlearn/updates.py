@@ -5,11 +5,13 @@ family what it trains (fedlearn.families: ``update_check``)."""
 
 from __future__ import annotations
 
-import numpy as np
-from flwr.app import ArrayRecord
+import io
+import math
 
-from flwr.app import RecordDict
+import numpy as np
+from flwr.app import ArrayRecord, RecordDict
 from flwr.common.serde import recorddict_to_proto
+from numpy.lib import format as npformat
 
 from fedlearn.packing import SEPARATOR
 
@@ -64,14 +66,27 @@ def check_models_update(content, packed: ArrayRecord) -> None:
 
 
 def _values(array) -> np.ndarray:
-    """The values of a serialized numpy array, in storage order (enough to check finiteness),
-    read in place from the end of its bytes instead of parsing the .npy header."""
+    """The values a strategy will read from a serialized numpy array (``Array.numpy()`` follows
+    the .npy header, not the Array's declared dtype and shape): the header, parsed without
+    pickle, must declare the Array's own dtype, shape and C order, and the bytes after it must
+    hold exactly that many values. A big-endian header under a declared float32 passed a check
+    of the declared dtype and aggregated as garbage."""
     try:
-        dtype = np.dtype(array.dtype)
+        declared = np.dtype(array.dtype)
     except TypeError:
         raise Rejected(f"malformed update: unknown dtype {array.dtype!r}") from None
-    count = int(np.prod(array.shape))
-    offset = len(array.data) - count * dtype.itemsize
-    if offset < 0:
-        raise Rejected(f"malformed update: {count} values of {dtype} do not fit in {len(array.data)} bytes")
+    stream = io.BytesIO(array.data)
+    try:
+        version = npformat.read_magic(stream)
+        reader = {(1, 0): npformat.read_array_header_1_0, (2, 0): npformat.read_array_header_2_0}[version]
+        shape, fortran_order, dtype = reader(stream)
+    except (ValueError, KeyError, SyntaxError, TypeError, OverflowError) as exc:
+        raise Rejected(f"malformed update: not a .npy array ({type(exc).__name__})") from None
+    if dtype != declared or dtype.hasobject or list(shape) != list(array.shape) or fortran_order:
+        raise Rejected(f"malformed update: its bytes hold {dtype.str}{list(shape)}"
+                       f"{' in Fortran order' if fortran_order else ''}, it declares {declared.str}{list(array.shape)}")
+    count = math.prod(shape)
+    offset = stream.tell()
+    if len(array.data) != offset + count * dtype.itemsize:
+        raise Rejected(f"malformed update: {len(array.data) - offset} bytes of values for {count} values of {dtype}")
     return np.frombuffer(array.data, dtype=dtype, count=count, offset=offset)
