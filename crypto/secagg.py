@@ -43,6 +43,16 @@ def public_bytes(key: X25519PrivateKey) -> bytes:
     return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
+def is_usable_public(key: bytes) -> bool:
+    """A 32-byte X25519 public key that agreement can use: not a low-order point, with which
+    every exchange gives the all-zero secret (RFC 7748 section 6.1) and the library refuses."""
+    try:
+        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(key))
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
 def agree(private: X25519PrivateKey, peer_public: bytes, context: bytes) -> bytes:
     """The 256-bit secret two clients share, bound to ``context`` (run id, round, purpose)."""
     try:

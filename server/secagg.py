@@ -26,6 +26,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
+from crypto import secagg
 from crypto.secagg_protocol import neighbourhoods, unmask_sum
 from fedlearn.config import RunConfig
 from fedlearn.encoding import FixedPointCodec
@@ -122,8 +123,10 @@ class SecAggStrategy(HidingStrategy):
         def keys_and_count(node, record, content):
             keys = (bytes(record["c-public"]), bytes(record["s-public"]))
             count = int(content[NODE_RECORD][NUM_EXAMPLES_KEY])
-            if any(len(k) != 32 for k in keys) or count < 1:
-                raise ValueError("not two 32-byte X25519 public keys and a positive example count")
+            # A low-order key would make every peer's agreement with it fail: the sender, not the round, drops.
+            if not all(secagg.is_usable_public(k) for k in keys) or count < 1:
+                raise ValueError("not two usable X25519 public keys (32 bytes, not a low-order point) "
+                                 "and a positive example count")
             return keys, count
 
         advertised = self._exchange(server_round, "advertise", ADVERTISE, {node: basics for node in sampled}, stage_config, keys_and_count)

@@ -107,3 +107,10 @@ def test_sealed_shares_are_authenticated():
         secagg.open_sealed(key, sealed, b"from 1 to 3, round 3")
     with pytest.raises(ValueError, match="altered"):
         secagg.open_sealed(key, sealed[:-1] + bytes([sealed[-1] ^ 1]), b"from 1 to 2, round 3")
+
+
+def test_low_order_and_malformed_public_keys_are_not_usable():
+    low_order = bytes.fromhex("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800")
+    for key in (bytes(32), b"\x01" + bytes(31), low_order, b"short", b""):
+        assert not secagg.is_usable_public(key)
+    assert secagg.is_usable_public(secagg.public_bytes(secagg.generate_key()))

@@ -23,8 +23,8 @@ COUNTS = {1: 10, 2: 25, 3: 40, 4: 30}  # node id -> training examples
 class StageGrid:
     """Nodes answering the key stages with fedlearn's client code; ``broken`` sends a short key."""
 
-    def __init__(self, config, broken=None):
-        self.config, self.broken = config, broken
+    def __init__(self, config, broken=None, key=("c-public", b"short")):
+        self.config, self.broken, self.key = config, broken, key
         self.states = {node: RecordDict() for node in COUNTS}
 
     def get_node_ids(self):
@@ -38,7 +38,7 @@ class StageGrid:
                 records = client.advertise(msg, state)
                 records[NODE_RECORD] = ConfigRecord({NUM_EXAMPLES_KEY: COUNTS[node]})
                 if node == self.broken:
-                    records[SECAGG_RECORD]["c-public"] = b"short"
+                    records[SECAGG_RECORD][self.key[0]] = self.key[1]
             elif kind == SHARE:
                 records = client.share(msg, state, self.config)
             elif kind == UNMASK:
@@ -66,9 +66,20 @@ def train_replies(grid, messages, template, rng):
     return replies, local
 
 
-def test_a_malformed_advertisement_counts_as_a_dropout_and_the_others_are_averaged(run_identity):
+LOW_ORDER = bytes.fromhex("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800")  # order 8
+
+
+@pytest.mark.parametrize("key", [
+    ("c-public", b"short"),
+    ("c-public", bytes(32)),  # the point at u=0: every agreement with it is all zeros
+    ("c-public", LOW_ORDER),
+    ("s-public", LOW_ORDER),
+])
+def test_a_malformed_advertisement_counts_as_a_dropout_and_the_others_are_averaged(run_identity, key):
+    """Issue 22: the low-order keys failed before: the server took any 32 bytes, and every
+    honest client's agreement with the attacker's key then raised, sinking the round."""
     config, strategy, template = setup()
-    grid = StageGrid(config, broken=2)
+    grid = StageGrid(config, broken=2, key=key)
     arrays = ArrayRecord({k: Array(v) for k, v in template.items()})
     messages = list(strategy.configure_train(1, arrays, ConfigRecord(config.to_flat()), grid))
     assert sorted(m.metadata.dst_node_id for m in messages) == [1, 3, 4]
