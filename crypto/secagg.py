@@ -31,6 +31,14 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 KEY_BYTES = 32  # 256-bit keys: what HKDF gives and ChaCha20 takes
 SECRET_BYTES = 16  # 128-bit secrets: what clients Shamir-share; every mask derives from one
+SHARE_BYTES = 1 + SECRET_BYTES  # a Shamir share: the holder's index and the share
+NONCE_BYTES, TAG_BYTES = 12, 16  # AES-GCM
+
+
+def sealed_size(plaintext_bytes: int) -> int:
+    """Exact size of ``seal`` of that many bytes: a receiver (and the relaying server) can refuse
+    any other before trying to open it."""
+    return NONCE_BYTES + plaintext_bytes + TAG_BYTES
 SHARE_BYTES = 1 + SECRET_BYTES  # holder index, then the share
 INFO = b"fedlearn-secagg/v1/"
 
@@ -138,12 +146,12 @@ def combine_secret(shares: list[bytes], threshold: int) -> bytes:
 
 def seal(key: bytes, plaintext: bytes, associated: bytes) -> bytes:
     """AES-256-GCM with a random nonce; ``associated`` (sender, receiver, round) is authenticated."""
-    nonce = os.urandom(12)
+    nonce = os.urandom(NONCE_BYTES)
     return nonce + AESGCM(key).encrypt(nonce, plaintext, associated)
 
 
 def open_sealed(key: bytes, sealed: bytes, associated: bytes) -> bytes:
     try:
-        return AESGCM(key).decrypt(sealed[:12], sealed[12:], associated)
+        return AESGCM(key).decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], associated)
     except (InvalidTag, ValueError):
         raise ValueError("sealed data was altered, or sealed for someone else") from None

@@ -30,6 +30,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 
 from crypto import secagg
 
+SEALED_SHARES_BYTES = secagg.sealed_size(2 * secagg.SHARE_BYTES)  # a share of b and one of s, sealed for one holder
+
 
 def _pair_context(context: bytes, purpose: bytes) -> bytes:
     return context + b"/" + purpose

@@ -27,7 +27,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from crypto import secagg
-from crypto.secagg_protocol import neighbourhoods, unmask_sum
+from crypto.secagg_protocol import SEALED_SHARES_BYTES, neighbourhoods, unmask_sum
 from fedlearn.config import RunConfig
 from fedlearn.encoding import FixedPointCodec
 from fedlearn.errors import RoundFailed
@@ -143,6 +143,8 @@ class SecAggStrategy(HidingStrategy):
             ids, sealed = [int(j) for j in record["ids"]], [bytes(s) for s in record["sealed"]]
             if ids != self.graph[node] or len(sealed) != len(ids):
                 raise ValueError(f"shares for {ids}, not for its neighbours {self.graph[node]}")
+            if any(len(blob) != SEALED_SHARES_BYTES for blob in sealed):  # relayed only if it can be opened
+                raise ValueError(f"sealed shares are {SEALED_SHARES_BYTES} bytes, got {sorted({len(b) for b in sealed})}")
             return dict(zip(ids, sealed))
 
         shared = self._exchange(server_round, "share", SHARE, share_requests, stage_config, sealed_shares)
