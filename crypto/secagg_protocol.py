@@ -109,11 +109,17 @@ class ClientSession:
     def mask(self, encoded: np.ndarray, holders: Iterable[int]) -> np.ndarray:
         """The masked input, over the neighbours that completed stage 2 (``holders``), as
         ``secagg.mask_dtype(bits)``: uniformly distributed whatever the input."""
-        self.holders = sorted(holders)
+        if self.holders:  # a second masked input of the same round would let the two be subtracted
+            raise ValueError("asked to mask a second input in one round: refusing")
+        holders = sorted(set(holders))
         if len(encoded) != self.length:
             raise ValueError(f"input has {len(encoded)} values, the round expects {self.length}")
-        if self.me not in self.holders or not set(self.holders) <= set(self.publics):
+        if self.me not in holders or not set(holders) <= set(self.publics):
             raise ValueError("the holders must be neighbours of this client, itself included")
+        if len(holders) < self.threshold:  # fewer holders than t: the server alone would hold enough shares
+            raise ValueError(f"the server named {len(holders)} holders, fewer than the threshold {self.threshold}: "
+                             "refusing to mask")
+        self.holders = holders
         y = secagg.reduce(encoded, self.bits) + secagg.expand(secagg.self_mask_key(self.b_secret, self.context), self.length, self.bits)
         s_key = self.s_key
         for j in self.holders:
@@ -132,6 +138,9 @@ class ClientSession:
         survivors = set(survivors)
         if len(survivors) < self.threshold:
             raise ValueError(f"only {len(survivors)} clients sent masked inputs, fewer than the threshold {self.threshold}")
+        if self.me not in survivors or not survivors <= set(self.holders):
+            # survivors outside this client's holders, or without itself: not the round it masked in
+            raise ValueError("the survivors named are not among this client's holders (itself included): refusing to unmask")
         revealed = {}
         for j in self.holders:
             key = secagg.agree(self.c_key, self.publics[j][0], _pair_context(self.context, b"seal"))

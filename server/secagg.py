@@ -212,7 +212,8 @@ class SecAggStrategy(HidingStrategy):
         def revealed_shares(node, record, content):
             return {int(j): (str(k), bytes(s)) for j, k, s in zip(record["ids"], record["kinds"], record["shares"], strict=True)}
 
-        requests = {node: {"survivors": survivors} for node in survivors}
+        # Each client is told the survivors among its own holders, and checks that they are.
+        requests = {node: {"survivors": [j for j in survivors if j in self.holders[node]]} for node in survivors}
         revealed = list(self._exchange(server_round, "unmask", UNMASK, requests, stage_config, revealed_shares).values())
         try:
             total = unmask_sum(masked, revealed, {n: p[1] for n, p in self.publics.items()},

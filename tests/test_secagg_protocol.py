@@ -78,10 +78,34 @@ def test_a_session_survives_a_round_trip_through_its_state():
     other = ClientSession(5, 2, BITS, LENGTH, CONTEXT)
     publics = {3: client.advertise(), 5: other.advertise()}
     client.share(publics)
-    client.holders = [3, 5]
     restored = ClientSession.from_state(client.to_state())
     x = np.arange(LENGTH, dtype=np.uint64)
     assert (restored.mask(x, [3, 5]) == client.mask(x, [3, 5])).all()
+    assert ClientSession.from_state(client.to_state()).holders == [3, 5]  # masked: it stays so
+
+
+def test_a_client_refuses_what_a_lying_server_asks_of_it():
+    """Issue 22 (malicious server, the client's own checks): each request below was answered
+    before. (a) holders fewer than the threshold: the server would hold enough shares of the
+    client's self mask; (c) a second masked input in one round: subtracting the two reveals the
+    difference of the inputs; survivors outside the client's holders or without the client: not
+    the round it masked in."""
+    clients = {i: ClientSession(i, 3, BITS, LENGTH, CONTEXT) for i in range(4)}
+    publics = {i: c.advertise() for i, c in clients.items()}
+    sealed = {i: c.share(publics) for i, c in clients.items()}
+    x = np.arange(LENGTH, dtype=np.uint64)
+    with pytest.raises(ValueError, match="fewer than the threshold 3: refusing to mask"):
+        clients[0].mask(x, [0])
+    with pytest.raises(ValueError, match="fewer than the threshold 3: refusing to mask"):
+        clients[0].mask(x, [0, 1])
+    clients[0].mask(x, [0, 1, 2, 3])
+    with pytest.raises(ValueError, match="second input in one round"):
+        clients[0].mask(x + np.uint64(1), [0, 1, 2, 3])
+    mine = {j: sealed[j][0] for j in range(4)}
+    for survivors in ([1, 2, 3], [0, 1, 2, 7]):
+        with pytest.raises(ValueError, match="not among this client's holders"):
+            clients[0].unmask(mine, survivors)
+    assert sorted(clients[0].unmask(mine, [0, 1, 2])) == [0, 1, 2, 3]
 
 
 @pytest.mark.parametrize("n,k", [(10, 4), (11, 3), (6, 0), (6, 9)])
@@ -105,7 +129,7 @@ def test_sparse_graph_rounds_give_the_exact_sum(drop):
     publics = {i: c.advertise() for i, c in clients.items()}
     sealed = {i: clients[i].share({j: publics[j] for j in graph[i]}) for i in range(n)}
     masked = {i: clients[i].mask(inputs[i], graph[i]) for i in range(n) if i not in drop}
-    revealed = [clients[i].unmask({j: sealed[j][i] for j in graph[i]}, masked) for i in masked]
+    revealed = [clients[i].unmask({j: sealed[j][i] for j in graph[i]}, [j for j in masked if j in graph[i]]) for i in masked]
     total = unmask_sum(masked, revealed, {i: publics[i][1] for i in range(n)}, {i: graph[i] for i in masked}, threshold, BITS, CONTEXT)
     assert (total == sum(inputs[i] for i in masked) % np.uint64(1 << BITS)).all()
 
