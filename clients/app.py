@@ -41,11 +41,40 @@ NODE_OVERRIDES = ("data-dir", "device", "he-secret", "amp", "compile", "ddp-worl
 
 
 @dataclass(frozen=True)
+class NodeFloors:
+    """What the node's operator pinned in its node config, whatever the server sends:
+    ``accept-privacy`` (the privacy modes it trains and answers under; default all) and
+    ``secagg-min-threshold`` (the fewest shares that may unmask it; default the run's own rule)."""
+
+    accept_privacy: tuple[str, ...] = ()
+    secagg_min_threshold: int = 0
+
+    @classmethod
+    def of(cls, node_config) -> NodeFloors:
+        accepted = tuple(str(node_config.get("accept-privacy", "")).replace(",", " ").split())
+        unknown = [m for m in accepted if m not in privacy.names()]
+        if unknown:
+            raise ConfigError([f"node config accept-privacy names {', '.join(unknown)}; the modes are {', '.join(privacy.names())}"])
+        try:
+            threshold = int(node_config.get("secagg-min-threshold", 0))
+        except (TypeError, ValueError):
+            raise ConfigError([f"node config secagg-min-threshold={node_config.get('secagg-min-threshold')!r}: "
+                               "give a whole number of shares"]) from None
+        return cls(accepted, threshold)
+
+    def check(self, config: RunConfig) -> None:
+        if self.accept_privacy and config.privacy not in self.accept_privacy:
+            raise ConfigError([f"the server asked for privacy={config.privacy}, but this node accepts only "
+                               f"{', '.join(self.accept_privacy)} (its node config accept-privacy): refusing"])
+
+
+@dataclass(frozen=True)
 class NodeTask:
     config: RunConfig
     server_round: int
     partition_id: int
     num_partitions: int
+    floors: NodeFloors = NodeFloors()
 
     @cached_property
     def split(self) -> data.Split:
@@ -67,6 +96,8 @@ def node_task(msg: Message, context: Context) -> NodeTask:
     node = context.node_config
     sent.update({k: node[k] for k in NODE_OVERRIDES if k in node})
     config = RunConfig.from_flat(sent)
+    floors = NodeFloors.of(node)
+    floors.check(config)  # before anything is read, trained or answered
     partition_id = partition_of(context)
     num_partitions = int(node.get("num-partitions", config.num_clients))
     if num_partitions != config.num_clients:
@@ -77,7 +108,7 @@ def node_task(msg: Message, context: Context) -> NodeTask:
                 f"--federation-config 'num-supernodes={config.num_clients}') or set num-clients={num_partitions}"
             ]
         )
-    return NodeTask(config, int(sent.get("server-round", 0)), partition_id, num_partitions)
+    return NodeTask(config, int(sent.get("server-round", 0)), partition_id, num_partitions, floors)
 
 
 def key_path(context: Context, config: RunConfig, partition_id: int) -> Path:

@@ -47,17 +47,18 @@ def advertise(msg: Message, state: RecordDict) -> dict:
     return {SECAGG_RECORD: ConfigRecord({"c-public": c_public, "s-public": s_public})}
 
 
-def share(msg: Message, state: RecordDict, config: RunConfig) -> dict:
-    """Stage 2: Shamir shares of this round's secrets, sealed for each neighbour."""
+def share(msg: Message, state: RecordDict, config: RunConfig, min_threshold: int = 0) -> dict:
+    """Stage 2: Shamir shares of this round's secrets, sealed for each neighbour. The threshold
+    must meet the run's rule and the node's own floor (``min_threshold``, its node config)."""
     request = _request(msg)
     session = _session(msg, state)
     ids = [int(j) for j in request["ids"]]
     publics = {j: (bytes(c), bytes(s)) for j, c, s in zip(ids, request["c-publics"], request["s-publics"])}
-    floor = config.secagg_threshold_for(len(ids))  # what the run's config asks of this neighbourhood
+    floor = max(config.secagg_threshold_for(len(ids)), min_threshold)  # a neighbourhood under the floor: refused too
     if session.threshold < floor:
         raise ValueError(
-            f"threshold {session.threshold} is below {floor} for a neighbourhood of {len(ids)}: the server could "
-            "collect both secrets of one client; refusing to share"
+            f"threshold {session.threshold} is below {floor} for a neighbourhood of {len(ids)} (the run's rule and "
+            "this node's secagg-min-threshold): the server could collect both secrets of one client; refusing to share"
         )
     sealed = session.share(publics)
     _keep(session, state, str(request["round-id"]))
@@ -111,6 +112,6 @@ def _encode(msg: Message, context: Context, task, received, state: dict, num_exa
 
 CLIENT = ClientHalf(encode=_encode, stages={
     ADVERTISE: _advertise,
-    SHARE: lambda msg, context, task: share(msg, context.state, task.config),
+    SHARE: lambda msg, context, task: share(msg, context.state, task.config, task.floors.secagg_min_threshold),
     UNMASK: lambda msg, context, task: unmask(msg, context.state),
 })

@@ -76,3 +76,16 @@ def test_messages_that_need_no_model_or_data_load_neither():
     assert task.partition_id == 0  # the data is read only when a handler asks for it
     with pytest.raises(DataError, match="/no/such/dir"):
         task.split
+
+
+def test_a_node_refuses_a_privacy_mode_its_operator_did_not_accept():
+    """Issue 22 (the node's own policy): failed before: a node took its privacy mode from the
+    config the server sends, so a server could ask for privacy=plain and get updates in clear."""
+    pinned = {"partition-id": 0, "num-partitions": 4, "accept-privacy": "secagg, he-threshold"}
+    with pytest.raises(ConfigError, match="asked for privacy=plain, but this node accepts only secagg, he-threshold"):
+        train_handler(request(CONFIG), context(**pinned))
+    assert node_task(request(CONFIG.replace(privacy="secagg")), context(**pinned)).floors.accept_privacy == ("secagg", "he-threshold")
+    with pytest.raises(ConfigError, match="accept-privacy names secret; the modes are"):
+        node_task(request(CONFIG), context(**{**pinned, "accept-privacy": "secret"}))
+    with pytest.raises(ConfigError, match="secagg-min-threshold='many'"):
+        node_task(request(CONFIG), context(**{**pinned, "secagg-min-threshold": "many"}))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from clients import secagg as client
 from fedlearn import strategies
@@ -15,6 +15,7 @@ from fedlearn.config import RunConfig
 from fedlearn.messages import NODE_RECORD, NUM_EXAMPLES_KEY, SECAGG_RECORD
 from fedlearn.secagg import ADVERTISE, MASKED_ARRAY, SHARE, UNMASK
 from server.app import global_model
+from fedlearn.errors import RoundFailed
 from server.secagg import SecAggStrategy
 
 COUNTS = {1: 10, 2: 25, 3: 40, 4: 30}  # node id -> training examples
@@ -23,8 +24,8 @@ COUNTS = {1: 10, 2: 25, 3: 40, 4: 30}  # node id -> training examples
 class StageGrid:
     """Nodes answering the key stages with fedlearn's client code; ``broken`` sends a short key."""
 
-    def __init__(self, config, broken=None, key=("c-public", b"short")):
-        self.config, self.broken, self.key = config, broken, key
+    def __init__(self, config, broken=None, key=("c-public", b"short"), min_threshold=0):
+        self.config, self.broken, self.key, self.min_threshold = config, broken, key, min_threshold
         self.states = {node: RecordDict() for node in COUNTS}
 
     def get_node_ids(self):
@@ -40,7 +41,11 @@ class StageGrid:
                 if node == self.broken:
                     records[SECAGG_RECORD][self.key[0]] = self.key[1]
             elif kind == SHARE:
-                records = client.share(msg, state, self.config)
+                try:
+                    records = client.share(msg, state, self.config, self.min_threshold)
+                except ValueError as exc:  # as Flower does with a ClientApp's exception: an error reply
+                    replies.append(Message(Error(code=0, reason=str(exc)), reply_to=msg))
+                    continue
             elif kind == UNMASK:
                 records = client.unmask(msg, state)
             else:
@@ -145,3 +150,18 @@ def test_malformed_masked_updates_are_refused_with_the_reason(run_identity, tamp
     tamper(content)
     with pytest.raises(ValueError, match=reason):
         strategy.check_reply(content)
+
+
+@pytest.mark.parametrize("lie", [{"secagg-threshold": 2}, {"secagg-neighbours": 2, "num-clients": 8}])
+def test_nodes_that_pin_a_threshold_refuse_a_server_that_lowers_it_or_shrinks_their_neighbourhood(run_identity, lie):
+    """Issue 22 (the node's own policy): failed before: a node took its threshold floor from the
+    config the server sends, so a server could lower secagg-threshold, or shrink the
+    neighbourhoods, and collect both secrets of a client from fewer holders. Nodes pinning
+    secagg-min-threshold=3 refuse to share, and the round stops instead."""
+    config, strategy, template = setup(**lie)
+    grid = StageGrid(config, min_threshold=3)
+    arrays = ArrayRecord({k: Array(v) for k, v in template.items()})
+    with pytest.raises(RoundFailed, match="by the share stage"):
+        list(strategy.configure_train(1, arrays, ConfigRecord(config.to_flat()), grid))
+    honest = StageGrid(setup()[0], min_threshold=3)  # the run's own strict majority of 4 is 3: accepted
+    assert len(list(setup()[1].configure_train(1, arrays, ConfigRecord(honest.config.to_flat()), honest))) == 4
