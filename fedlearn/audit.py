@@ -156,8 +156,9 @@ class Verdict:
         )
 
 
-def verify(path: Path, public_key, *, allow_incomplete: bool = False) -> Verdict:
-    """Check every record of the log at ``path`` against ``public_key``; stop at the first bad one."""
+def verify(path: Path, public_key, *, allow_incomplete: bool = False, head: str = "") -> Verdict:
+    """Check every record of the log at ``path`` against ``public_key``; stop at the first bad one.
+    ``head``: the SHA-256 of the last record (or a prefix of it) as published out of band."""
     raw = Path(path).read_bytes()
     lines = raw.split(b"\n")
     torn = lines[-1] != b""  # a complete log ends with a newline
@@ -216,14 +217,31 @@ def verify(path: Path, public_key, *, allow_incomplete: bool = False) -> Verdict
         verdict.events.append(record)
         verdict.records += 1
         expected += 1
-    last = verdict.events[-1]["event"]
-    if last not in ("run_end", "run_refused") and not allow_incomplete:
-        return fail(
-            f"incomplete: the log ends after seq {expected - 1} without run_end (truncated, or the run is "
-            "still going or crashed; --allow-incomplete accepts a live log)"
-        )
+    if head and not verdict.head.startswith(head.lower()):
+        return fail(f"head {verdict.head[:16]} is not the published head {head[:16]}: records were cut off or added "
+                    "after it was published")
+    why = "" if allow_incomplete else _unfinished(verdict.events[-1], expected - 1)
+    if why:
+        return fail(why + "; --allow-incomplete accepts a log that does not end the run")
     verdict.ok = True
     return verdict
+
+
+def _unfinished(last: dict[str, Any], seq: int) -> str:
+    """Why a log whose records verify does not end its run ('' if it does). Only a completed
+    run_end naming the final model, or a refusal, ends one: a failed run_end stays in the middle
+    of a resumed run's chain, so a log cut just after it would otherwise pass as whole."""
+    data = last["data"] if isinstance(last.get("data"), dict) else {}
+    if last["event"] == "run_refused":
+        return ""
+    if last["event"] != "run_end":
+        return (f"incomplete: the log ends after seq {seq} without run_end (truncated, or the run is still "
+                "going or crashed)")
+    if data.get("status") != "completed" or not data.get("final_model"):
+        return (f"incomplete: the log ends after seq {seq} with a run_end of status {data.get('status')!r} "
+                f"({str(data.get('reason', 'no final model'))[:200]}); the run did not finish, or was resumed and "
+                "the log is cut here")
+    return ""
 
 
 def _seq_of(line: bytes) -> Any:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from crypto import signing
 from fedlearn.errors import ConfigError, FedlearnError, PathError
-from simulations.argtypes import file_stem, out_directory
+from simulations.argtypes import file_stem, hex_prefix, out_directory
 
 
 def add_commands(sub, config_from_args):
@@ -57,7 +57,10 @@ def add_commands(sub, config_from_args):
     verify.add_argument("log", type=Path, help="audit.jsonl, or the run directory holding it")
     verify.add_argument("--key", required=True, type=Path, help="the server's audit public key (audit.pub)")
     verify.add_argument("--model", type=Path, help="also check that this model.safetensors is the logged final model")
-    verify.add_argument("--allow-incomplete", action="store_true", help="accept a log without run_end (a live run)")
+    verify.add_argument("--allow-incomplete", action="store_true",
+                        help="accept a log that does not end its run: a live run, or one that failed")
+    verify.add_argument("--head", type=hex_prefix,
+                        help="the log's head (SHA-256 of its last record, 16+ hex digits) as published out of band")
     verify.set_defaults(func=_verify)
 
     show_log = audit_sub.add_parser("show", help="print a log as a per-round table (does not verify)")
@@ -149,7 +152,8 @@ def _verify(args: argparse.Namespace) -> int:
     from fedlearn import audit
 
     args.log = _audit_log(args.log)
-    verdict = audit.verify(args.log, signing.load_public(args.key), allow_incomplete=args.allow_incomplete)
+    verdict = audit.verify(args.log, signing.load_public(args.key), allow_incomplete=args.allow_incomplete,
+                          head=args.head or "")
     if verdict.ok and args.model:
         verdict = _check_model(verdict, args.model)
     print(verdict.summary())

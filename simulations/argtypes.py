@@ -48,3 +48,10 @@ def int_between(low: int, high: int, unit: str = "") -> Callable[[str], int]:
         return number
     parse.__name__ = "number"
     return parse
+
+
+def hex_prefix(value: str) -> str:
+    """A SHA-256 digest or a prefix of it of 16+ hex digits (what `audit verify` prints)."""
+    if not re.fullmatch(r"[0-9a-fA-F]{16,64}", value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not 16 to 64 hex digits of a SHA-256 digest")
+    return value.lower()

@@ -25,7 +25,7 @@ def log(tmp_path):
         writer.append("update_rejected", r, {"node": "b", "kind": "train", "reason": "bad signature"})
         writer.append("aggregate", r, {"digest": f"{r}" * 64})
         writer.append("round_end", r, {"accuracy": 0.5 + r / 10, "loss": float("nan")})
-    writer.append("run_end", 3, {"status": "completed"})
+    writer.append("run_end", 3, {"status": "completed", "final_model": "cd" * 32})
     writer.close()
     return tmp_path / "audit.jsonl", public, key
 
@@ -211,3 +211,35 @@ def test_audit_show_prints_what_records_say_as_text_and_survives_odd_shapes(tmp_
     assert shown.returncode == 0 and "Traceback" not in shown.stderr, shown.stderr
     for literal in ("[bold]op[/bold]", "[red]n1[/red]: closing [/x] tag"):
         assert literal in shown.stdout, shown.stdout
+
+
+def test_a_log_cut_after_a_failed_run_end_or_past_its_published_head_does_not_verify(log, tmp_path):
+    """Issue 22: failed before: a resumed run keeps a failed run_end in the middle of its chain,
+    and a log cut just after it verified as complete; nor could a verifier pin the head it
+    was given out of band, so cutting the last rounds off went unnoticed."""
+    _, public, key = log
+    writer = audit.AuditLog(tmp_path / "resumed.jsonl", key, "run-9")
+    writer.append("run_start", 0, {"audit_key": writer.key_fingerprint})
+    writer.append("round_end", 1, {"accuracy": 0.5})
+    writer.append("run_end", 1, {"status": "failed", "reason": "server killed"})
+    cut_here = writer.head
+    writer.append("run_resumed", 1, {"from_round": 1})
+    writer.append("round_end", 2, {"accuracy": 0.6})
+    writer.append("run_end", 2, {"status": "completed", "final_model": "ab" * 32})
+    published = writer.head
+    writer.close()
+    whole = (tmp_path / "resumed.jsonl").read_bytes()
+    pub = signing.load_public(public)
+    assert audit.verify(tmp_path / "resumed.jsonl", pub).ok
+    assert audit.verify(tmp_path / "resumed.jsonl", pub, head=published[:16]).ok
+    cut = tmp_path / "cut.jsonl"
+    cut.write_bytes(b"".join(line + b"\n" for line in whole.split(b"\n")[:3]))
+    verdict = audit.verify(cut, pub)
+    assert not verdict.ok and "run_end of status 'failed' (server killed)" in verdict.reason
+    assert audit.verify(cut, pub, allow_incomplete=True).ok  # what is there is intact
+    assert audit.verify(cut, pub, allow_incomplete=True).head == cut_here
+    pinned = audit.verify(cut, pub, allow_incomplete=True, head=published)
+    assert not pinned.ok and "is not the published head" in pinned.reason
+    shown = cli("audit", "verify", cut, "--key", public, "--head", published[:20])
+    assert shown.returncode == 1 and "is not the published head" in shown.stdout
+    assert cli("audit", "verify", cut, "--key", public, "--head", "xyz").returncode == 2

@@ -166,8 +166,9 @@ def test_diverged_round_stops_the_run_and_keeps_what_was_written(tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert [(m["round"], m["clients"], m["failures"]) for m in metrics] == [(0, 0, 0), (1, 0, 3)]
     assert not (run_dir / "summary.json").exists()
-    verdict = audit_verdict(run_dir)
-    assert verdict.returncode == 0, verdict.stdout
+    verdict = audit_verdict(run_dir)  # intact, but it does not end a run: the run failed
+    assert verdict.returncode == 1 and "with a run_end of status 'failed'" in verdict.stdout, verdict.stdout
+    assert audit_verdict(run_dir, "--allow-incomplete").returncode == 0
     final = json.loads((run_dir / "audit.jsonl").read_text().splitlines()[-1])
     assert final["event"] == "run_end" and final["data"]["status"] == "failed"
     assert "training diverged" in final["data"]["reason"]
