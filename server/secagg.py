@@ -189,6 +189,19 @@ class SecAggStrategy(HidingStrategy):
             raise ValueError(f"weight {weight:g} is not num-examples {examples} / weight cap {self.plan.weight_cap}")
         return array.numpy(), weight, examples, clipped
 
+    def _check_reveal(self, node: int, revealed: dict[int, tuple[str, bytes]], masked: dict) -> None:
+        """A node's unmask answer, as far as the server can check it: a share for each of its
+        holders exactly, of the kind their fate calls for, of a share's size, with the index the
+        holder's secret gave this node. Else ValueError: the node counts as dropped and the
+        others' shares unmask the sum, where one bad answer used to fail the round for all."""
+        if sorted(revealed) != self.holders[node]:
+            raise ValueError(f"shares for {sorted(revealed)}, not for its holders {self.holders[node]}")
+        for j, (kind, share) in revealed.items():
+            if kind != ("b" if j in masked else "s"):
+                raise ValueError(f"the {kind!r} share of node {j}, whose fate calls for the other")
+            if len(share) != secagg.SHARE_BYTES or share[0] != self.graph[j].index(node) + 1:
+                raise ValueError(f"a share of node {j} that is not the one it was dealt ({len(share)} bytes)")
+
     def check_reply(self, content: RecordDict) -> None:
         """Raise ValueError saying what is wrong with a training reply (access control calls it)."""
         self._parse(content)
@@ -210,7 +223,9 @@ class SecAggStrategy(HidingStrategy):
         survivors = sorted(masked)
         stage_config = ConfigRecord({**self.config.to_flat(), "server-round": server_round})
         def revealed_shares(node, record, content):
-            return {int(j): (str(k), bytes(s)) for j, k, s in zip(record["ids"], record["kinds"], record["shares"], strict=True)}
+            revealed = {int(j): (str(k), bytes(s)) for j, k, s in zip(record["ids"], record["kinds"], record["shares"], strict=True)}
+            self._check_reveal(node, revealed, masked)
+            return revealed
 
         # Each client is told the survivors among its own holders, and checks that they are.
         requests = {node: {"survivors": [j for j in survivors if j in self.holders[node]]} for node in survivors}

@@ -132,6 +132,46 @@ def test_a_node_that_relays_a_sealed_share_of_the_wrong_size_is_dropped_not_its_
     assert_weighted_average_of(local, aggregate, strategy.last["error_bound"])
 
 
+class BadReveal(StageGrid):
+    """Node 2 answers unmask with shares edited by ``edit(ids, kinds, shares)``."""
+
+    def __init__(self, config, edit):
+        super().__init__(config)
+        self.edit = edit
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = super().send_and_receive(messages, timeout=timeout)
+        for reply in replies:
+            if reply.metadata.message_type == UNMASK and reply.metadata.src_node_id == 2:
+                record = reply.content[SECAGG_RECORD]
+                ids, kinds, shares = self.edit([int(j) for j in record["ids"]], [str(k) for k in record["kinds"]],
+                                               [bytes(x) for x in record["shares"]])
+                reply.content[SECAGG_RECORD] = ConfigRecord({"ids": ids, "kinds": kinds, "shares": shares})
+        return replies
+
+
+@pytest.mark.parametrize("edit", [
+    lambda ids, kinds, shares: (ids, ["s", *kinds[1:]], shares),  # the secret that must stay secret
+    lambda ids, kinds, shares: (ids, kinds, [shares[0][:5], *shares[1:]]),  # short
+    lambda ids, kinds, shares: (ids, kinds, [shares[0] + b"x" * 100, *shares[1:]]),  # oversized
+    lambda ids, kinds, shares: (ids, kinds, [bytes([shares[0][0] % 4 + 1]) + shares[0][1:], *shares[1:]]),  # another index
+    lambda ids, kinds, shares: (ids[:-1], kinds[:-1], shares[:-1]),  # one holder left out
+    lambda ids, kinds, shares: ([*ids, 9], [*kinds, "b"], [*shares, shares[0]]),  # a node outside its holders
+], ids=["wrong-kind", "short", "oversized", "wrong-index", "missing", "outsider"])
+def test_a_bad_unmask_answer_drops_its_sender_and_the_others_unmask_the_sum(run_identity, edit):
+    """Issue 22: failed before: the server passed every answer to unmask_sum, which refused the
+    whole round (or combined a wrong secret) when one node revealed a share of the wrong kind,
+    size or index, or for a node outside its holders."""
+    config, strategy, template = setup()
+    grid = BadReveal(config, edit)
+    arrays = ArrayRecord({k: Array(v) for k, v in template.items()})
+    messages = list(strategy.configure_train(1, arrays, ConfigRecord(config.to_flat()), grid))
+    replies, local = train_replies(grid, messages, template, np.random.default_rng(0))
+    aggregate, _ = strategy.aggregate_train(1, replies)
+    assert strategy.dropped["unmask"] == [2]
+    assert_weighted_average_of(local, aggregate, strategy.last["error_bound"])
+
+
 @pytest.mark.parametrize("tamper, reason", [
     (lambda c: c["arrays"].__setitem__(MASKED_ARRAY, Array(np.zeros(3, dtype=np.uint16))), "the round expects uint16"),
     (lambda c: c["arrays"].__setitem__(MASKED_ARRAY, Array(np.zeros(7850, dtype=np.float32))), "the round expects uint16"),
