@@ -21,20 +21,18 @@ def file_stem(name: str) -> str:
     return name
 
 
-def _checked(check: Callable[[str], Path]) -> Callable[[str], Path]:
+def _checked(check: Callable[[str], Path], name: str) -> Callable[[str], Path]:
     def parse(value: str) -> Path:
         try:
             return check(value)
         except PathError as exc:
             raise argparse.ArgumentTypeError(str(exc).removeprefix("--out ")) from None
-    parse.__name__ = check.__name__  # argparse names the type in its messages
+    parse.__name__ = name  # argparse names the type in its messages
     return parse
 
 
-out_directory = _checked(lambda value: paths.writable_directory(value))
-out_directory.__name__ = "directory"
-new_file = _checked(lambda value: paths.new_file(value))
-new_file.__name__ = "new file"
+out_directory = _checked(paths.writable_directory, "directory")
+new_file = _checked(paths.new_file, "new file")
 
 
 def int_between(low: int, high: int, unit: str = "") -> Callable[[str], int]:
