@@ -8,7 +8,7 @@ partition id, so the server can order replies (and sampling) independently of Fl
 random node IDs.
 
 When a request carries the server's challenge (the ``auth`` record), the reply is signed with
-the node's Ed25519 key: ``node-key`` in the node config (a deployed SuperNode), else
+the node's Ed25519 key (clients.identity): ``node-key`` in the node config (a deployed SuperNode), else
 ``<node-keys-dir>/node-<partition-id>.key`` (simulation, where the server provisions keys).
 """
 
@@ -16,21 +16,21 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
-from pathlib import Path
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients.identity import signing_key
 from clients.privacy import ClientHalf
 from crypto import signing
 from fedlearn import data, families, privacy
-from fedlearn.access import NODE_KEY_NAME, update_statement
+from fedlearn.access import update_statement
 from fedlearn.config import RunConfig
 from fedlearn.errors import ConfigError
 from fedlearn.families import ClientRound
-from fedlearn.messages import AUTH_RECORD, NODE_RECORD, NUM_EXAMPLES_KEY, PARTITION_KEY, payload_digest
+from fedlearn.messages import AUTH_RECORD, NODE_RECORD, NUM_EXAMPLES_KEY, NUM_EXAMPLES_QUERY, PARTITION_KEY, payload_digest
 
 if TYPE_CHECKING:
     import torch
@@ -111,28 +111,6 @@ def node_task(msg: Message, context: Context) -> NodeTask:
     return NodeTask(config, int(sent.get("server-round", 0)), partition_id, num_partitions, floors)
 
 
-def key_path(context: Context, config: RunConfig, partition_id: int) -> Path:
-    if "node-key" in context.node_config:
-        return Path(str(context.node_config["node-key"])).expanduser()
-    if config.node_keys_dir:
-        return Path(config.node_keys_dir) / f"{NODE_KEY_NAME.format(partition_id)}.key"
-    raise ConfigError(
-        [
-            "this node has no signing key: create one with `fedlearn keys generate --out keys --name NAME`, "
-            "have the operator enroll keys/NAME.pub (`fedlearn keys enroll`), and start the node with "
-            "--node-config 'node-key=keys/NAME.key partition-id=I num-partitions=N'"
-        ]
-    )
-
-
-@lru_cache(maxsize=64)
-def _load_key(path: Path):
-    try:
-        return signing.load_private(path)
-    except signing.KeyFileError as exc:
-        raise ConfigError([f"node-key: {exc}"]) from None
-
-
 def signed(msg: Message, content: RecordDict, key) -> RecordDict:
     """Add the node's signature over the server's challenge and the digest of ``content``."""
     started = time.perf_counter()
@@ -150,13 +128,6 @@ def signed(msg: Message, content: RecordDict, key) -> RecordDict:
         }
     )
     return content
-
-
-def signing_key(msg: Message, context: Context, task: NodeTask):
-    """The node's key when the server sent a challenge to sign, else None."""
-    if AUTH_RECORD not in msg.content:
-        return None
-    return _load_key(key_path(context, task.config, task.partition_id))
 
 
 def reply(msg: Message, partition_id: int, key=None, **records) -> Message:
@@ -222,12 +193,17 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
 
 
 def query_handler(msg: Message, context: Context) -> Message:
-    """Tell the server which partition this node holds (for seed-stable client sampling) and, when
-    asked (privacy=he), how many training examples: both also travel in clear in every reply."""
-    if "config" in msg.content and msg.content["config"].get("ask") == NUM_EXAMPLES_KEY:
-        task = node_task(msg, context)
-        return reply(msg, task.partition_id, **{NODE_RECORD: ConfigRecord({PARTITION_KEY: task.partition_id, NUM_EXAMPLES_KEY: len(task.split)})})
+    """Tell the server which partition this node holds (for seed-stable client sampling); it also
+    travels in clear in every reply."""
     return reply(msg, partition_of(context))
+
+
+def count_handler(msg: Message, context: Context) -> Message:
+    """How many examples this node trains on (he, he-threshold size their weights by the largest),
+    signed like an update: the server weights by it."""
+    task = node_task(msg, context)
+    node = ConfigRecord({PARTITION_KEY: task.partition_id, NUM_EXAMPLES_KEY: len(task.split)})
+    return reply(msg, task.partition_id, signing_key(msg, context, task), **{NODE_RECORD: node})
 
 
 def make_client_app() -> ClientApp:
@@ -240,6 +216,7 @@ def make_client_app() -> ClientApp:
     app.train()(train_handler)
     app.evaluate()(evaluate_handler)
     app.query()(query_handler)
+    app.query(NUM_EXAMPLES_QUERY.partition(".")[2])(count_handler)
     for mode in privacy.modes():
         for message_type in mode.client_half().stages:
             category, _, action = message_type.partition(".")

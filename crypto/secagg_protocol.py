@@ -5,14 +5,19 @@ stages in server/ and clients/ only carry these messages.
 Stages, for clients identified by small integers:
 
 1. advertise: each client sends two X25519 public keys: ``c`` (to seal shares for it) and ``s``
-   (for its pairwise masks).
-2. share: each client sends every neighbour, sealed with their ``c`` agreement key, a Shamir
-   share of its 128-bit self-mask secret ``b`` and of the 128-bit secret its ``s`` key derives from.
+   (for its pairwise masks), signed with its identity key (Ed25519, enrolled by the operator).
+2. share: each client gets every advertisement, checks every signature, derives the neighbour
+   graph from a seed the advertised keys fix (so the server cannot pick a client's neighbours),
+   and sends each neighbour, sealed with their ``c`` agreement key, a Shamir share of its
+   128-bit self-mask secret ``b`` and of the 128-bit secret its ``s`` key derives from.
 3. mask: each client sends ``u + PRG(b) + sum_{j>i} PRG(s_ij) - sum_{j<i} PRG(s_ij) mod 2^bits``
    over the neighbours that completed stage 2.
-4. unmask: for each neighbour that sent a masked input, a client reveals its share of that
-   neighbour's ``b``; for each that dropped after stage 2, its share of their ``s`` key. Never
-   both for the same client, so the server can remove masks but never see a single input.
+4. consistency: each client that sent a masked input signs the survivor set the server names,
+   once per round (Bonawitz et al. 2017, the active-adversary variant).
+5. unmask: a client that holds a quorum of signatures (the threshold, and more than half of the
+   advertisers) over the set it signed reveals, for each neighbour in that set, its share of the neighbour's ``b``; for each
+   outside it, its share of their ``s`` key. Never both for the same client, and the signatures
+   keep a server from telling two groups of clients two different sets to collect both.
 
 With at least ``threshold`` shares per client the server recovers what it needs; with fewer it
 raises, and the round fails loudly.
@@ -20,17 +25,80 @@ raises, and the round fails loudly.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
-from crypto import secagg
+from crypto import secagg, signing
+from crypto.digest import canonical_json
 
 SEALED_SHARES_BYTES = secagg.sealed_size(2 * secagg.SHARE_BYTES)  # a share of b and one of s, sealed for one holder
+IDENTITY_BYTES, SIGNATURE_BYTES = 32, 64  # Ed25519
+ADVERTISE_PURPOSE, SURVIVORS_PURPOSE = "fedlearn-secagg-advertise-v1", "fedlearn-secagg-survivors-v1"
+
+
+@dataclass(frozen=True)
+class Advertisement:
+    """A client's round keys, signed with its identity key (raw Ed25519 public key)."""
+
+    node: int
+    c_public: bytes
+    s_public: bytes
+    identity: bytes
+    signature: bytes
+
+    def statement(self, context: bytes) -> bytes:
+        return canonical_json({"purpose": ADVERTISE_PURPOSE, "context": context.hex(), "node": self.node,
+                               "c": self.c_public.hex(), "s": self.s_public.hex()})
+
+    def problem(self, context: bytes) -> str | None:
+        """Why this advertisement cannot be used (None: it can): bad keys or a bad signature."""
+        if not all(secagg.is_usable_public(k) for k in (self.c_public, self.s_public)):
+            return f"node {self.node} advertised keys that are not usable X25519 public keys"
+        if not signed_by(self.identity, self.signature, self.statement(context)):
+            return f"node {self.node}'s advertisement is not signed by the identity it names"
+        return None
+
+
+def signed_by(identity: bytes, signature: bytes, statement: bytes) -> bool:
+    """``signature`` is the Ed25519 signature of ``statement`` by the raw public key ``identity``."""
+    if len(identity) != IDENTITY_BYTES or len(signature) != SIGNATURE_BYTES:
+        return False
+    try:
+        key = Ed25519PublicKey.from_public_bytes(identity)
+    except ValueError:
+        return False
+    return signing.verify(key, signature, statement)
+
+
+def quorum(threshold: int, advertisers: int) -> int:
+    """Signatures over one survivor set that a client needs before it reveals anything: the
+    threshold, and more than half of the round's advertisers, so that two different sets can
+    never both gather a quorum of clients that sign once per round (whatever the graph)."""
+    return max(threshold, advertisers // 2 + 1)
+
+
+def survivors_statement(context: bytes, survivors: Iterable[int]) -> bytes:
+    return canonical_json({"purpose": SURVIVORS_PURPOSE, "context": context.hex(), "survivors": sorted(survivors)})
+
+
+def graph_seed(context: bytes, publics: Mapping[int, tuple[bytes, bytes]]) -> bytes:
+    """The seed of a round's neighbour graph: a hash of every advertised key, which the clients
+    chose fresh after the server fixed the round, so the server cannot try seeds until one
+    suits it (it can only leave advertisements out, each one a client it loses)."""
+    keys = [[j, c.hex(), s.hex()] for j, (c, s) in sorted(publics.items())]
+    return hashlib.sha256(canonical_json({"context": context.hex(), "keys": keys})).digest()
+
+
+def round_graph(context: bytes, publics: Mapping[int, tuple[bytes, bytes]], neighbours: int) -> dict[int, list[int]]:
+    """The neighbour graph of a round, as every client and the server derive it (Bell et al. 2020)."""
+    return neighbourhoods(publics, neighbours, random.Random(graph_seed(context, publics)))
 
 
 def _pair_context(context: bytes, purpose: bytes) -> bytes:
@@ -58,7 +126,9 @@ class ClientSession:
     s_secret: bytes = field(default_factory=secagg.new_secret)  # the s key derives from it
     b_secret: bytes = field(default_factory=secagg.new_secret)  # the self mask derives from it
     publics: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # neighbour -> (c, s)
+    identities: dict[int, bytes] = field(default_factory=dict)  # every advertiser -> its identity key, checked at share
     holders: list[int] = field(default_factory=list)  # neighbours who completed stage 2
+    survivors: list[int] = field(default_factory=list)  # the survivor set this client signed (all of it)
 
     @property
     def s_key(self) -> X25519PrivateKey:
@@ -72,29 +142,49 @@ class ClientSession:
             "me": self.me, "threshold": self.threshold, "bits": self.bits, "length": self.length,
             "context": self.context, "c-key": _private_bytes(self.c_key), "s-secret": self.s_secret,
             "b-secret": self.b_secret, "ids": ids, "c-publics": [self.publics[j][0] for j in ids],
-            "s-publics": [self.publics[j][1] for j in ids], "holders": list(self.holders),
+            "s-publics": [self.publics[j][1] for j in ids], "advertisers": sorted(self.identities),
+            "identities": [self.identities[j] for j in sorted(self.identities)],
+            "holders": list(self.holders), "survivors": list(self.survivors),
         }
 
     @classmethod
     def from_state(cls, state: Mapping) -> ClientSession:
-        publics = {int(j): (bytes(c), bytes(s)) for j, c, s in zip(state["ids"], state["c-publics"], state["s-publics"])}
+        ids = [int(j) for j in state["ids"]]
+        publics = {j: (bytes(c), bytes(s)) for j, c, s in zip(ids, state["c-publics"], state["s-publics"])}
         return cls(
             int(state["me"]), int(state["threshold"]), int(state["bits"]), int(state["length"]), bytes(state["context"]),
             X25519PrivateKey.from_private_bytes(bytes(state["c-key"])),
-            bytes(state["s-secret"]), bytes(state["b-secret"]), publics, [int(j) for j in state["holders"]],
+            bytes(state["s-secret"]), bytes(state["b-secret"]), publics,
+            {int(j): bytes(i) for j, i in zip(state["advertisers"], state["identities"])},
+            [int(j) for j in state["holders"]], [int(j) for j in state["survivors"]],
         )
 
-    def advertise(self) -> tuple[bytes, bytes]:
-        return secagg.public_bytes(self.c_key), secagg.public_bytes(self.s_key)
+    def advertise(self, identity: Ed25519PrivateKey) -> Advertisement:
+        """This round's public keys, signed with the client's identity key."""
+        c_public, s_public = secagg.public_bytes(self.c_key), secagg.public_bytes(self.s_key)
+        unsigned = Advertisement(self.me, c_public, s_public, signing.public_raw(identity.public_key()), b"")
+        return Advertisement(self.me, c_public, s_public, unsigned.identity, identity.sign(unsigned.statement(self.context)))
 
-    def share(self, publics: Mapping[int, tuple[bytes, bytes]]) -> dict[int, bytes]:
-        """Sealed shares of (b, s private key) for every neighbour (and one kept for itself)."""
-        self.publics = dict(publics)
-        members = sorted(self.publics)
-        if self.me not in members:
-            raise ValueError("this client is not among the advertised neighbours")
+    def share(self, advertisements: Mapping[int, Advertisement], neighbours: int) -> dict[int, bytes]:
+        """Sealed shares of (b, s private key) for every neighbour (and one kept for itself), the
+        neighbours being this client's place in the graph the advertisements fix. Refuses a set
+        with a bad signature, one identity twice, or its own keys changed: a server could
+        otherwise stand in for peers, or for this client."""
+        mine = advertisements.get(self.me)
+        if mine is None or (mine.c_public, mine.s_public) != (secagg.public_bytes(self.c_key), secagg.public_bytes(self.s_key)):
+            raise ValueError("this client's own advertisement is missing or altered: refusing to share")
+        problems = [p for p in (ad.problem(self.context) for ad in advertisements.values()) if p]
+        if problems:
+            raise ValueError(f"{problems[0]} ({len(problems)} of {len(advertisements)} advertisements): refusing to share")
+        identities = [ad.identity for ad in advertisements.values()]
+        if len(set(identities)) != len(identities):
+            raise ValueError("one identity key advertises for two clients: refusing to share")
+        graph = round_graph(self.context, {j: (ad.c_public, ad.s_public) for j, ad in advertisements.items()}, neighbours)
+        members = graph[self.me]
         if len(members) < self.threshold:
-            raise ValueError(f"{len(members)} clients advertised keys, the threshold is {self.threshold}")
+            raise ValueError(f"{len(members)} clients in this client's neighbourhood, the threshold is {self.threshold}")
+        self.publics = {j: (advertisements[j].c_public, advertisements[j].s_public) for j in members}
+        self.identities = {j: ad.identity for j, ad in advertisements.items()}
         b_shares = secagg.split_secret(self.b_secret, self.threshold, len(members))
         s_shares = secagg.split_secret(self.s_secret, self.threshold, len(members))
         sealed = {}
@@ -133,14 +223,40 @@ class ClientSession:
                 y -= mask
         return secagg.reduce(y, self.bits)
 
-    def unmask(self, sealed_for_me: Mapping[int, bytes], survivors: Iterable[int]) -> dict[int, tuple[str, bytes]]:
-        """Reveal, per holder: its ``b`` share if it survived stage 3, its ``s`` share if not."""
-        survivors = set(survivors)
-        if len(survivors) < self.threshold:
-            raise ValueError(f"only {len(survivors)} clients sent masked inputs, fewer than the threshold {self.threshold}")
-        if self.me not in survivors or not survivors <= set(self.holders):
-            # survivors outside this client's holders, or without itself: not the round it masked in
-            raise ValueError("the survivors named are not among this client's holders (itself included): refusing to unmask")
+    @property
+    def quorum(self) -> int:
+        return quorum(self.threshold, len(self.identities))
+
+    def sign_survivors(self, survivors: Iterable[int], identity: Ed25519PrivateKey) -> bytes:
+        """The consistency check's signature over the survivor set, given once per round: the
+        set must hold this client, at least ``threshold`` of its holders and a quorum."""
+        if self.survivors:
+            raise ValueError("asked to sign a second survivor set in one round: refusing")
+        if not self.holders:
+            raise ValueError("this client sent no masked input in this round: no survivor set to sign")
+        survivors = sorted(set(survivors))
+        if not set(survivors) <= set(self.identities) or len(survivors) < self.quorum:
+            raise ValueError(f"a survivor set of {len(survivors)} clients that did not all advertise, or fewer than the "
+                             f"quorum {self.quorum}: refusing to sign")
+        mine = set(survivors) & set(self.holders)
+        if self.me not in mine or len(mine) < self.threshold:
+            raise ValueError(f"the survivor set holds {len(mine)} of this client's holders (itself "
+                             f"{'included' if self.me in mine else 'not included'}), the threshold is {self.threshold}: refusing to sign")
+        self.survivors = survivors
+        return identity.sign(survivors_statement(self.context, survivors))
+
+    def unmask(self, sealed_for_me: Mapping[int, bytes], signatures: Mapping[int, bytes]) -> dict[int, tuple[str, bytes]]:
+        """Reveal, per holder: its ``b`` share if it is in the survivor set this client signed, its
+        ``s`` share if not; only with a quorum of signatures over that same set."""
+        if not self.survivors:
+            raise ValueError("this client signed no survivor set in this round: refusing to unmask")
+        statement = survivors_statement(self.context, self.survivors)
+        signers = [j for j in self.survivors if j in signatures and signed_by(self.identities[j], signatures[j], statement)]
+        if len(signers) < self.quorum:
+            raise ValueError(f"{len(signers)} valid signatures over the survivor set this client signed, fewer than the "
+                             f"quorum {self.quorum}: the server may be naming different survivors to different "
+                             "clients; refusing to unmask")
+        survivors = set(self.survivors)
         revealed = {}
         for j in self.holders:
             key = secagg.agree(self.c_key, self.publics[j][0], _pair_context(self.context, b"seal"))

@@ -143,7 +143,7 @@ class RunConfig:
     secagg_threshold: int = key(0, "privacy=secagg: shares that unmask a client (0: a strict majority of its neighbourhood)")
     secagg_neighbours: int = key(0, "privacy=secagg: SecAgg+ neighbours each client masks with (0: every other client)")
     secagg_timeout: float = key(
-        120.0, "privacy=secagg: seconds for each key stage (advertise, share, unmask); training waits round-timeout"
+        120.0, "privacy=secagg: seconds for each key stage (advertise, share, consistency, unmask); training waits round-timeout"
     )
     threshold_committee: int = key(
         3, "privacy=he-threshold: key holders sharing the decryption key, chosen among keyholder nodes (2 to num-clients)"
@@ -157,7 +157,7 @@ class RunConfig:
     threshold_timeout: float = key(120.0, "privacy=he-threshold: seconds for each key-ceremony and decryption stage")
     dropout_rate: float = key(0.0, "fault injection: seeded fraction of the sampled clients that vanish each round, in [0, 1) (0: none)")
     dropout_stage: str = key(
-        "train", "where injected dropouts strike: train; under secagg also advertise, share, unmask; under he-threshold decrypt"
+        "train", "where injected dropouts strike: train; under secagg also advertise, share, consistency, unmask; under he-threshold decrypt"
     )
     slow_fraction: float = key(
         0.0, "simulated stragglers: seeded fraction of the clients whose training replies take slow-seconds longer (0: none)"

@@ -75,7 +75,7 @@ register(PrivacyMode(
 register(PrivacyMode(
     "secagg", server="server.secagg:SecAggStrategy", client="clients.secagg:CLIENT",
     checks="fedlearn.secagg:config_problems",
-    stages={"advertise": secagg.ADVERTISE, "share": secagg.SHARE, "unmask": secagg.UNMASK},
+    stages={"advertise": secagg.ADVERTISE, "share": secagg.SHARE, "consistency": secagg.CONSISTENCY, "unmask": secagg.UNMASK},
     summary="pairwise-masked secure aggregation: the server sees only the sum",
 ))
 register(PrivacyMode(

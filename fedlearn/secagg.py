@@ -4,13 +4,15 @@ crypto.secagg_protocol holds the protocol; server/secagg.py and clients/secagg.p
 stages over Flower messages. One training round:
 
 1. ``train.secagg_advertise``: each sampled client makes fresh X25519 keys and answers with
-   the public halves and its example count;
-2. ``train.secagg_share``: each client gets its neighbours' public keys and answers with
-   Shamir shares of its secrets, sealed for each neighbour;
+   the public halves, signed with its identity key, and its example count;
+2. ``train.secagg_share``: each client gets every advertisement, checks them (signatures,
+   identities enrolled in the node's policy), derives its neighbours from them and answers
+   with Shamir shares of its secrets, sealed for each neighbour;
 3. ``train``: the usual training request, plus the shares sealed for this client and the
    round's plan (``secagg`` record); the client trains and answers with its masked, fixed-point
    encoded model (``arrays["masked"]``, 2 bytes per parameter at secagg-bits=16);
-4. ``train.secagg_unmask``: the clients that sent masked inputs reveal the shares the server
+4. ``train.secagg_consistency``: the clients that sent masked inputs sign the survivor set;
+5. ``train.secagg_unmask``: given the signatures, the clients reveal the shares the server
    needs to remove the masks: the self-mask seeds of survivors, the pairwise keys of dropouts.
 
 The server ends up with the sum of the survivors' encodings, mod ``2**bits``, which cannot
@@ -21,19 +23,22 @@ every strategy whose aggregate is a weighted average works on top, server optimi
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
 from crypto.fixedpoint import FixedPoint
 from crypto.secagg import mask_dtype
+from crypto.secagg_protocol import Advertisement
 from fedlearn import families
 
 ADVERTISE = "train.secagg_advertise"
 SHARE = "train.secagg_share"
+CONSISTENCY = "train.secagg_consistency"
 UNMASK = "train.secagg_unmask"
 # Message type of each stage that dropout-stage names.
-STAGE_MESSAGE_TYPES = {"advertise": ADVERTISE, "share": SHARE, "train": "train", "unmask": UNMASK}
+STAGE_MESSAGE_TYPES = {"advertise": ADVERTISE, "share": SHARE, "train": "train", "consistency": CONSISTENCY, "unmask": UNMASK}
 MASKED_ARRAY = "masked"  # the name of the masked vector in a training reply's ArrayRecord
 SESSION_STATE = "secagg-session"  # a client's secrets between stages, in its node's private state
 
@@ -79,6 +84,35 @@ class RoundPlan:
                        int(record["weight-cap"]), tuple(int(e) for e in record["range-exp"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed secagg plan ({exc})") from None
+
+
+def advertisement_record(ad: Advertisement) -> dict:
+    return {"c-public": ad.c_public, "s-public": ad.s_public, "identity": ad.identity, "ad-sig": ad.signature}
+
+
+def advertisement_from_record(node: int, record: Mapping) -> Advertisement:
+    try:
+        return Advertisement(node, *(bytes(record[k]) for k in ("c-public", "s-public", "identity", "ad-sig")))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"malformed advertisement ({exc})") from None
+
+
+def advertisements_record(ads: Mapping[int, Advertisement]) -> dict:
+    """Every advertisement of a round, as the share request carries them (lists by node)."""
+    nodes = sorted(ads)
+    return {"ids": nodes, "c-publics": [ads[j].c_public for j in nodes], "s-publics": [ads[j].s_public for j in nodes],
+            "identities": [ads[j].identity for j in nodes], "ad-sigs": [ads[j].signature for j in nodes]}
+
+
+def advertisements_from_record(record: Mapping) -> dict[int, Advertisement]:
+    try:
+        columns = [record[k] for k in ("ids", "c-publics", "s-publics", "identities", "ad-sigs")]
+        ads = [Advertisement(int(j), bytes(c), bytes(s), bytes(i), bytes(g)) for j, c, s, i, g in zip(*columns, strict=True)]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"malformed advertisements ({exc})") from None
+    if len({ad.node for ad in ads}) != len(ads):
+        raise ValueError("the advertisements name one node twice")
+    return {ad.node: ad for ad in ads}
 
 
 def config_problems(config) -> list[str]:

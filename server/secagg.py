@@ -13,6 +13,7 @@ raises RoundFailed: the run stops and says why, it never goes on with an unchang
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import secrets
 from collections.abc import Callable, Iterable
@@ -27,12 +28,14 @@ from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from crypto import secagg
-from crypto.secagg_protocol import SEALED_SHARES_BYTES, neighbourhoods, unmask_sum
+from crypto.secagg_protocol import SEALED_SHARES_BYTES, Advertisement, quorum, round_graph, signed_by, survivors_statement, unmask_sum
 from fedlearn.config import RunConfig
 from fedlearn.encoding import FixedPointCodec
 from fedlearn.errors import RoundFailed
-from fedlearn.messages import NODE_RECORD, NUM_EXAMPLES_KEY, SECAGG_RECORD
-from fedlearn.secagg import ADVERTISE, MASKED_ARRAY, SHARE, UNMASK, RoundPlan
+from fedlearn.messages import AUTH_RECORD, NODE_RECORD, NUM_EXAMPLES_KEY, SECAGG_RECORD
+from fedlearn.secagg import (
+    ADVERTISE, CONSISTENCY, MASKED_ARRAY, SHARE, UNMASK, RoundPlan, advertisement_from_record, advertisements_record,
+)
 from server.grid import parsed_replies, short_reason
 from server.privacy import HidingStrategy
 
@@ -53,6 +56,16 @@ def average_as_reply(average: dict[str, np.ndarray], replies: list[Message], exa
     return Message(content, dst_node_id=0, message_type=MessageType.TRAIN)
 
 
+def advertised_by_signer(ad: Advertisement, content: RecordDict) -> str | None:
+    """Why ``ad`` does not name the identity that signed its reply for access control (None: it
+    does), so that no node can advertise round keys under another's identity."""
+    if AUTH_RECORD not in content:
+        return None  # no access control on this grid (strategy tests): the clients' own checks remain
+    if str(content[AUTH_RECORD].get("key", "")) != base64.b64encode(ad.identity).decode():
+        return "its advertisement names another identity than the key that signed the reply"
+    return None
+
+
 class SecAggStrategy(HidingStrategy):
     def __init__(self, inner: Strategy, config: RunConfig, template: dict[str, np.ndarray]):
         super().__init__(inner, config, template)
@@ -60,6 +73,7 @@ class SecAggStrategy(HidingStrategy):
         self.plan: RoundPlan | None = None
         self.grid: Grid | None = None
         self.graph: dict[int, list[int]] = {}  # node -> its neighbourhood (itself included)
+        self.ads: dict[int, Advertisement] = {}  # node -> its signed advertisement
         self.publics: dict[int, tuple[bytes, bytes]] = {}  # node -> (c, s) public keys
         self.counts: dict[int, int] = {}  # node -> training examples it reported this round
         self.holders: dict[int, list[int]] = {}  # node -> neighbours it was told to mask with
@@ -86,15 +100,19 @@ class SecAggStrategy(HidingStrategy):
         self._require(len(answered), stage, server_round)
         return answered
 
-    def _require(self, survivors: int, stage: str, server_round: int, errors: list[str] = ()) -> None:
-        if survivors < self.plan.threshold:
+    def _require(self, survivors: int, stage: str, server_round: int, errors: list[str] = (), needed: int = 0) -> None:
+        needed = needed or self.plan.threshold
+        if survivors < needed:
             lost = sum(len(v) for v in self.dropped.values())
             first = short_reason(errors[0]) if errors else ""
             raise RoundFailed(
                 f"round {server_round}: secure aggregation lost {lost} of {self.plan.max_terms} clients by the {stage} stage "
                 f"(dropped per stage: {self._dropped_counts()}" + (f"; first client error: {first}" if first else "")
-                + f"); {survivors} are left, fewer than the threshold "
-                f"{self.plan.threshold} needed to remove the masks. The run stopped rather than continue with an "
+                + f"); {survivors} are left, fewer than the "
+                + (f"threshold {needed} needed to remove the masks." if needed == self.plan.threshold else
+                   f"quorum {needed} (more than half of the {len(self.ads)} that advertised) that must sign one survivor "
+                   "set before any share is revealed.")
+                + " The run stopped rather than continue with an "
                 f"unchanged model: start more nodes, or lower secagg-threshold (the privacy margin) if dropouts are expected"
             )
 
@@ -120,25 +138,24 @@ class SecAggStrategy(HidingStrategy):
         stage_config = ConfigRecord({**self.config.to_flat(), "server-round": server_round})
         basics = {k: v for k, v in self.plan.to_record().items() if k in ("threshold", "bits", "length", "server-round")}
 
-        def keys_and_count(node, record, content):
-            keys = (bytes(record["c-public"]), bytes(record["s-public"]))
+        def advertisement_and_count(node, record, content):
+            ad = advertisement_from_record(node, record)
             count = int(content[NODE_RECORD][NUM_EXAMPLES_KEY])
             # A low-order key would make every peer's agreement with it fail: the sender, not the round, drops.
-            if not all(secagg.is_usable_public(k) for k in keys) or count < 1:
-                raise ValueError("not two usable X25519 public keys (32 bytes, not a low-order point) "
-                                 "and a positive example count")
-            return keys, count
+            problem = ad.problem(self.plan.context()) or advertised_by_signer(ad, content)
+            if problem or count < 1:
+                raise ValueError(problem or f"example count {count}: must be positive")
+            return ad, count
 
-        advertised = self._exchange(server_round, "advertise", ADVERTISE, {node: basics for node in sampled}, stage_config, keys_and_count)
-        self.publics = {node: keys for node, (keys, _) in advertised.items()}
+        advertised = self._exchange(server_round, "advertise", ADVERTISE, {node: basics for node in sampled}, stage_config,
+                                    advertisement_and_count)
+        self.ads = {node: ad for node, (ad, _) in advertised.items()}
+        self.publics = {node: (ad.c_public, ad.s_public) for node, ad in self.ads.items()}
         self.counts = {node: count for node, (_, count) in advertised.items()}
-        self.graph = neighbourhoods(self.publics, self.config.secagg_neighbours)
+        self.graph = round_graph(self.plan.context(), self.publics, self.config.secagg_neighbours)
 
-        share_requests = {
-            node: {"ids": self.graph[node], "c-publics": [self.publics[j][0] for j in self.graph[node]],
-                   "s-publics": [self.publics[j][1] for j in self.graph[node]]}
-            for node in self.publics
-        }
+        every_advertisement = advertisements_record(self.ads)  # each client derives its own neighbours from them all
+
         def sealed_shares(node, record, content):
             ids, sealed = [int(j) for j in record["ids"]], [bytes(s) for s in record["sealed"]]
             if ids != self.graph[node] or len(sealed) != len(ids):
@@ -147,7 +164,8 @@ class SecAggStrategy(HidingStrategy):
                 raise ValueError(f"sealed shares are {SEALED_SHARES_BYTES} bytes, got {sorted({len(b) for b in sealed})}")
             return dict(zip(ids, sealed))
 
-        shared = self._exchange(server_round, "share", SHARE, share_requests, stage_config, sealed_shares)
+        shared = self._exchange(server_round, "share", SHARE, {node: every_advertisement for node in self.ads}, stage_config,
+                                sealed_shares)
         inbox: dict[int, dict[int, bytes]] = {node: {} for node in shared}  # receiver -> sender -> sealed shares
         for sender, sealed in shared.items():
             for receiver, blob in sealed.items():
@@ -202,6 +220,22 @@ class SecAggStrategy(HidingStrategy):
             if len(share) != secagg.SHARE_BYTES or share[0] != self.graph[j].index(node) + 1:
                 raise ValueError(f"a share of node {j} that is not the one it was dealt ({len(share)} bytes)")
 
+    def _consistency(self, server_round: int, survivors: list[int], stage_config: ConfigRecord) -> dict[int, bytes]:
+        """Bonawitz et al.'s consistency check: every survivor signs the one survivor set, and
+        only those whose signature verifies are asked to unmask (with all the signatures)."""
+        statement = survivors_statement(self.plan.context(), survivors)
+
+        def signature(node, record, content):
+            sig = bytes(record["sig"])
+            if not signed_by(self.ads[node].identity, sig, statement):
+                raise ValueError("its signature over the survivor set does not verify")
+            return sig
+
+        signatures = self._exchange(server_round, "consistency", CONSISTENCY, {node: {"survivors": survivors} for node in survivors},
+                                    stage_config, signature)
+        self._require(len(signatures), "consistency", server_round, needed=quorum(self.plan.threshold, len(self.ads)))
+        return signatures
+
     def check_reply(self, content: RecordDict) -> None:
         """Raise ValueError saying what is wrong with a training reply (access control calls it)."""
         self._parse(content)
@@ -222,14 +256,17 @@ class SecAggStrategy(HidingStrategy):
 
         survivors = sorted(masked)
         stage_config = ConfigRecord({**self.config.to_flat(), "server-round": server_round})
+        signatures = self._consistency(server_round, survivors, stage_config)
+
         def revealed_shares(node, record, content):
             revealed = {int(j): (str(k), bytes(s)) for j, k, s in zip(record["ids"], record["kinds"], record["shares"], strict=True)}
             self._check_reveal(node, revealed, masked)
             return revealed
 
-        # Each client is told the survivors among its own holders, and checks that they are.
-        requests = {node: {"survivors": [j for j in survivors if j in self.holders[node]]} for node in survivors}
-        revealed = list(self._exchange(server_round, "unmask", UNMASK, requests, stage_config, revealed_shares).values())
+        signers = sorted(signatures)
+        request = {"signers": signers, "signatures": [signatures[j] for j in signers]}
+        revealed = list(self._exchange(server_round, "unmask", UNMASK, {node: request for node in signers}, stage_config,
+                                       revealed_shares).values())
         try:
             total = unmask_sum(masked, revealed, {n: p[1] for n, p in self.publics.items()},
                                {n: self.holders[n] for n in survivors}, self.plan.threshold, self.plan.bits, self.plan.context())

@@ -147,7 +147,8 @@ class LocalCluster:
 
     def start_supernode(self, index: int, auth_key: Path | None = None, name: str = "") -> subprocess.Popen:
         """SuperNode ``index`` serving partition ``index``; ``auth_key`` overrides its registered key."""
-        node_config = f"partition-id={index} num-partitions={self.nodes} node-key='{self.keys / f'node-{index}.key'}'"
+        node_config = (f"partition-id={index} num-partitions={self.nodes} node-key='{self.keys / f'node-{index}.key'}' "
+                       f"access-policy='{self.directory / 'policy.toml'}'")  # the node's own copy of who its peers may be
         process = self._start(name or f"supernode-{index}", [
             str(BIN / "flower-supernode"), "--root-certificates", str(self.tls.ca_cert),
             "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port()),

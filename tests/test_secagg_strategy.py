@@ -7,25 +7,27 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from clients import secagg as client
 from fedlearn import strategies
 from fedlearn.config import RunConfig
 from fedlearn.messages import NODE_RECORD, NUM_EXAMPLES_KEY, SECAGG_RECORD
-from fedlearn.secagg import ADVERTISE, MASKED_ARRAY, SHARE, UNMASK
+from fedlearn.secagg import ADVERTISE, CONSISTENCY, MASKED_ARRAY, SHARE, UNMASK
 from server.app import global_model
 from fedlearn.errors import RoundFailed
 from server.secagg import SecAggStrategy
 
 COUNTS = {1: 10, 2: 25, 3: 40, 4: 30}  # node id -> training examples
+IDENTITIES = {node: Ed25519PrivateKey.generate() for node in COUNTS}  # the nodes' enrolled keys
 
 
 class StageGrid:
     """Nodes answering the key stages with fedlearn's client code; ``broken`` sends a short key."""
 
-    def __init__(self, config, broken=None, key=("c-public", b"short"), min_threshold=0):
-        self.config, self.broken, self.key, self.min_threshold = config, broken, key, min_threshold
+    def __init__(self, config, broken=None, key=("c-public", b"short"), min_threshold=0, policy=None):
+        self.config, self.broken, self.key, self.min_threshold, self.policy = config, broken, key, min_threshold, policy
         self.states = {node: RecordDict() for node in COUNTS}
 
     def get_node_ids(self):
@@ -36,22 +38,27 @@ class StageGrid:
         for msg in messages:
             node, state, kind = msg.metadata.dst_node_id, self.states[msg.metadata.dst_node_id], msg.metadata.message_type
             if kind == ADVERTISE:
-                records = client.advertise(msg, state)
+                records = client.advertise(msg, state, IDENTITIES[node])
                 records[NODE_RECORD] = ConfigRecord({NUM_EXAMPLES_KEY: COUNTS[node]})
                 if node == self.broken:
                     records[SECAGG_RECORD][self.key[0]] = self.key[1]
-            elif kind == SHARE:
+            else:
                 try:
-                    records = client.share(msg, state, self.config, self.min_threshold)
+                    records = self.answer(msg, node, state, kind)
                 except ValueError as exc:  # as Flower does with a ClientApp's exception: an error reply
                     replies.append(Message(Error(code=0, reason=str(exc)), reply_to=msg))
                     continue
-            elif kind == UNMASK:
-                records = client.unmask(msg, state)
-            else:
-                raise AssertionError(f"unexpected {kind}")
             replies.append(Message(RecordDict(records), reply_to=msg))
         return replies
+
+    def answer(self, msg, node, state, kind):
+        if kind == SHARE:
+            return client.share(msg, state, self.config, self.min_threshold, self.policy)
+        if kind == CONSISTENCY:
+            return client.sign_survivors(msg, state, IDENTITIES[node])
+        if kind == UNMASK:
+            return client.unmask(msg, state)
+        raise AssertionError(f"unexpected {kind}")
 
 
 def setup(**overrides):
@@ -205,3 +212,39 @@ def test_nodes_that_pin_a_threshold_refuse_a_server_that_lowers_it_or_shrinks_th
         list(strategy.configure_train(1, arrays, ConfigRecord(config.to_flat()), grid))
     honest = StageGrid(setup()[0], min_threshold=3)  # the run's own strict majority of 4 is 3: accepted
     assert len(list(setup()[1].configure_train(1, arrays, ConfigRecord(honest.config.to_flat()), honest))) == 4
+
+
+def policy_enrolling(nodes):
+    from fedlearn.access import ROLES, AccessPolicy
+
+    policy = AccessPolicy()
+    for node in nodes:
+        policy.enroll(f"node-{node}", IDENTITIES[node].public_key(), ROLES)
+    return policy
+
+
+def test_nodes_refuse_to_share_with_an_identity_their_policy_did_not_enroll(run_identity):
+    """Issue 22 (signed advertisements against enrolled identities): failed before: a client
+    took whatever public keys the server listed as its neighbours', so a server could stand in
+    for a peer with keys of its own. Node 4's identity is not in the nodes' policy here (a
+    stand-in): every node refuses to share and the round stops; with it enrolled, it runs."""
+    config, strategy, template = setup()
+    arrays = ArrayRecord({k: Array(v) for k, v in template.items()})
+    grid = StageGrid(config, policy=policy_enrolling([1, 2, 3]))
+    with pytest.raises(RoundFailed, match="by the share stage"):
+        list(strategy.configure_train(1, arrays, ConfigRecord(config.to_flat()), grid))
+    config, strategy, template = setup()
+    grid = StageGrid(config, policy=policy_enrolling(COUNTS))
+    assert len(list(strategy.configure_train(1, arrays, ConfigRecord(config.to_flat()), grid))) == 4
+
+
+def test_the_server_drops_an_advertisement_under_another_identity_than_the_reply_was_signed_with():
+    from crypto import signing
+    from crypto.secagg_protocol import ClientSession
+    from fedlearn.messages import AUTH_RECORD
+    from server.secagg import advertised_by_signer
+
+    ad = ClientSession(1, 2, 16, 4, b"ctx").advertise(IDENTITIES[1])
+    signed_by = lambda key: RecordDict({AUTH_RECORD: ConfigRecord({"key": signing.public_b64(key.public_key())})})
+    assert advertised_by_signer(ad, signed_by(IDENTITIES[1])) is None
+    assert "another identity" in advertised_by_signer(ad, signed_by(IDENTITIES[2]))

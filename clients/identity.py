@@ -1,0 +1,66 @@
+"""A node's identity: the Ed25519 key access control enrolled it under, and the access policy it
+judges its peers by. The ClientApp signs replies with the key; privacy modes that talk about
+peers (secagg) sign their own statements with it and check peers' against the policy."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from flwr.app import Context, Message
+
+from crypto import signing
+from fedlearn.access import NODE_KEY_NAME, AccessPolicy
+from fedlearn.config import RunConfig
+from fedlearn.errors import ConfigError
+from fedlearn.messages import AUTH_RECORD
+
+
+def key_path(context: Context, config: RunConfig, partition_id: int) -> Path:
+    if "node-key" in context.node_config:
+        return Path(str(context.node_config["node-key"])).expanduser()
+    if config.node_keys_dir:
+        return Path(config.node_keys_dir) / f"{NODE_KEY_NAME.format(partition_id)}.key"
+    raise ConfigError(
+        [
+            "this node has no signing key: create one with `fedlearn keys generate --out keys --name NAME`, "
+            "have the operator enroll keys/NAME.pub (`fedlearn keys enroll`), and start the node with "
+            "--node-config 'node-key=keys/NAME.key partition-id=I num-partitions=N'"
+        ]
+    )
+
+
+@lru_cache(maxsize=64)
+def _load_key(path: Path):
+    try:
+        return signing.load_private(path)
+    except signing.KeyFileError as exc:
+        raise ConfigError([f"node-key: {exc}"]) from None
+
+
+def node_policy(context: Context, config: RunConfig) -> AccessPolicy | None:
+    """The access policy the node judges its peers by: ``access-policy`` in its node config (a
+    deployed node's own copy, which no server can change), else the run's (a simulation, where
+    server and nodes share one machine and one operator); None when there is neither."""
+    path = context.node_config.get("access-policy") or config.access_policy
+    if not path:
+        return None
+    path = Path(str(path)).expanduser()
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        raise ConfigError([f"access-policy {path}: {exc.strerror or exc}: give the policy file the operator distributed"]) from None
+    return _load_policy(path, stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=4)
+def _load_policy(path: Path, mtime_ns: int, size: int) -> AccessPolicy:
+    """Loaded once per version of the file (its mtime and size are the cache key)."""
+    return AccessPolicy.load(path)
+
+
+def signing_key(msg: Message, context: Context, task):
+    """The node's key when the server sent a challenge to sign, else None."""
+    if AUTH_RECORD not in msg.content:
+        return None
+    return _load_key(key_path(context, task.config, task.partition_id))
