@@ -33,9 +33,11 @@ from crypto.digest import canonical_json, sha256_hex
 from fedlearn import privacy
 from fedlearn.config import RunConfig, read_toml
 from fedlearn.errors import AccessDenied, ConfigError
+from fedlearn.messages import NUM_EXAMPLES_QUERY
 
 ROLES = ("trainer", "evaluator", "keyholder")
-ROLE_FOR_MESSAGE = {"train": "trainer", "evaluate": "evaluator"}  # by category: "train.secagg_share" too
+# By message type, else by category ("train.secagg_share" is a trainer's too).
+ROLE_FOR_MESSAGE = {"train": "trainer", "evaluate": "evaluator", NUM_EXAMPLES_QUERY: "trainer"}
 UPDATE_PURPOSE = "fedlearn-update-v1"
 RUN_PURPOSE = "fedlearn-run-v1"
 # Config keys left out of the digest an operator signs: the signature cannot sign itself.
@@ -245,7 +247,7 @@ def role_for(message_type: str) -> str | None:
     role = privacy.role_for(message_type)  # a mode's own stages (he-threshold's key holders)
     if role is not None:
         return role
-    return ROLE_FOR_MESSAGE.get(message_type.split(".", 1)[0])
+    return ROLE_FOR_MESSAGE.get(message_type) or ROLE_FOR_MESSAGE.get(message_type.split(".", 1)[0])
 
 
 def update_statement(run_id: str, server_round: int, nonce: str, kind: str, payload: str) -> bytes:

@@ -37,6 +37,9 @@ def range_exponents(arrays: dict[str, np.ndarray], factor: float) -> list[int]:
     ]
 
 
+MAX_RANGE_EXPONENT = 126  # ranges are 2**e with |e| at most this: any float32 value fits, and 2.0**e never overflows
+
+
 def expand_ranges(exponents: list[int], template: dict[str, np.ndarray]) -> np.ndarray:
     return np.concatenate([np.full(int(np.prod(a.shape)), 2.0**e) for e, a in zip(exponents, template.values())])
 

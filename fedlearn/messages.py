@@ -21,6 +21,9 @@ AUTH_RECORD = "auth"
 HE_RECORD = "he"  # privacy=he: how to read the encrypted model (request) or contribution (reply)
 SECAGG_RECORD = "secagg"  # privacy=secagg: a stage's keys, shares and the round's plan
 NUM_EXAMPLES_KEY = "num-examples"
+# The weight cap's question (he, he-threshold): how many examples a node trains on, answered signed
+# (a count a server weights by is an input like an update) before the training request.
+NUM_EXAMPLES_QUERY = "query.num_examples"
 PERSONAL_RECORD = "personal"  # fedper: a node's own layers, in its Flower context (never sent)
 
 

@@ -9,6 +9,7 @@ exactly as they drop a failed node: it never reaches aggregation.
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
 from collections.abc import Iterable
@@ -32,7 +33,7 @@ from fedlearn.audit import AuditLog
 from fedlearn.checkpoint import CheckpointError
 from fedlearn.config import RunConfig
 from fedlearn.errors import AccessDenied, ConfigError
-from fedlearn.messages import AUTH_RECORD, NODE_RECORD, PARTITION_KEY, payload_digest
+from fedlearn.messages import AUTH_RECORD, NODE_RECORD, NUM_EXAMPLES_KEY, PARTITION_KEY, payload_digest
 from fedlearn.runs import RunStore
 from server.grid import GridWrapper
 from fedlearn.updates import Rejected, check_plain_update, check_size
@@ -135,6 +136,15 @@ def reopen_audited_run(
         "operator": {"name": operator.name, "fingerprint": operator.fingerprint},
     })
     return AuditedRun(config, policy, audit, operator)
+
+
+def _whole(value, what: str) -> int:
+    """A count or id from a reply, which must be a non-negative whole number (not NaN, inf, a
+    string, a fraction or a list): anything else is a rejection, never an exception."""
+    whole = isinstance(value, int) or (isinstance(value, float) and math.isfinite(value) and value.is_integer())
+    if isinstance(value, bool) or not whole or value < 0:
+        raise Rejected(f"malformed {what}: {str(value)[:40]!r} is not a non-negative whole number")
+    return int(value)
 
 
 @dataclass
@@ -283,10 +293,10 @@ class AccessGrid(GridWrapper):
         is_update = reply.metadata.message_type == MessageType.TRAIN
         if is_update:  # first: a huge reply costs no hashing or parsing
             check_size(content, self.max_update_bytes)
-        if NODE_RECORD in content and PARTITION_KEY in content[NODE_RECORD]:
-            facts["partition"] = int(content[NODE_RECORD][PARTITION_KEY])
-        if "metrics" in content and "num-examples" in content["metrics"]:
-            facts["num_examples"] = int(content["metrics"]["num-examples"])
+        for fact, record, name in (("partition", NODE_RECORD, PARTITION_KEY), ("num_examples", "metrics", NUM_EXAMPLES_KEY),
+                                   ("num_examples", NODE_RECORD, NUM_EXAMPLES_KEY)):
+            if record in content and name in content[record]:
+                facts[fact] = _whole(content[record][name], f"{record}.{name}")
         if AUTH_RECORD not in content:
             raise Rejected("unsigned reply: the node sent no auth record (is it running fedlearn's ClientApp?)")
         auth = content[AUTH_RECORD]

@@ -22,7 +22,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedlearn.errors import FederationError
-from fedlearn.messages import NODE_RECORD, NUM_EXAMPLES_KEY, PARTITION_KEY
+from fedlearn.messages import NODE_RECORD, NUM_EXAMPLES_KEY, NUM_EXAMPLES_QUERY, PARTITION_KEY
 from fedlearn.updates import payload_bytes
 
 T = TypeVar("T")
@@ -56,15 +56,18 @@ def parsed_replies(grid: Grid, messages: list[Message], timeout: float, record: 
 
 def round_weight_cap(grid: Grid, nodes: list[int], counts: dict[int, int], config: dict, timeout: float) -> int:
     """The largest training-example count among ``nodes``, asking those not in ``counts`` (one
-    QUERY each; answers are added to ``counts``): privacy modes that weight in ciphertext divide
-    by it, so that sums cannot overflow. ``config`` is the run config (flat) the nodes need."""
+    signed NUM_EXAMPLES_QUERY each, which access control verifies and audits; answers are added
+    to ``counts``): privacy modes that weight in ciphertext divide by it, so that sums cannot
+    overflow. ``config`` is the run config (flat, with ``server-round``) the nodes need. An answer
+    that is not a positive whole number is left out, as a node that did not answer."""
     unknown = [n for n in nodes if n not in counts]
     if unknown:
-        ask = ConfigRecord({**config, "ask": NUM_EXAMPLES_KEY})
-        queries = [Message(RecordDict({"config": ask}), dst_node_id=n, message_type=MessageType.QUERY) for n in unknown]
+        queries = [Message(RecordDict({"config": ConfigRecord(config)}), dst_node_id=n, message_type=NUM_EXAMPLES_QUERY)
+                   for n in unknown]
         for reply in grid.send_and_receive(queries, timeout=timeout):
-            if not reply.has_error() and NODE_RECORD in reply.content and NUM_EXAMPLES_KEY in reply.content[NODE_RECORD]:
-                counts[reply.metadata.src_node_id] = int(reply.content[NODE_RECORD][NUM_EXAMPLES_KEY])
+            count = None if reply.has_error() else _count_of(reply.content)
+            if count is not None:
+                counts[reply.metadata.src_node_id] = count
     known = [counts[n] for n in nodes if n in counts]
     if not known:
         raise FederationError(
@@ -72,6 +75,14 @@ def round_weight_cap(grid: Grid, nodes: list[int], counts: dict[int, int], confi
             f"round-timeout={timeout:g}s: are they running fedlearn's ClientApp?"
         )
     return max(known)
+
+
+def _count_of(content: RecordDict) -> int | None:
+    try:
+        count = content[NODE_RECORD][NUM_EXAMPLES_KEY]
+    except (KeyError, TypeError):
+        return None
+    return count if isinstance(count, int) and not isinstance(count, bool) and count > 0 else None
 
 
 def total_payload_bytes(messages: Iterable[Message]) -> int:

@@ -8,6 +8,7 @@ code path here can decrypt (crypto.he refuses without one).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from flwr.serverapp.strategy import Strategy
 
 from crypto.he import Encrypted, HEKey, HEKeyError, generate_pair
 from fedlearn.config import RunConfig
+from fedlearn.encoding import MAX_RANGE_EXPONENT
 from fedlearn.errors import ConfigError
 from fedlearn.he import PREVIOUS_RECORD, ModelCodec, StateMeta, encrypted_record, record_chunks
 from fedlearn.messages import HE_RECORD
@@ -34,7 +36,7 @@ class RoundPlan:
 
     max_terms: int
     weight_cap: int
-    exponents: tuple[int, ...] | None = None  # bfv ranges, set by the first accepted contribution
+    exponents: tuple[int, ...] | None = None  # bfv ranges: those most of the round's contributions share
 
 
 class HEStrategy(HidingStrategy):
@@ -92,7 +94,8 @@ class HEStrategy(HidingStrategy):
         if not messages:
             return messages
         nodes = [m.metadata.dst_node_id for m in messages]
-        cap = round_weight_cap(grid, nodes, self.counts, self.config.to_flat(), self.config.round_timeout)
+        cap = round_weight_cap(grid, nodes, self.counts, {**self.config.to_flat(), "server-round": server_round},
+                               self.config.round_timeout)
         self.plan = RoundPlan(max_terms=len(nodes), weight_cap=cap)
         self._attach(messages, {"max-terms": self.plan.max_terms, "weight-cap": self.plan.weight_cap})
         return messages
@@ -117,22 +120,39 @@ class HEStrategy(HidingStrategy):
             raise ValueError(f"malformed encrypted update ({exc})") from None
         if weight != examples / self.plan.weight_cap or weight > 1:
             raise ValueError(f"weight {weight:g} is not num-examples {examples} / weight cap {self.plan.weight_cap}")
+        tensors = len(self.codec.template) if self.key.info.scheme == "bfv" else 0
+        if len(exponents) != tensors or any(abs(e) > MAX_RANGE_EXPONENT for e in exponents):
+            raise ValueError(f"{len(exponents)} range exponents for {tensors} tensors, or one beyond 2**+-{MAX_RANGE_EXPONENT}")
         return Encrypted(chunks, weight, 1, clipped), exponents
 
     def check_reply(self, content: RecordDict) -> None:
         """Raise ValueError saying what is wrong with a training reply. Access control calls it on
-        every reply before anything is aggregated; it deserialises each ciphertext once."""
+        every reply before anything is aggregated; it deserialises each ciphertext once. Whether
+        its ranges are the round's is decided once all replies are in (``_agreed``)."""
         encrypted, exponents = self._parse(content)
-        if self.plan.exponents is not None and exponents != self.plan.exponents:
-            raise ValueError("its clipping ranges differ from the other updates of this round (another global model?)")
         self.codec.summer(self.plan.max_terms, exponents).check(encrypted)
-        self.plan.exponents = exponents
+
+    def _agreed(self, replies: list[Message]) -> tuple[list[Encrypted], list[dict]]:
+        """The contributions encoded with the ranges most replies share (every honest client
+        derives them from the same global model), and the others left out, with why: one client
+        claiming other ranges first no longer decides the round's ranges and gets every honest
+        update refused. A tie goes to the wider ranges (fewer values clipped)."""
+        parsed = [(r.metadata.src_node_id, *self._parse(r.content)) for r in replies]
+        votes = Counter(exponents for _, _, exponents in parsed)
+        self.plan.exponents = max(votes, key=lambda e: (votes[e], e))
+        kept = [encrypted for _, encrypted, exponents in parsed if exponents == self.plan.exponents]
+        left_out = [{"node_id": node, "reason": f"its range exponents differ from the {votes[self.plan.exponents]} "
+                     "replies that agree (another global model, or a client trying to set the round's ranges)"}
+                    for node, _, exponents in parsed if exponents != self.plan.exponents]
+        for entry in left_out:
+            log(WARNING, "he: left out node %s's update: %s", entry["node_id"], entry["reason"])
+        return kept, left_out
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         ok = [r for r in replies if not r.has_error()]  # access control already rejected bad ones
         if not ok or self.plan is None:
             return None, None
-        contributions = [self._parse(r.content)[0] for r in ok]
+        contributions, left_out = self._agreed(ok)
         summer = self.codec.summer(self.plan.max_terms, self.plan.exponents)
         total = summer.add(contributions)
         clipped = total.clipped
@@ -150,6 +170,7 @@ class HEStrategy(HidingStrategy):
             "total_weight": total.weight,
             "weight_cap": self.plan.weight_cap,
             "clipped": clipped,
+            "left_out": left_out,
             **self._encoding_facts(summer),
         }
         fn = getattr(self.inner, "train_metrics_aggr_fn", None)

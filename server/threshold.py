@@ -150,7 +150,8 @@ class ThresholdStrategy(HidingStrategy):
             return messages
         self.grid = grid
         nodes = [m.metadata.dst_node_id for m in messages]
-        cap = round_weight_cap(grid, nodes, self.counts, self.config.to_flat(), self.config.round_timeout)
+        cap = round_weight_cap(grid, nodes, self.counts, {**self.config.to_flat(), "server-round": server_round},
+                               self.config.round_timeout)
         encoding = self.config.threshold_encoding(len(nodes))
         exponents = self.codec.range_exponents({k: v.numpy() for k, v in arrays.items()},
                                                self.config.threshold_range_factor(encoding.bits))

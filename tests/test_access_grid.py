@@ -10,10 +10,11 @@ from crypto import signing
 from fedlearn.access import AccessPolicy
 from fedlearn.audit import read
 from fedlearn.config import RunConfig
+from fedlearn.messages import NODE_RECORD, NUM_EXAMPLES_KEY, NUM_EXAMPLES_QUERY, PARTITION_KEY
 from fedlearn.secagg import ADVERTISE, SHARE, UNMASK
 from server.access import AccessGrid
 from server.app import initial_arrays
-from server.grid import payload_bytes
+from server.grid import payload_bytes, round_weight_cap
 from tests.helpers import access_setup as setup  # noqa: F401  (fixture)
 from tests.helpers import assert_log_verifies, message
 
@@ -251,3 +252,26 @@ def test_a_rejected_update_does_not_count_as_the_nodes_update(setup):
     grid = AccessGrid(ScriptedGrid({}), policy, audit, "run-A", model=initial_arrays(CONFIG))
     replies, seen, _ = exchange(setup, {101: lambda msg: nan(msg) + honest(keys["good"])(msg)}, grid=grid)
     assert [r.has_error() for r in replies] == [True, False] and seen.accepted == 1
+
+
+def test_the_example_count_query_is_signed_verified_and_audited(setup, run_identity):
+    """Issue 22 (he, he-threshold): failed before: the weight cap's example-count query went out
+    unchallenged and its answers were neither verified nor audited, so anyone answering for a
+    node set the cap every honest weight is divided by (and a NaN count raised). Now an
+    unsigned, unenrolled or malformed answer is rejected and audited, and left out of the cap."""
+    keys, policy, audit = setup
+
+    def count(key, n):
+        return lambda msg: [reply(msg, 0, key, **{NODE_RECORD: ConfigRecord({PARTITION_KEY: 0, NUM_EXAMPLES_KEY: n})})]
+
+    script = {101: count(keys["good"], 40), 102: count(None, 10**9), 103: count(keys["unknown"], 10**9),
+              104: count(keys["nan"], float("nan")), 105: count(keys["shape"], "many")}
+    grid = AccessGrid(ScriptedGrid(script), policy, audit, "run-A", model=initial_arrays(CONFIG))
+    counts = {}
+    assert round_weight_cap(grid, list(script), counts, {"server-round": 3}, timeout=5) == 40 and counts == {101: 40}
+    records = read(audit.path)
+    rejected = {r["data"]["node_id"]: r["data"]["reason"] for r in records if r["event"] == "update_rejected"}
+    assert "unsigned" in rejected[102] and "unknown key" in rejected[103]
+    assert "malformed node.num-examples" in rejected[104] and "malformed node.num-examples" in rejected[105]
+    (accepted,) = [r for r in records if r["event"] == "update_accepted"]
+    assert accepted["data"]["kind"] == NUM_EXAMPLES_QUERY and accepted["data"]["num_examples"] == 40

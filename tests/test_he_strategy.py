@@ -117,12 +117,35 @@ def test_malformed_encrypted_updates_are_refused_with_the_reason(tmp_path, run_i
     for content, reason in cases:
         with pytest.raises(ValueError, match=reason):
             strategy.check_reply(content)
-    strategy.check_reply(good)  # the first accepted update fixes the round's ranges
-    with pytest.raises(ValueError, match="differ from the other updates"):
-        strategy.check_reply(altered(ranges))
+    strategy.check_reply(good)
+    strategy.check_reply(altered(ranges))  # other ranges alone are no fault: the majority decides (below)
+    for exponents in ([10**6] * len(template), [0] * (len(template) + 1)):
+        with pytest.raises(ValueError, match="range exponents for"):
+            strategy.check_reply(altered(lambda c: c.__setitem__(HE_RECORD, ConfigRecord({**dict(c[HE_RECORD]), "range-exp": exponents}))))
     with pytest.raises(ValueError, match="ciphertexts instead|not a valid"):
         strategy.check_reply(altered(dropped))
     assert messages[0].metadata.message_type == MessageType.TRAIN
+
+
+def test_a_client_claiming_other_ranges_first_is_left_out_not_the_honest_majority(tmp_path, run_identity):
+    """Issue 22 (he range exponents): failed before: the first reply checked fixed the round's
+    ranges, so a client that answered first with other ranges (it may claim any partition id to
+    be ordered first) got every honest update refused and audited as malformed. Now the ranges
+    most replies share are the round's, and the odd one is left out, named in round_end."""
+    config, strategy, template = setup(tmp_path)
+    initial = ArrayRecord({k: Array(v) for k, v in template.items()})
+    messages = list(strategy.configure_train(1, initial, ConfigRecord(config.to_flat()), CountingGrid()))
+    replies, _, _ = client_replies(config, messages, 1, np.random.default_rng(0))
+    liar = replies[0]
+    liar.content[HE_RECORD] = ConfigRecord({**dict(liar.content[HE_RECORD]),
+                                            "range-exp": [e - 3 for e in liar.content[HE_RECORD]["range-exp"]]})
+    for reply in replies:
+        strategy.check_reply(reply.content)  # each is well formed on its own
+    honest_ranges = tuple(replies[1].content[HE_RECORD]["range-exp"])
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None and strategy.plan.exponents == honest_ranges
+    assert strategy.last["terms"] == 2
+    assert [entry["node_id"] for entry in strategy.last["left_out"]] == [liar.metadata.src_node_id]
 
 
 def test_a_node_without_the_right_secret_context_fails_before_training(tmp_path, run_identity):

@@ -103,15 +103,16 @@ class TreeMemory:
         self._thread.join()
 
 
-def simulate_once(run_config: str, timeout: float = 3600, preset: str | None = None) -> dict:
+def simulate_once(run_config: str, timeout: float = 3600, preset: str | None = None, checkout: Path = REPO) -> dict:
     """Run `fedlearn simulate` in a subprocess; return its summary, metrics and peak RSS (and
-    the cluster membership when the strategy writes one)."""
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    the cluster membership when the strategy writes one). ``checkout``: the source tree that
+    runs (another commit's worktree, to compare against it)."""
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONPATH": str(checkout)}
     with tempfile.TemporaryDirectory() as out:
         command = [sys.executable, "-m", "simulations.cli", "simulate", "--run-config", run_config, "--out", out]
         command += ["--preset", preset] if preset else []
         started = time.perf_counter()
-        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        proc = subprocess.Popen(command, cwd=checkout, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, start_new_session=True)
         try:
             with TreeMemory(proc.pid) as memory:

@@ -1,5 +1,6 @@
 """Privacy modes' cost: homomorphic encryption (he-ops, he-round), secure aggregation against
-Flower's SecAgg+ (secagg-round) and threshold HE (threshold-ops, threshold-round)."""
+Flower's SecAgg+ (secagg-round), its active-adversary protections against the semi-honest
+protocol (secagg-active) and threshold HE (threshold-ops, threshold-round)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -222,6 +224,48 @@ def secagg_round(args: argparse.Namespace) -> list[dict]:
                         "final_accuracy": round(m["final_accuracy"], 4), "rounds_measured": m["rounds_measured"],
                     }
                     entries.append(record("secagg-round", figures, {"config": json.dumps(base)}))
+    return entries
+
+
+def _secagg_active_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--baseline", default="1edf0f8", help="commit whose secagg to compare against (1edf0f8: the "
+                   "semi-honest protocol, the last before the active-adversary protections)")
+    p.add_argument("--jobs", default="num-clients=10;num-clients=20 secagg-neighbours=6",
+                   help="semicolon-separated run configs (privacy=secagg is added)")
+    p.add_argument("--rounds", type=int, default=6, help="rounds per run; round 1 (Ray start-up) is not measured")
+    p.add_argument("--repeats", type=int, default=2, help="alternating baseline/active pairs per job")
+
+
+@scenario("secagg-active", arguments=_secagg_active_args)
+def secagg_active(args: argparse.Namespace) -> list[dict]:
+    """privacy=secagg with the active-adversary protections (signed advertisements, the graph
+    the advertisements fix, the consistency check's extra stage) against the semi-honest
+    protocol of --baseline, same job: alternating `fedlearn simulate` subprocesses of the two
+    source trees, median round time of rounds 2.. and its ratio."""
+    from simulations.bench.harness import simulate_once
+
+    entries = []
+    with tempfile.TemporaryDirectory() as tmp:
+        baseline = Path(tmp) / "baseline"
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(baseline), args.baseline],
+                       check=True, capture_output=True)
+        try:
+            for job in args.jobs.split(";"):
+                config = f"{job} num-rounds={args.rounds} privacy=secagg"
+                seconds: dict[str, list[float]] = {"baseline": [], "active": []}
+                for repeat in range(args.repeats):
+                    for arm, checkout in (("baseline", baseline), ("active", REPO)):
+                        print(f"[secagg-active] {job}: {arm}, run {repeat + 1}/{args.repeats} ...", flush=True)
+                        run = simulate_once(config, checkout=checkout)
+                        seconds[arm] += [m["seconds"] for m in run["metrics"] if m["round"] >= 2]
+                medians = {arm: statistics.median(values) for arm, values in seconds.items()}
+                for arm, median in medians.items():
+                    figures = {"job": job, "arm": arm, "baseline_commit": args.baseline, "median_round_s": round(median, 3),
+                               "ratio_vs_baseline": round(median / medians["baseline"], 3), "rounds_measured": len(seconds[arm])}
+                    print(f"    {json.dumps(figures)}", flush=True)
+                    entries.append(record("secagg-active", figures, {"config": config}))
+        finally:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(baseline)], capture_output=True)
     return entries
 
 
