@@ -37,6 +37,15 @@ class Checkpoint:
     audit_head: str = ""
     python_random: Any = None  # random.getstate() (Flower samples nodes with `random`)
 
+    def digests(self) -> dict[str, str]:
+        """SHA-256 of the model and of the rest of the state a resume restores (strategy state and
+        its layout, the random generator): the round's audit record carries them, so an edited
+        checkpoint is refused instead of resumed."""
+        from crypto.digest import arrays_digest, canonical_json, sha256_hex
+
+        state = {"strategy": arrays_digest(self.strategy), "layout": self.layout, "python_random": self.python_random}
+        return {"model": arrays_digest(self.model), "state": sha256_hex(canonical_json(state))}
+
     def save(self, directory: Path) -> Path:
         from safetensors.numpy import save
 

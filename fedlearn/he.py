@@ -33,6 +33,7 @@ from flwr.app import Array, ArrayRecord
 from crypto.he import Encrypted, HEKey, HEKeyError, HESum, Layout
 from fedlearn import families
 from fedlearn.encoding import expand_ranges, flatten, range_exponents, unflatten
+from fedlearn.updates import array_values
 
 CHUNK_PREFIX = "ct-"
 PREVIOUS_RECORD = "he-previous"  # fedavgm: the state before the current one
@@ -67,7 +68,8 @@ def encrypted_record(chunks) -> ArrayRecord:
 
 
 def record_chunks(record: ArrayRecord) -> tuple[bytes, ...]:
-    return arrays_to_chunks({name: array.numpy() for name, array in record.items()})
+    """The ciphertext blobs of a received record (ValueError: it holds none that parse)."""
+    return arrays_to_chunks({name: array_values(array) for name, array in record.items()})
 
 
 def arrays_to_chunks(arrays: dict[str, np.ndarray]) -> tuple[bytes, ...]:

@@ -82,7 +82,7 @@ class RoundPlan:
             return cls(str(record["round-id"]), int(record["server-round"]), int(record["threshold"]), int(record["bits"]),
                        int(record["value-bits"]), int(record["max-terms"]), int(record["length"]),
                        int(record["weight-cap"]), tuple(int(e) for e in record["range-exp"]))
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ValueError(f"malformed secagg plan ({exc})") from None
 
 
@@ -93,7 +93,7 @@ def advertisement_record(ad: Advertisement) -> dict:
 def advertisement_from_record(node: int, record: Mapping) -> Advertisement:
     try:
         return Advertisement(node, *(bytes(record[k]) for k in ("c-public", "s-public", "identity", "ad-sig")))
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise ValueError(f"malformed advertisement ({exc})") from None
 
 
@@ -108,7 +108,7 @@ def advertisements_from_record(record: Mapping) -> dict[int, Advertisement]:
     try:
         columns = [record[k] for k in ("ids", "c-publics", "s-publics", "identities", "ad-sigs")]
         ads = [Advertisement(int(j), bytes(c), bytes(s), bytes(i), bytes(g)) for j, c, s, i, g in zip(*columns, strict=True)]
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise ValueError(f"malformed advertisements ({exc})") from None
     if len({ad.node for ad in ads}) != len(ads):
         raise ValueError("the advertisements name one node twice")

@@ -87,7 +87,7 @@ class RoundPlan:
         try:
             return cls(int(record["value-bits"]), int(record["max-terms"]), int(record["weight-cap"]),
                        tuple(int(e) for e in record["range-exp"]))
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ValueError(f"malformed he-threshold plan ({exc})") from None
 
 

@@ -53,7 +53,11 @@ def check_plain_update(content, sent: ArrayRecord) -> None:
             raise Rejected(
                 f"malformed update: {name} is {theirs.dtype}{list(theirs.shape)}, the model's is {mine.dtype}{list(mine.shape)}"
             )
-        if not np.isfinite(_values(theirs)).all():
+        try:
+            values = array_values(theirs)
+        except ValueError as exc:
+            raise Rejected(f"malformed update: {exc}") from None
+        if not np.isfinite(values).all():
             raise Rejected(f"non-finite update: {name} contains NaN or Inf")
 
 
@@ -65,28 +69,29 @@ def check_models_update(content, packed: ArrayRecord) -> None:
     check_plain_update(content, ArrayRecord({k: a for k, a in packed.items() if k.partition(SEPARATOR)[0] in trained}))
 
 
-def _values(array) -> np.ndarray:
-    """The values a strategy will read from a serialized numpy array (``Array.numpy()`` follows
-    the .npy header, not the Array's declared dtype and shape): the header, parsed without
-    pickle, must declare the Array's own dtype, shape and C order, and the bytes after it must
-    hold exactly that many values. A big-endian header under a declared float32 passed a check
-    of the declared dtype and aggregated as garbage."""
+def array_values(array) -> np.ndarray:
+    """The values a strategy will read from a received Flower Array (``Array.numpy()`` follows
+    the .npy header, not the Array's declared dtype and shape), or ValueError saying why there
+    are none: the header, parsed without pickle, must declare the Array's own dtype, shape and
+    C order, and the bytes after it must hold exactly that many values. A big-endian header
+    under a declared float32 passed a check of the declared dtype and aggregated as garbage;
+    empty bytes made numpy raise EOFError, which stopped a run."""
     try:
         declared = np.dtype(array.dtype)
     except TypeError:
-        raise Rejected(f"malformed update: unknown dtype {array.dtype!r}") from None
+        raise ValueError(f"unknown dtype {array.dtype!r}") from None
     stream = io.BytesIO(array.data)
     try:
         version = npformat.read_magic(stream)
         reader = {(1, 0): npformat.read_array_header_1_0, (2, 0): npformat.read_array_header_2_0}[version]
         shape, fortran_order, dtype = reader(stream)
-    except (ValueError, KeyError, SyntaxError, TypeError, OverflowError) as exc:
-        raise Rejected(f"malformed update: not a .npy array ({type(exc).__name__})") from None
+    except (ValueError, KeyError, SyntaxError, TypeError, OverflowError, EOFError) as exc:
+        raise ValueError(f"not a .npy array ({type(exc).__name__})") from None
     if dtype != declared or dtype.hasobject or list(shape) != list(array.shape) or fortran_order:
-        raise Rejected(f"malformed update: its bytes hold {dtype.str}{list(shape)}"
-                       f"{' in Fortran order' if fortran_order else ''}, it declares {declared.str}{list(array.shape)}")
+        raise ValueError(f"its bytes hold {dtype.str}{list(shape)}"
+                         f"{' in Fortran order' if fortran_order else ''}, it declares {declared.str}{list(array.shape)}")
     count = math.prod(shape)
     offset = stream.tell()
     if len(array.data) != offset + count * dtype.itemsize:
-        raise Rejected(f"malformed update: {len(array.data) - offset} bytes of values for {count} values of {dtype}")
+        raise ValueError(f"{len(array.data) - offset} bytes of values for {count} values of {dtype}")
     return np.frombuffer(array.data, dtype=dtype, count=count, offset=offset)

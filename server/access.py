@@ -132,6 +132,7 @@ def reopen_audited_run(
         **start_facts,
         "from_round": checkpoint.round,
         "records_after_checkpoint": audit.seq - checkpoint.audit_seq,  # the interrupted round's, kept as evidence
+        "checkpoint": checkpoint.digests(),
         "config_digest": run_digest(config),
         "operator": {"name": operator.name, "fingerprint": operator.fingerprint},
     })
@@ -304,7 +305,7 @@ class AccessGrid(GridWrapper):
             public_key = signing.public_from_b64(str(auth["key"]))
             signature = bytes(auth["sig"])
             claimed = str(auth["run-id"]), int(auth["round"]), str(auth["nonce"])
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise Rejected(f"malformed auth record ({exc})") from None
         fingerprint = signing.fingerprint(public_key)
         facts["fingerprint"] = fingerprint

@@ -49,7 +49,7 @@ def parsed_replies(grid: Grid, messages: list[Message], timeout: float, record: 
             continue
         try:
             answered[node] = parse(node, reply.content.get(record, ConfigRecord()), reply.content)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             log(WARNING, "%s: node %d sent a malformed reply (%s); it counts as dropped", what, node, exc)
     return answered
 

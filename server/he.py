@@ -116,7 +116,7 @@ class HEStrategy(HidingStrategy):
             weight, exponents, clipped = float(he["weight"]), tuple(int(e) for e in he["range-exp"]), int(he["clipped"])
             examples = int(content["metrics"]["num-examples"])
             chunks = record_chunks(content["arrays"])
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ValueError(f"malformed encrypted update ({exc})") from None
         if weight != examples / self.plan.weight_cap or weight > 1:
             raise ValueError(f"weight {weight:g} is not num-examples {examples} / weight cap {self.plan.weight_cap}")

@@ -90,6 +90,7 @@ class RoundRecorder:
         exchange_audit = run.audit.seconds - self.audit_seconds  # appends while replies came in
         audit_started = time.perf_counter()
         facts, row = run.halves.round_facts(config, run.inner(), server_round) if server_round else ({}, {})
+        checkpoint = self._checkpoint(server_round, arrays) if server_round and run.strategy.checkpointable else None
         if server_round:
             audit_round(run.audit, server_round, arrays, seen, {
                 "accuracy": accuracy, "loss": loss, "clients": traffic.replies, "failures": traffic.failures,
@@ -97,6 +98,7 @@ class RoundRecorder:
                 "privacy": self._privacy_facts(seen, server_round),
                 **facts,
                 **({"model_accuracy": per_model} if per_model else {}),
+                **({"checkpoint": checkpoint.digests()} if checkpoint else {}),
             })
         self.audit_seconds = run.audit.seconds
         timings = {
@@ -136,20 +138,19 @@ class RoundRecorder:
                 f"first error: {first}). The run stopped rather than continue with an unchanged model; "
                 f"the rounds so far are in {run.store.directory}"
             )
-        if server_round and run.strategy.checkpointable:
-            self._save_checkpoint(server_round, arrays)
+        if checkpoint is not None:  # after the round_end that names its digests
+            checkpoint.audit_seq, checkpoint.audit_head = run.audit.seq, run.audit.head
+            checkpoint.save(run.store.directory)
         if server_round and config.target_accuracy and accuracy >= config.target_accuracy:
             raise TargetReached
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
-    def _save_checkpoint(self, server_round: int, arrays: ArrayRecord) -> None:
+    def _checkpoint(self, server_round: int, arrays: ArrayRecord) -> Checkpoint:
+        """What a resume needs after this round (its place in the audit chain is set once the
+        round's records are written)."""
         state_arrays, layout = strategy_state(self.run.strategy)
-        audit = self.run.audit
-        Checkpoint(
-            round=server_round, model=numpy_arrays(arrays), strategy=state_arrays, layout=layout,
-            config_digest=self.run.config.digest(), audit_seq=audit.seq, audit_head=audit.head,
-            python_random=random.getstate(),
-        ).save(self.run.store.directory)
+        return Checkpoint(round=server_round, model=numpy_arrays(arrays), strategy=state_arrays, layout=layout,
+                          config_digest=self.run.config.digest(), python_random=random.getstate())
 
     def _privacy_facts(self, seen: RoundAccess, server_round: int) -> dict:
         facts = self.run.strategy.round_facts(seen.update_digests)

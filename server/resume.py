@@ -45,6 +45,7 @@ def load_checkpoint(run_dir: Path) -> tuple[RunConfig, Checkpoint]:
             f"{run_dir}/audit.jsonl does not verify ({verdict.summary()}): resume refused so nothing is appended "
             "to a damaged log; keep it as evidence and start a new run"
         )
+    check_audited_digests(checkpoint, audit_log.read(log))
     if checkpoint.config_digest != config.digest():
         raise CheckpointError(f"{run_dir}/config.toml changed since the checkpoint was written; restore it to resume")
     why = families.get(config.strategy).not_resumable
@@ -54,6 +55,25 @@ def load_checkpoint(run_dir: Path) -> tuple[RunConfig, Checkpoint]:
         raise CheckpointError(f"{run_dir} already ran all {config.num_rounds} rounds: nothing to resume")
     recorded_rounds(run_dir, checkpoint.round)  # refuses a damaged history before anything starts
     return config, checkpoint
+
+
+def check_audited_digests(checkpoint: Checkpoint, records: list[dict]) -> None:
+    """The checkpoint's model and state must be those the audit log's ``round_end`` of its round
+    names: a checkpoint edited after it was written (model, strategy state, random state) is
+    refused, not resumed. (Runs older than these digests name none; their head check remains.)"""
+    ends = [r for r in records[: checkpoint.audit_seq] if r.get("event") == "round_end" and r.get("round") == checkpoint.round]
+    if not ends:
+        raise CheckpointError(f"the audit log has no round_end for round {checkpoint.round}, the checkpoint's round: "
+                              "they are from different runs or one was replaced")
+    audited = ends[-1].get("data", {}).get("checkpoint")
+    if audited is None:
+        return
+    for part, digest in checkpoint.digests().items():
+        if audited.get(part) != digest:
+            raise CheckpointError(
+                f"checkpoint.safetensors was changed after round {checkpoint.round}: its {part} digest {digest[:16]} is not "
+                f"the {str(audited.get(part))[:16]} the audit log recorded; keep it as evidence and start a new run"
+            )
 
 
 def strategy_state(strategy: Strategy) -> tuple[dict[str, np.ndarray], dict]:

@@ -32,6 +32,7 @@ from crypto.secagg_protocol import SEALED_SHARES_BYTES, Advertisement, quorum, r
 from fedlearn.config import RunConfig
 from fedlearn.encoding import FixedPointCodec
 from fedlearn.errors import RoundFailed
+from fedlearn.updates import array_values
 from fedlearn.messages import AUTH_RECORD, NODE_RECORD, NUM_EXAMPLES_KEY, SECAGG_RECORD
 from fedlearn.secagg import (
     ADVERTISE, CONSISTENCY, MASKED_ARRAY, SHARE, UNMASK, RoundPlan, advertisement_from_record, advertisements_record,
@@ -197,7 +198,7 @@ class SecAggStrategy(HidingStrategy):
             record, array = content[SECAGG_RECORD], content["arrays"][MASKED_ARRAY]
             weight, clipped = float(record["weight"]), int(record["clipped"])
             examples = int(content["metrics"][NUM_EXAMPLES_KEY])
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ValueError(f"malformed masked update ({exc})") from None
         if list(content["arrays"]) != [MASKED_ARRAY]:
             raise ValueError(f"a masked update holds only '{MASKED_ARRAY}', got {sorted(content['arrays'])}")
@@ -205,7 +206,11 @@ class SecAggStrategy(HidingStrategy):
             raise ValueError(f"masked vector is {array.dtype}{list(array.shape)}, the round expects {self.plan.dtype()}[{self.plan.length}]")
         if not 0 < examples <= self.plan.weight_cap or weight != examples / self.plan.weight_cap:
             raise ValueError(f"weight {weight:g} is not num-examples {examples} / weight cap {self.plan.weight_cap}")
-        return array.numpy(), weight, examples, clipped
+        try:
+            vector = array_values(array)  # what the header says, which must be what was declared
+        except ValueError as exc:
+            raise ValueError(f"malformed masked vector: {exc}") from None
+        return vector, weight, examples, clipped
 
     def _check_reveal(self, node: int, revealed: dict[int, tuple[str, bytes]], masked: dict) -> None:
         """A node's unmask answer, as far as the server can check it: a share for each of its

@@ -173,7 +173,7 @@ class ThresholdStrategy(HidingStrategy):
             weight, clipped = float(record["weight"]), int(record["clipped"])
             examples = int(content["metrics"][NUM_EXAMPLES_KEY])
             blobs = he.record_chunks(content["arrays"])
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ValueError(f"malformed encrypted update ({exc})") from None
         if not 0 < examples <= self.plan.weight_cap or weight != examples / self.plan.weight_cap:
             raise ValueError(f"weight {weight:g} is not num-examples {examples} / weight cap {self.plan.weight_cap}")

@@ -68,6 +68,9 @@ def test_docs_are_written_only_for_scenarios_with_results(results_dir, tmp_path_
     assert [p.name for p in docs.iterdir()] == ["bench-fedavg-scale.md"]
     assert "skipped (no results recorded): mcmahan-2nn" in capsys.readouterr().out
     assert (docs / "bench-fedavg-scale.md").read_text() == bench.report("fedavg-scale") + "\n"
+    everything = tmp_path_factory.mktemp("all")
+    assert bench.main(["report", "--docs", str(everything)]) == 0  # no names: every scenario (an empty list used to be refused)
+    assert [p.name for p in everything.iterdir()] == ["bench-fedavg-scale.md"]
 
 
 def test_access_overhead_baseline_switch_is_scoped(tmp_path):

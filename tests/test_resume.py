@@ -81,6 +81,8 @@ def test_the_resumed_run_continues_the_same_audit_chain(runs):
     assert len({r["run_id"] for r in records}) == 1
     (restart,) = [r for r in records if r["event"] == "run_resumed"]
     assert restart["data"]["from_round"] == killed_at
+    (checkpointed,) = [r for r in records if r["event"] == "round_end" and r["round"] == killed_at]
+    assert restart["data"]["checkpoint"] == checkpointed["data"]["checkpoint"]  # the state it resumed from, audited
     closed = [r["round"] for r in records if r["event"] == "round_end"]
     assert closed == [1, 2, 3, 4]
     assert [r["event"] for r in records].count("run_start") == 1 and records[-1]["event"] == "run_end"
@@ -129,6 +131,32 @@ def test_a_damaged_or_finished_run_is_refused_and_left_as_it_was(runs, tmp_path,
     empty = tmp_path / "empty"
     empty.mkdir()
     assert "not a run directory" in _refused(empty, capsys)
+
+
+def test_a_checkpoint_edited_after_it_was_written_is_refused(runs, tmp_path, capsys):
+    """Issue 22 (audit and resume): failed before: an edited checkpoint.safetensors (model,
+    strategy state, random state) resumed silently, since only the audit chain's head was
+    checked. The round's round_end names both digests now, and a resume compares them."""
+    _, _, killed_at, snapshot = runs
+
+    def nudge_model(c):
+        name = sorted(c.model)[0]
+        c.model[name] = c.model[name] + np.float32(0.01)
+
+    def nudge_moments(c):
+        name = sorted(c.strategy)[0]
+        c.strategy[name] = c.strategy[name] * 2
+
+    def reseed(c):
+        version, state, gauss = c.python_random
+        c.python_random = (version, (state[0] ^ 1, *state[1:]), gauss)
+
+    for name, edit, part in [("model", nudge_model, "model"), ("moments", nudge_moments, "state"), ("random", reseed, "state")]:
+        edited = shutil.copytree(snapshot, tmp_path / name)
+        checkpoint = Checkpoint.load(edited)
+        edit(checkpoint)
+        checkpoint.save(edited)
+        assert f"checkpoint.safetensors was changed after round {killed_at}: its {part} digest" in _refused(edited, capsys)
 
 
 def _crash_in_round(crash_round: int):
