@@ -206,13 +206,13 @@ def count_handler(msg: Message, context: Context) -> Message:
     return reply(msg, task.partition_id, signing_key(msg, context, task), **{NODE_RECORD: node})
 
 
-def make_client_app() -> ClientApp:
+def make_client_app(mods=()) -> ClientApp:
     """fedlearn's ClientApp, with a handler for the own stages of every registered privacy mode.
 
     Ray ships the app to its workers by value and the handlers by reference (module-level
     functions); the registries' modes and families travel with the app (``modes``,
     ``families``), so one registered outside fedlearn (a test's) is registered in the workers too."""
-    app = ClientApp()
+    app = ClientApp(mods=list(mods))  # mods: Flower client mods around every handler (tests play attackers with one)
     app.train()(train_handler)
     app.evaluate()(evaluate_handler)
     app.query()(query_handler)

@@ -46,6 +46,11 @@ PLAINTEXT_MODULUS = 998244353  # prime, = 1 mod 2 * RING_DIMENSION (packing need
 SUM_BITS = 29  # a sum below 2**29 < PLAINTEXT_MODULUS decrypts exactly
 MODULUS_BITS = 60
 BACKUP_KEY_BYTES = 16  # AES-128-GCM: a key is one 128-bit Shamir secret
+# Size limits checked before OpenFHE parses a blob from the network: a context is ~515 bytes; a
+# ciphertext or public key two polynomials of RING_DIMENSION 64-bit coefficients (one tower),
+# a secret key or partial decryption one, each with a header of well under 4 KiB.
+MAX_CONTEXT_BYTES = 4096
+MAX_BLOB_BYTES = 2 * RING_DIMENSION * 8 + 4096
 
 
 class ThresholdError(ValueError):
@@ -82,19 +87,31 @@ def new_context() -> bytes:
     return of.Serialize(context, of.BINARY)
 
 
-@functools.lru_cache(maxsize=8)
 def _context(blob: bytes):
+    if len(blob) > MAX_CONTEXT_BYTES:
+        raise ThresholdError(f"a crypto context of {len(blob)} bytes, more than the {MAX_CONTEXT_BYTES} one can take: refused unread")
+    return _parsed_context(blob)
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed_context(blob: bytes):
     of = openfhe()
     try:
-        return of.DeserializeCryptoContextString(blob, of.BINARY)
+        context = of.DeserializeCryptoContextString(blob, of.BINARY)
     except Exception as exc:  # OpenFHE raises RuntimeError with its own text
         raise ThresholdError(f"not an OpenFHE crypto context ({exc})") from None
+    if context.GetRingDimension() != RING_DIMENSION or context.GetPlaintextModulus() != PLAINTEXT_MODULUS:
+        raise ThresholdError(f"a crypto context of ring dimension {context.GetRingDimension()} and plaintext modulus "
+                             f"{context.GetPlaintextModulus()}, not fedlearn's {RING_DIMENSION} and {PLAINTEXT_MODULUS}")
+    return context
 
 
 def _load(kind: str, blob: bytes):
     of = openfhe()
     loader = {"public key": of.DeserializePublicKeyString, "secret key": of.DeserializePrivateKeyString,
               "ciphertext": of.DeserializeCiphertextString}[kind]
+    if len(blob) > MAX_BLOB_BYTES:
+        raise ThresholdError(f"a serialized {kind} of {len(blob)} bytes, more than the {MAX_BLOB_BYTES} one can take: refused unread")
     try:
         loaded = loader(blob, of.BINARY)
     except Exception as exc:

@@ -29,7 +29,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from crypto import threshold
+from crypto import secagg, threshold
 from crypto.threshold import KeyShare, ThresholdError
 from fedlearn import he
 from fedlearn.config import RunConfig
@@ -94,8 +94,8 @@ class ThresholdStrategy(HidingStrategy):
 
         def agreement_key(node, record, content):
             key = bytes(record["agreement-key"])
-            if len(key) != 32:
-                raise ValueError("not a 32-byte X25519 public key")
+            if not secagg.is_usable_public(key):  # a low-order key: every member's agreement with it would fail
+                raise ValueError("not a usable X25519 public key (32 bytes, not a low-order point)")
             return key, int(content[NODE_RECORD][PARTITION_KEY])
 
         joined = self._exchange(0, "join", JOIN, {node: {"ceremony": ceremony} for node in nodes}, agreement_key)

@@ -72,3 +72,61 @@ def test_a_ceremony_without_enough_keyholders_stops_with_the_fix(run_identity):
         ours.hold_ceremony(SilentGrid())
     with pytest.raises(RuntimeError, match="hold_ceremony"):
         ours.configure_train(1, None, None, SilentGrid())  # no round before the ceremony
+
+
+LOW_ORDER = bytes.fromhex("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800")  # an X25519 point of order 8
+
+
+class CeremonyGrid:
+    """Four keyholder nodes answering the ceremony with fedlearn's client code; node 11 (the
+    lowest partition, first in line for the committee) advertises a low-order agreement key."""
+
+    def __init__(self):
+        self.states = {node: RecordDict() for node in (11, 12, 13, 14)}
+
+    def get_node_ids(self):
+        return list(self.states)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from flwr.app import Error, Message
+
+        from clients import threshold as client
+        from fedlearn.messages import NODE_RECORD, PARTITION_KEY
+        from fedlearn.threshold import HOLD, JOIN, KEYGEN
+
+        answer = {JOIN: client.join, KEYGEN: client.keygen, HOLD: client.hold}
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            try:
+                records = answer[msg.metadata.message_type](msg, self.states[node])
+            except ValueError as exc:  # as Flower does with a ClientApp's exception: an error reply
+                replies.append(Message(Error(code=0, reason=str(exc)), reply_to=msg))
+                continue
+            if msg.metadata.message_type == JOIN and node == 11:
+                records[RECORD]["agreement-key"] = LOW_ORDER
+            records[NODE_RECORD] = ConfigRecord({PARTITION_KEY: node - 11})
+            replies.append(Message(RecordDict(records), reply_to=msg))
+        return replies
+
+
+def test_a_low_order_agreement_key_keeps_its_node_off_the_committee_not_the_ceremony_from_finishing(run_identity):
+    """Issue 22: failed before: the server took any 32 bytes as a candidate's agreement key, so a
+    node advertising a low-order point joined the committee, the next member's agreement with it
+    raised, and the ceremony (the whole run) stopped."""
+    ours = ThresholdStrategy(FedAvg(), RunConfig.from_flat({"privacy": "he-threshold", "num-clients": 4}), TEMPLATE)
+    committee = ours.hold_ceremony(CeremonyGrid())
+    assert committee.nodes == (12, 13, 14)
+
+
+def test_openfhe_blobs_over_their_size_are_refused_unread():
+    """Issue 22: failed before: OpenFHE parsed a blob of any size (a valid ciphertext with 200 KB
+    appended loaded as if nothing followed), and a context of any parameters."""
+    context = threshold.new_context()
+    share = threshold.make_share(context, 0, None)
+    (ciphertext,) = threshold.encrypt(context, share.public, np.arange(10))
+    with pytest.raises(threshold.ThresholdError, match="more than the .* one can take: refused unread"):
+        threshold.check_ciphertexts(context, [ciphertext + b"\0" * 200_000], 10)
+    with pytest.raises(threshold.ThresholdError, match="crypto context of .* bytes, more than"):
+        threshold.check_ciphertexts(context + b"\0" * 5000, [ciphertext], 10)
+    threshold.check_ciphertexts(context, [ciphertext], 10)  # as made: accepted
