@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.identity import signing_key
+from clients.identity import check_run_signature, node_policy, signing_key
 from clients.privacy import ClientHalf
 from crypto import signing
 from fedlearn import data, families, privacy
@@ -94,6 +94,8 @@ def partition_of(context: Context) -> int:
 def node_task(msg: Message, context: Context) -> NodeTask:
     sent = dict(msg.content["config"])
     node = context.node_config
+    if "access-policy" in node:  # the node holds the policy: only a config an enrolled operator signed is run
+        check_run_signature(RunConfig.from_flat(sent), node_policy(context, RunConfig()))
     sent.update({k: node[k] for k in NODE_OVERRIDES if k in node})
     config = RunConfig.from_flat(sent)
     floors = NodeFloors.of(node)

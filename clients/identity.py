@@ -12,7 +12,7 @@ from flwr.app import Context, Message
 from crypto import signing
 from fedlearn.access import NODE_KEY_NAME, AccessPolicy
 from fedlearn.config import RunConfig
-from fedlearn.errors import ConfigError
+from fedlearn.errors import AccessDenied, ConfigError
 from fedlearn.messages import AUTH_RECORD
 
 
@@ -57,6 +57,23 @@ def node_policy(context: Context, config: RunConfig) -> AccessPolicy | None:
 def _load_policy(path: Path, mtime_ns: int, size: int) -> AccessPolicy:
     """Loaded once per version of the file (its mtime and size are the cache key)."""
     return AccessPolicy.load(path)
+
+
+def check_run_signature(config: RunConfig, policy: AccessPolicy) -> None:
+    """Refuse (ConfigError) a run config that no operator enrolled in the node's own policy signed:
+    a server cannot then change what the node runs (privacy mode, threshold, anything) behind
+    the operator's back. Verified once per config and policy: every message of a run repeats it."""
+    key = (config.digest(), policy.digest())
+    if key in _AUTHORISED:
+        return
+    try:
+        policy.authorising_operator(config, config.run_signature)
+    except AccessDenied as exc:
+        raise ConfigError([f"this node's access policy does not authorise the run config the server sent: {exc}"]) from None
+    _AUTHORISED.add(key)
+
+
+_AUTHORISED: set[tuple[str, str]] = set()  # (config digest, signature included; policy digest) verified
 
 
 def signing_key(msg: Message, context: Context, task):

@@ -13,7 +13,6 @@ from flwr.app import ArrayRecord, RecordDict
 from flwr.common.serde import recorddict_to_proto
 from numpy.lib import format as npformat
 
-from fedlearn.packing import SEPARATOR
 
 
 def payload_bytes(content: RecordDict) -> int:
@@ -63,6 +62,7 @@ def check_plain_update(content, sent: ArrayRecord) -> None:
 
 def check_models_update(content, packed: ArrayRecord) -> None:
     """A multimodel update: whole models of the run (packed, fedlearn.packing), any subset of them."""
+    from fedlearn.packing import SEPARATOR  # here: packing imports torch, which a key stage's process should not pay for
     trained = {key.partition(SEPARATOR)[0] for key in content["arrays"]} if "arrays" in content else set()
     if not trained:
         raise Rejected("malformed update: it holds none of the run's models")

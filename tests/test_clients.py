@@ -89,3 +89,23 @@ def test_a_node_refuses_a_privacy_mode_its_operator_did_not_accept():
         node_task(request(CONFIG), context(**{**pinned, "accept-privacy": "secret"}))
     with pytest.raises(ConfigError, match="secagg-min-threshold='many'"):
         node_task(request(CONFIG), context(**{**pinned, "secagg-min-threshold": "many"}))
+
+
+def test_a_node_holding_the_policy_runs_only_a_config_an_enrolled_operator_signed(tmp_path):
+    """Issue 22 (the node's own policy, run signature): failed before: a node ran whatever config
+    the server sent. With access-policy in its node config it checks the operator's signature
+    over the config first: a server that changes any key (here the privacy mode) is refused."""
+    from crypto import signing
+    from fedlearn.access import AccessPolicy, sign_run
+
+    operator = signing.generate()
+    policy = AccessPolicy()
+    policy.enroll("alice", operator.public_key(), operator=True)
+    policy.save(tmp_path / "policy.toml")
+    config = CONFIG.replace(access_policy=str(tmp_path / "server-side-policy.toml"))
+    signed = config.replace(run_signature=sign_run(config, policy, operator))
+    node = {"partition-id": 0, "num-partitions": 4, "access-policy": str(tmp_path / "policy.toml")}
+    assert node_task(request(signed), context(**node)).config.privacy == "plain"  # as signed: runs
+    for lie in (signed.replace(privacy="secagg"), config, signed.replace(run_signature=sign_run(config, policy, signing.generate()))):
+        with pytest.raises(ConfigError, match="does not authorise the run config the server sent"):
+            node_task(request(lie), context(**node))
