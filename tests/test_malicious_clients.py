@@ -17,6 +17,8 @@ from fedlearn.audit import read
 from fedlearn.config import RunConfig
 from fedlearn.messages import AUTH_RECORD, HE_RECORD, SECAGG_RECORD
 from fedlearn.secagg import ADVERTISE, CONSISTENCY, MASKED_ARRAY, SHARE, UNMASK
+from fedlearn.threshold import JOIN
+from fedlearn.threshold import RECORD as THRESHOLD_RECORD
 from tests.helpers import audit_verdict, run_simulation
 
 LOW_ORDER = bytes.fromhex("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800")  # order 8
@@ -59,6 +61,7 @@ ROLES = {
         4: (UNMASK, _first_share_short),
     },
     "he": {0: ("train", _lower_ranges)},
+    "he-threshold": {0: (JOIN, _set(THRESHOLD_RECORD, "agreement-key", LOW_ORDER))},
 }
 STAGE_OF = {ADVERTISE: "advertise", SHARE: "share", "train": "train", CONSISTENCY: "consistency", UNMASK: "unmask"}
 
@@ -84,13 +87,14 @@ def attacker(msg, context, call_next):
 @pytest.mark.parametrize("privacy, overrides", [
     ("secagg", {"num-clients": 10, "secagg-threshold": 3}),
     ("he", {"num-clients": 4, "strategy": "fedavg"}),
+    ("he-threshold", {"num-clients": 4}),
 ])
 def test_each_malicious_client_is_audited_and_the_honest_ones_finish_the_run(tmp_path, privacy, overrides):
     config = RunConfig.from_flat({"privacy": privacy, "num-rounds": 2, "out-dir": str(tmp_path), "seed": 3, **overrides})
     summary, _ = run_simulation(config, client_app=make_client_app(mods=[attacker]))
     run_dir = Path(summary["run_dir"])
     assert summary["rounds"] == 2 and summary["final_accuracy"] > 0.5  # the honest clients' model learns
-    assert audit_verdict(run_dir, "--model", f"{run_dir}/model.{'he.' if privacy == 'he' else ''}safetensors").returncode == 0
+    assert audit_verdict(run_dir, "--model", run_dir / f"model.{'he.' if privacy == 'he' else ''}safetensors").returncode == 0
     records = read(f"{run_dir}/audit.jsonl")
     for server_round in (1, 2):
         (end,) = [r["data"] for r in records if r["event"] == "round_end" and r["round"] == server_round]
@@ -100,6 +104,9 @@ def test_each_malicious_client_is_audited_and_the_honest_ones_finish_the_run(tmp
             assert end["privacy"]["terms"] == 7
             (rejected,) = [r["data"] for r in records if r["event"] == "update_rejected" and r["round"] == server_round]
             assert rejected["partition"] == 2 and "masked vector" in rejected["reason"]
+        elif privacy == "he-threshold":  # the attacker never joined the committee; the ceremony and rounds went on
+            (ceremony,) = [r["data"] for r in records if r["event"] == "key_ceremony"]
+            assert [m["partition"] for m in ceremony["members"]] == [1, 2, 3]
         else:
             assert [entry["node_id"] for entry in end["privacy"]["left_out"]] == [
                 r["data"]["node_id"] for r in records
