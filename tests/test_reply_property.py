@@ -3,7 +3,11 @@ audited rejection, never as an exception that stops the run. Hypothesis builds r
 arbitrary record contents (wrong types anywhere, NaN and infinite counts, malformed partition
 ids, arrays whose bytes, dtype and shape disagree, records missing or added) and feeds them
 through the server's reply handling, access control then the privacy mode's own check, for
-every privacy mode. ``FEDLEARN_REPLY_EXAMPLES`` sets the number of cases per mode."""
+every privacy mode. ``FEDLEARN_REPLY_EXAMPLES`` sets the number of cases per mode.
+
+Failed before: a `clipped` of inf under secagg and he-threshold raised OverflowError, an array
+with empty bytes under he raised EOFError, and a NaN example count or partition id raised
+ValueError in access control; each stopped the run."""
 
 from __future__ import annotations
 

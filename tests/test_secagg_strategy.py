@@ -239,6 +239,9 @@ def test_nodes_refuse_to_share_with_an_identity_their_policy_did_not_enroll(run_
 
 
 def test_the_server_drops_an_advertisement_under_another_identity_than_the_reply_was_signed_with():
+    """Issue 22: failed before (advertisements named no identity): a node could advertise round
+    keys for itself under another enrolled node's identity; the clients' own check that no
+    identity advertises twice is the second line of defence."""
     from crypto import signing
     from crypto.secagg_protocol import ClientSession
     from fedlearn.messages import AUTH_RECORD
