@@ -47,6 +47,29 @@ class RoundRecord:
                    extra={k: v for k, v in record.items() if k not in names})
 
 
+# Near chance: within this much of 1/classes; learning on their own data: this far above it.
+DRIFT_NEAR_CHANCE, DRIFT_LOCAL_GAIN = 0.05, 0.25
+
+
+def client_drift(rounds: list[RoundRecord], num_classes: int, config: RunConfig) -> str | None:
+    """A warning when, in the latest round, the global model's test accuracy is near chance while
+    the clients' own training accuracy is well above it: their local models drift apart and no
+    longer average into a working one. It names the keys to lower, with their values; None when
+    all is well (or nothing is known yet: round 0 is the initial model)."""
+    if not rounds or rounds[-1].round < 1:
+        return None
+    last, chance = rounds[-1], 1.0 / num_classes
+    train = last.extra.get("train_accuracy")
+    if train is None or not last.accuracy <= chance + DRIFT_NEAR_CHANCE or not train >= chance + DRIFT_LOCAL_GAIN:
+        return None
+    lower = [f"lr (now {config.lr:g})", f"local-epochs (now {config.local_epochs})"]
+    if config.optimizer == "momentum":
+        lower.append(f"momentum (now {config.momentum:g})")
+    return (f"client drift: after round {last.round} the global model's test accuracy is {last.accuracy:.2f}, near chance "
+            f"({chance:.2f}), while the clients reach {train:.2f} on their own data: their local models no longer "
+            f"average into a working one; lower {', '.join(lower)}, or raise batch-size (now {config.batch_size})")
+
+
 RUN_DIR_LABEL = "run dir   "  # the last line a command that made a run prints, before the path
 
 

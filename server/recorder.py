@@ -6,16 +6,17 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
-from logging import INFO
+from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.common.logger import log
 
 from crypto.digest import arrays_digest
+from fedlearn import data
 from fedlearn.audit import AuditLog
 from fedlearn.checkpoint import Checkpoint
 from fedlearn.errors import RoundFailed
-from fedlearn.runs import RoundRecord
+from fedlearn.runs import RoundRecord, client_drift
 from server.access import RoundAccess
 from server.grid import short_reason
 from server.resume import strategy_state
@@ -125,6 +126,7 @@ class RoundRecorder:
         self.metrics.clear()
         self.clock = now
         run.store.add_round(record)
+        self._warn_of_drift()
         self.on_round(record)
         # (fedbuff's server updates come from its buffer, which may hold updates pulled before)
         if server_round and traffic.replies == 0 and not run.family.asynchronous:
@@ -144,6 +146,16 @@ class RoundRecorder:
         if server_round and config.target_accuracy and accuracy >= config.target_accuracy:
             raise TargetReached
         return MetricRecord({"accuracy": accuracy, "loss": loss})
+
+    def _warn_of_drift(self) -> None:
+        """Log client drift the first time it shows, and keep its latest state for the summary."""
+        config = self.run.config
+        drift = client_drift(self.run.store.rounds, data.spec(config.dataset).num_classes, config)
+        if drift is None:
+            return
+        if "client_drift" not in self.run.warnings:
+            log(WARNING, "%s", drift)
+        self.run.warnings["client_drift"] = drift
 
     def _checkpoint(self, server_round: int, arrays: ArrayRecord) -> Checkpoint:
         """What a resume needs after this round (its place in the audit chain is set once the

@@ -10,7 +10,7 @@ log. What happens after each round is server.recorder's.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import flwr
@@ -92,6 +92,7 @@ class Run:
     device: torch.device
     checkpoint: Checkpoint | None  # the one a resumed run continues from
     started: float
+    warnings: dict[str, str] = field(default_factory=dict)  # kind -> the latest warning of that kind (for the summary)
 
     @property
     def audit(self):
@@ -225,5 +226,6 @@ def finish_run(run: Run, final: ArrayRecord, stopped_early: bool) -> dict:
         "audit_head": audit.head,
         "torch": torch.__version__,
         "flwr": flwr.__version__,
+        "warnings": list(run.warnings.values()),
     }
     return store.finish(time.perf_counter() - run.started, extra)

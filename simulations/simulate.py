@@ -10,7 +10,7 @@ from clients.app import app as client_app
 from fedlearn import data
 from fedlearn.config import RunConfig
 from fedlearn.paths import writable_directory
-from fedlearn.runs import RoundRecord
+from fedlearn.runs import RoundRecord, client_drift
 from fedlearn.training import select_device
 from server.app import make_server_app
 from server.privacy import preflight
@@ -35,6 +35,8 @@ def run(config: RunConfig, *, console: Console | None = None, verbose: bool = Fa
         TimeElapsedColumn(),
         TextColumn("{task.fields[status]}"),
     )
+    history: list[RoundRecord] = []
+    warned: list[str] = []
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("rounds", total=config.num_rounds, status="starting simulation runtime")
 
@@ -49,6 +51,11 @@ def run(config: RunConfig, *, console: Console | None = None, verbose: bool = Fa
                     no_wrap=True, overflow="ellipsis",
                 )
             progress.update(task, completed=record.round, status=status)
+            history.append(record)
+            drift = client_drift(history, data.spec(config.dataset).num_classes, config)
+            if drift and not warned:  # the first time it shows; the summary repeats the latest
+                warned.append(drift)
+                progress.console.print(f"warning: {drift}", style="yellow", markup=False)
 
         def on_finish(result: dict) -> None:
             summary.update(result)
@@ -62,6 +69,8 @@ def run(config: RunConfig, *, console: Console | None = None, verbose: bool = Fa
     if not summary:
         raise RuntimeError("the simulation ended without a result; rerun with --verbose to see Flower's logs")
     console.print(summary_table(summary))
+    for warning in summary.get("warnings", []):
+        console.print(f"warning: {warning}", style="yellow", markup=False)
     return summary
 
 
