@@ -10,7 +10,7 @@ from pathlib import Path
 from flwr.app import Context, Message
 
 from crypto import signing
-from fedlearn.access import NODE_KEY_NAME, AccessPolicy
+from fedlearn.access import NODE_KEY_NAME, SEED_FILE, AccessPolicy
 from fedlearn.config import RunConfig
 from fedlearn.errors import AccessDenied, ConfigError
 from fedlearn.messages import AUTH_RECORD
@@ -77,7 +77,25 @@ _AUTHORISED: set[tuple[str, str]] = set()  # (config digest, signature included;
 
 
 def signing_key(msg: Message, context: Context, task):
-    """The node's key when the server sent a challenge to sign, else None."""
+    """The node's key when the server sent a challenge to sign, else None: its key file, or in a
+    simulation whose keys directory holds the nodes' seed, the key derived for its partition."""
     if AUTH_RECORD not in msg.content:
         return None
-    return _load_key(key_path(context, task.config, task.partition_id))
+    return node_key(context, task.config, task.partition_id)
+
+
+def node_key(context: Context, config: RunConfig, partition_id: int):
+    """The node's Ed25519 key: its ``node-key`` file, else the one derived for its partition from
+    the simulation's seed, else ``node-<partition-id>.key`` in node-keys-dir."""
+    seed = Path(config.node_keys_dir) / SEED_FILE if config.node_keys_dir else None
+    if "node-key" not in context.node_config and seed is not None and seed.is_file():
+        return _derived_key(seed, partition_id)
+    return _load_key(key_path(context, config, partition_id))
+
+
+@lru_cache(maxsize=64)
+def _derived_key(seed_path: Path, partition_id: int):
+    try:
+        return signing.derived(seed_path.read_bytes(), NODE_KEY_NAME.format(partition_id))
+    except (OSError, signing.KeyFileError) as exc:
+        raise ConfigError([f"node seed {seed_path}: {exc}"]) from None

@@ -18,10 +18,24 @@ from crypto.secagg_protocol import Advertisement, ClientSession
 from fedlearn.access import AccessPolicy
 from fedlearn.config import RunConfig
 from fedlearn.encoding import FixedPointCodec
-from fedlearn.messages import NODE_RECORD, NUM_EXAMPLES_KEY, PARTITION_KEY, SECAGG_RECORD
+from fedlearn.messages import (
+    NODE_RECORD,
+    NUM_EXAMPLES_KEY,
+    PARTITION_KEY,
+    SECAGG_RECORD,
+)
 from fedlearn.secagg import (
-    ADVERTISE, CONSISTENCY, MASKED_ARRAY, SESSION_STATE, SHARE, UNMASK, RoundPlan, advertisement_record,
-    advertisements_from_record, round_context,
+    ADVERTISE,
+    CONSISTENCY,
+    MASKED_ARRAY,
+    SESSION_STATE,
+    SHARE,
+    UNMASK,
+    RoundPlan,
+    advertised_partitions,
+    advertisement_record,
+    advertisements_from_record,
+    round_context,
 )
 
 
@@ -56,10 +70,12 @@ def advertise(msg: Message, state: RecordDict, identity) -> dict:
     return {SECAGG_RECORD: ConfigRecord(advertisement_record(session.advertise(identity)))}
 
 
-def unenrolled(policy: AccessPolicy, ads: dict[int, Advertisement]) -> str | None:
-    """Why one of the advertised identities may not train under ``policy`` (None: all may)."""
+def unenrolled(policy: AccessPolicy, ads: dict[int, Advertisement], partitions: dict[int, int]) -> str | None:
+    """Why one of the advertised identities may not train under ``policy`` (None: all may);
+    ``partitions`` name the key a simulated node must hold."""
     for ad in ads.values():
-        refusal = policy.refusal(sha256_hex(ad.identity), "trainer")  # a key's fingerprint: SHA-256 of its raw bytes
+        # A key's fingerprint is the SHA-256 of its raw bytes.
+        refusal = policy.refusal(sha256_hex(ad.identity), "trainer", partitions.get(ad.node))
         if refusal:
             return f"node {ad.node}'s advertisement: {refusal}"
     return None
@@ -78,7 +94,7 @@ def share(msg: Message, state: RecordDict, config: RunConfig, min_threshold: int
             f"threshold {session.threshold} is below {floor} for {len(ads)} clients (the run's rule and "
             "this node's secagg-min-threshold): the server could collect both secrets of one client; refusing to share"
         )
-    refusal = unenrolled(policy, ads) if policy is not None else None
+    refusal = unenrolled(policy, ads, advertised_partitions(request)) if policy is not None else None
     if refusal:
         raise ValueError(f"{refusal}: refusing to share")
     sealed = session.share(ads, config.secagg_neighbours)

@@ -13,8 +13,12 @@ import binascii
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from crypto.digest import sha256_hex
 from crypto.files import write_new
@@ -28,6 +32,16 @@ class KeyFileError(ValueError):
 
 def generate() -> Ed25519PrivateKey:
     return Ed25519PrivateKey.generate()
+
+
+def derived(seed: bytes, label: str) -> Ed25519PrivateKey:
+    """The Ed25519 key that ``label`` names under ``seed``: HKDF-SHA256 of the seed, with the
+    label as its info, is the 32-byte private key. Whoever holds the seed holds every such key:
+    for simulated federations, whose nodes all run on one machine anyway."""
+    if len(seed) < 32:
+        raise KeyFileError(f"a key seed needs at least 32 bytes, this one has {len(seed)}")
+    raw = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"fedlearn-derived-key-v1/" + label.encode()).derive(seed)
+    return Ed25519PrivateKey.from_private_bytes(raw)
 
 
 def public_raw(key: Ed25519PublicKey) -> bytes:

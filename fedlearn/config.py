@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from fedlearn import families, privacy
+from fedlearn import families, privacy, recipes
 from fedlearn.errors import ConfigError
 
 SEED_MAX = 2**32 - 1  # scikit-learn's random_state takes no more (numpy's legacy seeding neither)
@@ -33,7 +33,7 @@ EVALUATE_ON = ("auto", "server", "clients")
 # Strategy families live in fedlearn.families, privacy modes in fedlearn.privacy (the registries,
 # which also hold the checks peculiar to each); both are light, so reading a config imports
 # neither torch nor Flower.
-DATASETS = ("digits", "rotated-digits", "mnist", "fashion-mnist", "cifar10", "synthetic32")
+DATASETS = ("digits", "rotated-digits", "mnist", "fashion-mnist", "cifar10", "synthetic32", "synthetic-users")
 MODELS = ("logreg", "mlp", "mnist-2nn", "mnist-cnn", "vision-cnn")
 
 # Keys Flower adds to the ConfigRecord it sends to clients; not user configuration.
@@ -56,10 +56,12 @@ class RunConfig:
         0.0, "fraction of the clients sampled for federated evaluation (0: none, or all when clients are the only evaluators)"
     )
     min_available_clients: int = key(2, "clients that must be connected before a round samples any")
-    local_epochs: int = key(2, "local epochs each client trains per round (E)")
-    batch_size: int = key(16, "local batch size (B)")
-    lr: float = key(0.05, "client learning rate")
-    optimizer: str = key("momentum", "client optimizer: sgd, momentum (SGD with the momentum key) or adam")
+    local_epochs: int = key(0, "local epochs each client trains per round (E) (0: the recipe for the model and dataset)")
+    batch_size: int = key(0, "local batch size (B) (0: the recipe for the model and dataset)")
+    lr: float = key(0.0, "client learning rate (0: the recipe for the model and dataset)")
+    optimizer: str = key(
+        "auto", "client optimizer: sgd, momentum (SGD with the momentum key) or adam (auto: the recipe for the model and dataset)"
+    )
     momentum: float = key(0.9, "optimizer=momentum: momentum, in [0, 1)")
     weight_decay: float = key(0.0, "L2 penalty, as the optimizer's weight decay (0: off)")
     l1: float = key(0.0, "L1 penalty added to the local loss (0: off)")
@@ -175,6 +177,19 @@ class RunConfig:
         1, "processes that train each client's local epochs with DistributedDataParallel (1: no DDP; not for fedmd, multimodel)"
     )
 
+    def __post_init__(self) -> None:
+        """Fill optimizer=auto, lr=0, local-epochs=0 and batch-size=0 from the model's and
+        dataset's recipe (fedlearn.recipes), so that every run holds and records real values."""
+        recipe = recipes.recommended(self.model, self.dataset).values()
+        for name, auto in recipes.AUTO.items():
+            if getattr(self, name) == auto:
+                object.__setattr__(self, name, recipe[name])
+
+    def recipe_fields(self) -> list[str]:
+        """The training fields whose values are the recipe's (what a user left unset, or set alike)."""
+        recipe = recipes.recommended(self.model, self.dataset).values()
+        return [name for name in recipes.AUTO if getattr(self, name) == recipe[name]]
+
     # -- conversions ---------------------------------------------------------------
     @classmethod
     def keys(cls) -> list[str]:
@@ -187,7 +202,12 @@ class RunConfig:
     def from_flat(cls, flat: Mapping[str, Any], *, base: RunConfig | None = None) -> RunConfig:
         """Build from flat kebab-case keys over ``base`` (defaults when None); validate."""
         types = {f.name: f.type for f in fields(cls)}
-        values = dataclasses.asdict(base or cls())
+        # Over the fields' own defaults (not cls(): its recipe values would follow mlp on the digits).
+        values = dataclasses.asdict(base) if base else {f.name: f.default for f in fields(cls)}
+        if base is not None and ({"model", "dataset"} & set(flat)):
+            # Another model or dataset: the keys that followed the old recipe follow the new one.
+            for name in base.recipe_fields():
+                values[name] = recipes.AUTO[name]
         problems: list[str] = []
         for key, raw in flat.items():
             if key in TRANSPORT_KEYS:
@@ -426,6 +446,22 @@ class RunConfig:
             problems += self._mode().problems(self)
         return problems
 
+    def _per_user_problems(self) -> list[str]:
+        """A dataset whose clients are its users: no pool to split, to share or to size."""
+        from fedlearn import data, models
+
+        problems = []
+        reason = models.incompatibility(self.model, data.spec(self.dataset).shape) if self.model in MODELS else None
+        if reason:
+            problems.append(f"model={self.model} with dataset={self.dataset}: {reason}")
+        if self.partitioner != "iid":
+            problems.append(f"partitioner={self.partitioner}: {self.dataset} comes split by user (each client is one); "
+                            "leave partitioner=iid")
+        if self.applies("public-size"):
+            problems.append(f"strategy={self.strategy} draws a public set from a pooled training set, which "
+                            f"{self.dataset} has not: use another dataset")
+        return problems
+
     def validate(self) -> None:
         from fedlearn import data, models  # registries know their own constraints
 
@@ -490,7 +526,9 @@ class RunConfig:
             f"min-available-clients={self.min_available_clients} exceeds num-clients={self.num_clients}",
         )
         need(self.min_available_clients >= 1, "min-available-clients must be >= 1")
-        if self.dataset in DATASETS:
+        if self.dataset in DATASETS and data.spec(self.dataset).per_user:
+            problems += self._per_user_problems()
+        elif self.dataset in DATASETS:
             spec = data.spec(self.dataset)
             train_size = spec.approx_train_size(self.test_fraction)
             reason = models.incompatibility(self.model, spec.shape) if self.model in MODELS else None
@@ -664,7 +702,15 @@ def reference_markdown() -> str:
     ]
     for info in key_reference():
         lines.append(f"| `{info.key}` | {info.type} | `{_toml_value(info.default)}` | {_markdown_cell(info.help)} |")
-    return "\n".join(lines) + "\n"
+    lines += [
+        "",
+        "## Recommended training",
+        "",
+        "What `optimizer=auto`, `lr=0`, `local-epochs=0` and `batch-size=0` (the defaults) become, from "
+        "`fedlearn/recipes.py`; a run's `config.toml` records the values it used.",
+        "",
+    ]
+    return "\n".join(lines) + "\n" + recipes.markdown_table(DATASETS)
 
 
 def reference_text(width: int = 100) -> str:

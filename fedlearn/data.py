@@ -33,8 +33,9 @@ class DatasetSpec:
     name: str
     shape: tuple[int, int, int]  # C, H, W
     num_classes: int
-    train_size: int  # examples in the train split (or in total when there is no fixed split)
+    train_size: int  # examples in the train split (or in total when there is no fixed split; 0: per user)
     fixed_test_split: bool
+    per_user: bool = False  # each client is one user whose data comes from the seed (no shared pool)
 
     def approx_train_size(self, test_fraction: float) -> int:
         if self.fixed_test_split:
@@ -51,6 +52,9 @@ SPECS = {
     "fashion-mnist": DatasetSpec("fashion-mnist", (1, 28, 28), 10, 60000, True),
     "cifar10": DatasetSpec("cifar10", (3, 32, 32), 10, 50000, True),
     "synthetic32": DatasetSpec("synthetic32", (3, 32, 32), 10, 4000, True),
+    # One user per client, any number of them, each user's examples drawn from the seed when asked
+    # (Li et al. 2020's Synthetic, with one shared labelling): nothing per client is kept.
+    "synthetic-users": DatasetSpec("synthetic-users", (1, 1, 60), 10, 0, True, per_user=True),
 }
 
 
@@ -264,10 +268,48 @@ def make_synthetic32(train_size: int = 4000, test_size: int = 1000, seed: int = 
     return Dataset(SPECS["synthetic32"], sample(train_size), sample(test_size))
 
 
+# ---------------------------------------------------------------------------------------
+# synthetic-users: per-user data from the seed, for simulations of 100,000 clients and more.
+
+USER_FEATURES = 60
+INFORMATIVE = 10  # features the labels depend on
+TEST_USERS = 500  # users no client is: the server's test split (a model for new users)
+_TEST_USER_BASE = 1 << 40
+
+
+@functools.lru_cache(maxsize=4)
+def _labelling(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The one linear model that labels every user's examples (W: 10 x 60, b), by its largest output."""
+    rng = np.random.default_rng([seed, 0x5E7])
+    weights = np.zeros((10, USER_FEATURES))
+    weights[:, :INFORMATIVE] = rng.normal(size=(10, INFORMATIVE))  # the rest of the features are noise
+    return weights, np.zeros(10)
+
+
+def synthetic_user(seed: int, user: int) -> Split:
+    """User ``user``'s examples: unit-variance features around a mean of the user's own (a
+    covariate shift between users, as in Li et al. 2020's Synthetic), labelled by the shared
+    model; between 8 and 200 examples, a log-normal count (median 30), as LEAF's users vary."""
+    rng = np.random.default_rng([seed, 0x5E7, user])
+    count = int(np.clip(rng.lognormal(3.4, 0.6), 8, 200))
+    mean = rng.normal(0.0, 0.5, size=USER_FEATURES)
+    x = (mean + rng.normal(size=(count, USER_FEATURES))).astype(np.float32)
+    weights, bias = _labelling(seed)
+    y = np.argmax(x @ weights.T + bias, axis=1).astype(np.int64)
+    return Split(x.reshape(count, 1, 1, USER_FEATURES), y)
+
+
+@functools.lru_cache(maxsize=2)
+def _synthetic_users_test(seed: int) -> Split:
+    users = [synthetic_user(seed, _TEST_USER_BASE + i) for i in range(TEST_USERS)]
+    return Split(np.concatenate([u.x for u in users]), np.concatenate([u.y for u in users]))
+
+
 @functools.lru_cache(maxsize=4)
 def load(name: str, data_dir: str = "", test_fraction: float = 0.2, seed: int = 42) -> Dataset:
     """Load a registered dataset (cached per process, so simulated clients share it)."""
-    spec(name)
+    if spec(name).per_user:
+        raise DataError(f"{name} has no pooled training set: each client is one user (data.client_split)")
     if name in ("digits", "rotated-digits"):  # rotated-digits turns each client's share (client_split)
         return load_digits(test_fraction, seed, name)
     if name == "synthetic32":
@@ -370,6 +412,8 @@ def _client_view(config, partition_id: int, split: Split) -> Split:
 def test_split(config) -> Split:
     """The server's test split. Under rotated-digits, example i is turned as rotation group
     i mod k would see it, so every rotation is tested equally."""
+    if spec(config.dataset).per_user:
+        return _synthetic_users_test(config.seed)
     test = load(config.dataset, config.data_dir, config.test_fraction, config.seed).test
     if config.dataset != "rotated-digits":
         return test
@@ -417,8 +461,19 @@ def _examples(config, partition_id: int, indices: np.ndarray) -> Split:
 
 def client_split(config, partition_id: int, num_partitions: int) -> Split:
     """The training examples of one client under a run config."""
+    if spec(config.dataset).per_user:
+        return _user_part(config, partition_id, num_partitions, 0)
     indices = _partition_of(config, partition_id, num_partitions)
     return _examples(config, partition_id, _local_holdout(config, partition_id, indices)[0])
+
+
+def _user_part(config, partition_id: int, num_partitions: int, part: int) -> Split:
+    """A per-user client's training (0) or held-out test (1) examples."""
+    if not 0 <= partition_id < num_partitions:
+        raise DataError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
+    user = synthetic_user(config.seed, partition_id)
+    indices = _local_holdout(config, partition_id, np.arange(len(user)))[part]
+    return Split(user.x[indices], user.y[indices])
 
 
 def _local_holdout(config, partition_id: int, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -437,6 +492,12 @@ def client_test_split(config, partition_id: int, num_partitions: int) -> Split:
     local-test-fraction the held-out part of the client's own partition."""
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
+    if spec(config.dataset).per_user:  # a user's own held-out examples, or the test users' slice
+        if config.local_test_fraction:
+            return _user_part(config, partition_id, num_partitions, 1)
+        test = _synthetic_users_test(config.seed)
+        indices = np.arange(partition_id, len(test), num_partitions)
+        return Split(test.x[indices], test.y[indices])
     if config.local_test_fraction:
         indices = _partition_of(config, partition_id, num_partitions)
         return _examples(config, partition_id, _local_holdout(config, partition_id, indices)[1])

@@ -148,7 +148,7 @@ def config_problems(config) -> list[str]:
     if not config.consensus_temperature > 0:
         problems.append(f"consensus-temperature={config.consensus_temperature}: must be > 0 (1 = the consensus as averaged, < 1 sharpens it)")
     problems += models.set_problems(config)
-    if config.dataset in DATASETS and config.public_size >= 0:
+    if config.dataset in DATASETS and not data.spec(config.dataset).per_user and config.public_size >= 0:
         train_size = data.spec(config.dataset).approx_train_size(config.test_fraction)
         public = config.public_size_count()
         if public + config.num_clients > train_size:

@@ -97,11 +97,22 @@ def advertisement_from_record(node: int, record: Mapping) -> Advertisement:
         raise ValueError(f"malformed advertisement ({exc})") from None
 
 
-def advertisements_record(ads: Mapping[int, Advertisement]) -> dict:
-    """Every advertisement of a round, as the share request carries them (lists by node)."""
+def advertisements_record(ads: Mapping[int, Advertisement], partitions: Mapping[int, int]) -> dict:
+    """Every advertisement of a round, as the share request carries them (lists by node), with the
+    partition each advertiser reported: a simulated node's key is checked against its partition's."""
     nodes = sorted(ads)
     return {"ids": nodes, "c-publics": [ads[j].c_public for j in nodes], "s-publics": [ads[j].s_public for j in nodes],
-            "identities": [ads[j].identity for j in nodes], "ad-sigs": [ads[j].signature for j in nodes]}
+            "identities": [ads[j].identity for j in nodes], "ad-sigs": [ads[j].signature for j in nodes],
+            "partitions": [partitions.get(j, -1) for j in nodes]}
+
+
+def advertised_partitions(record: Mapping) -> dict[int, int]:
+    """The partitions the server says the advertisers reported (a hint: a wrong one only makes a
+    simulated key fail its check; none at all for a record without them)."""
+    try:
+        return {int(j): int(p) for j, p in zip(record["ids"], record["partitions"], strict=True)}
+    except (KeyError, TypeError, ValueError, OverflowError):
+        return {}
 
 
 def advertisements_from_record(record: Mapping) -> dict[int, Advertisement]:

@@ -309,10 +309,10 @@ class AccessGrid(GridWrapper):
             raise Rejected(f"malformed auth record ({exc})") from None
         fingerprint = signing.fingerprint(public_key)
         facts["fingerprint"] = fingerprint
-        member = self.policy.node(fingerprint)
+        member = self.policy.node(fingerprint, facts.get("partition"))
         if member is not None:
             facts["node"] = member.name
-        refusal = self.policy.refusal(fingerprint, role_for(reply.metadata.message_type))
+        refusal = self.policy.refusal(fingerprint, role_for(reply.metadata.message_type), facts.get("partition"))
         if refusal:
             raise Rejected(refusal)
         facts["payload"] = payload_digest(content)

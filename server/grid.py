@@ -5,7 +5,8 @@
 - ``PartitionOrderedGrid`` lists nodes and replies in partition order, so that Flower's node
   sampling (``random.sample`` over ``get_node_ids()``) picks the same partitions for the same
   seed and aggregation adds updates in the same order, although Flower gives nodes random IDs
-  in every run.
+  in every run. In Flower's simulation runtime the partitions it gave its nodes are known
+  (``RUNTIME_PARTITIONS``, which simulations.engine fills in); elsewhere each node is asked once.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ from fedlearn.messages import NODE_RECORD, NUM_EXAMPLES_KEY, NUM_EXAMPLES_QUERY,
 from fedlearn.updates import payload_bytes
 
 T = TypeVar("T")
+
+# node ID -> partition ID as the simulation runtime registered its nodes (empty when deployed):
+# with it, 100,000 simulated nodes need no partition query each before round 1.
+RUNTIME_PARTITIONS: dict[int, int] = {}
 
 
 def short_reason(reason: str) -> str:
@@ -234,10 +239,16 @@ class PartitionOrderedGrid(GridWrapper):
         return nodes
 
     def discover(self, nodes: Iterable[int], timeout: float) -> dict[int, int]:
-        """Ask each of ``nodes`` for its partition id (one QUERY message each)."""
+        """The partition of each of ``nodes``: as the simulation runtime registered it, else asked
+        (one QUERY message each)."""
         self._discovery_timeout = timeout
         nodes = list(nodes)
         self._asked.update(nodes)
+        known = {n: RUNTIME_PARTITIONS[n] for n in nodes if n in RUNTIME_PARTITIONS}
+        self.partitions.update(known)
+        nodes = [n for n in nodes if n not in known]
+        if not nodes:
+            return self.partitions
         query = RecordDict({"config": ConfigRecord({"ask": PARTITION_KEY})})
         messages = [Message(query, dst_node_id=node, message_type=MessageType.QUERY) for node in nodes]
         for reply in self._grid.send_and_receive(messages, timeout=timeout):

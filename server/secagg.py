@@ -21,25 +21,53 @@ from logging import INFO, WARNING
 from typing import TypeVar
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from crypto import secagg
-from crypto.secagg_protocol import SEALED_SHARES_BYTES, Advertisement, quorum, round_graph, signed_by, survivors_statement, unmask_sum
+from crypto.secagg_protocol import (
+    SEALED_SHARES_BYTES,
+    Advertisement,
+    quorum,
+    round_graph,
+    signed_by,
+    survivors_statement,
+    unmask_sum,
+)
 from fedlearn.config import RunConfig
 from fedlearn.encoding import FixedPointCodec
 from fedlearn.errors import RoundFailed
-from fedlearn.updates import array_values
-from fedlearn.messages import AUTH_RECORD, NODE_RECORD, NUM_EXAMPLES_KEY, SECAGG_RECORD
-from fedlearn.secagg import (
-    ADVERTISE, CONSISTENCY, MASKED_ARRAY, SHARE, UNMASK, RoundPlan, advertisement_from_record, advertisements_record,
+from fedlearn.messages import (
+    AUTH_RECORD,
+    NODE_RECORD,
+    NUM_EXAMPLES_KEY,
+    PARTITION_KEY,
+    SECAGG_RECORD,
 )
+from fedlearn.secagg import (
+    ADVERTISE,
+    CONSISTENCY,
+    MASKED_ARRAY,
+    SHARE,
+    UNMASK,
+    RoundPlan,
+    advertisement_from_record,
+    advertisements_record,
+)
+from fedlearn.updates import array_values
 from server.grid import parsed_replies, short_reason
 from server.privacy import HidingStrategy
-
 
 T = TypeVar("T")
 
@@ -114,7 +142,7 @@ class SecAggStrategy(HidingStrategy):
                    f"quorum {needed} (more than half of the {len(self.ads)} that advertised) that must sign one survivor "
                    "set before any share is revealed.")
                 + " The run stopped rather than continue with an "
-                f"unchanged model: start more nodes, or lower secagg-threshold (the privacy margin) if dropouts are expected"
+                "unchanged model: start more nodes, or lower secagg-threshold (the privacy margin) if dropouts are expected"
             )
 
     def _dropped_counts(self) -> dict[str, int]:
@@ -146,16 +174,17 @@ class SecAggStrategy(HidingStrategy):
             problem = ad.problem(self.plan.context()) or advertised_by_signer(ad, content)
             if problem or count < 1:
                 raise ValueError(problem or f"example count {count}: must be positive")
-            return ad, count
+            return ad, count, content[NODE_RECORD].get(PARTITION_KEY, -1)
 
         advertised = self._exchange(server_round, "advertise", ADVERTISE, {node: basics for node in sampled}, stage_config,
                                     advertisement_and_count)
-        self.ads = {node: ad for node, (ad, _) in advertised.items()}
+        self.ads = {node: ad for node, (ad, _, _) in advertised.items()}
         self.publics = {node: (ad.c_public, ad.s_public) for node, ad in self.ads.items()}
-        self.counts = {node: count for node, (_, count) in advertised.items()}
+        self.counts = {node: count for node, (_, count, _) in advertised.items()}
+        partitions = {node: partition for node, (_, _, partition) in advertised.items()}
         self.graph = round_graph(self.plan.context(), self.publics, self.config.secagg_neighbours)
 
-        every_advertisement = advertisements_record(self.ads)  # each client derives its own neighbours from them all
+        every_advertisement = advertisements_record(self.ads, partitions)  # each client derives its own neighbours from them all
 
         def sealed_shares(node, record, content):
             ids, sealed = [int(j) for j in record["ids"]], [bytes(s) for s in record["sealed"]]

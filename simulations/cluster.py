@@ -104,7 +104,7 @@ class LocalCluster:
         # The ServerApp runs in the SuperLink's working directory: a relative out-dir would land there.
         out_dir = str(Path(config.out_dir).expanduser().resolve())
         config = config.replace(num_clients=self.nodes, audit_key=str(self.keys / "audit.key"), out_dir=out_dir)
-        _, config = provision_simulation(self.directory, config)  # node-<i>.key, operator, policy.toml
+        _, config = provision_simulation(self.directory, config, key_files=True)  # node-<i>.key, operator, policy.toml
         for index in range(self.nodes):
             certs.generate_supernode_auth(self.keys, f"node-{index}")
         return config

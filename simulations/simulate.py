@@ -27,6 +27,7 @@ def run(config: RunConfig, *, console: Console | None = None, verbose: bool = Fa
     select_device(config.device)
     preflight(config)
     data.client_split(config, 0, config.num_clients)
+    console.print(training_line(config), markup=False, soft_wrap=True)
     summary: dict = {}
     columns = (
         TextColumn("[bold]{task.description}"),
@@ -72,6 +73,18 @@ def run(config: RunConfig, *, console: Console | None = None, verbose: bool = Fa
     for warning in summary.get("warnings", []):
         console.print(f"warning: {warning}", style="yellow", markup=False)
     return summary
+
+
+def training_line(config: RunConfig) -> str:
+    """The local training the run uses, and which of it is the recipe's (fedlearn.recipes)."""
+    momentum = f" momentum={config.momentum:g}" if config.optimizer == "momentum" else ""
+    line = (f"local training: optimizer={config.optimizer}{momentum} lr={config.lr:g} local-epochs={config.local_epochs} "
+            f"batch-size={config.batch_size}")
+    followed = config.recipe_fields()
+    if followed:
+        keys = ", ".join(name.replace("_", "-") for name in followed)
+        line += f" ({keys}: recommended for {config.model} on {config.dataset})"
+    return line
 
 
 def summary_table(summary: dict) -> Table:

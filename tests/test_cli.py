@@ -25,6 +25,10 @@ def test_simulate_command_prints_run_dir_last(tmp_path):
     assert run_dir.parent == tmp_path and (run_dir / "summary.json").is_file()
     assert "round   2" in result.stdout and "final accuracy" in result.stdout
     assert "DEPRECATED" not in result.stdout + result.stderr
+    # The first line says how clients train, and that the values are the recipe's (none was set).
+    assert result.stdout.splitlines()[0] == ("local training: optimizer=momentum momentum=0.9 lr=0.05 local-epochs=2 "
+                                             "batch-size=16 (optimizer, lr, local-epochs, batch-size: recommended for mlp on digits)")
+    assert 'optimizer = "momentum"' in (run_dir / "config.toml").read_text()
     # The run's audit log verifies, and names the saved model as the final aggregate.
     verified = run_command([*FEDLEARN, "audit", "verify", run_dir / "audit.jsonl", "--key", run_dir / "audit.pub",
                             "--model", run_dir / "model.safetensors"], timeout=60)

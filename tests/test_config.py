@@ -26,7 +26,7 @@ def test_defaults_are_valid():
 
 def test_pyproject_flower_defaults_match_runconfig():
     app_config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    defaults = RunConfig().to_flat()
+    defaults = {info.key: info.default for info in key_reference()}  # as declared (auto, before the recipe fills it)
     assert not set(defaults) - set(app_config), f"[tool.flwr.app.config] lacks {sorted(set(defaults) - set(app_config))}"
     assert not set(app_config) - set(defaults), f"[tool.flwr.app.config] has unknown {sorted(set(app_config) - set(defaults))}"
     # Same values and the same TOML types (an int where RunConfig has a float would still compare equal).
@@ -195,7 +195,9 @@ def test_every_key_has_help_text():
     missing = [f.name for f in fields(RunConfig) if not str(f.metadata.get("help", "")).strip()]
     assert not missing, f"RunConfig fields without help text (declare them as key(default, help)): {missing}"
     assert [info.key for info in key_reference()] == RunConfig.keys()
-    assert [info.default for info in key_reference()] == list(RunConfig().to_flat().values())
+    declared = {info.key: info.default for info in key_reference()}
+    resolved = RunConfig().to_flat()
+    assert {k for k in declared if declared[k] != resolved[k]} == {"optimizer", "lr", "local-epochs", "batch-size"}
     assert {info.type for info in key_reference()} <= {"int", "float", "str"}  # _coerce's types
 
 
@@ -252,3 +254,21 @@ def test_list_keys_prints_every_key_default_and_help():
         columns.add(len(first[0]) - len(first[0][len(start):].lstrip()))
         assert " ".join(info.help.split()) in flat, f"--list-keys lacks the help of {info.key}"
     assert len(columns) == 1, "the help texts of --list-keys do not start in one column"
+
+
+# -- recommended training (fedlearn.recipes) ---------------------------------------------------
+def test_unset_training_keys_take_the_recipe_of_the_model_and_dataset_and_set_ones_stay():
+    mnist = RunConfig.from_flat({"dataset": "mnist", "model": "mnist-2nn"})
+    assert (mnist.optimizer, mnist.lr, mnist.local_epochs, mnist.batch_size) == ("sgd", 0.05, 1, 32)
+    digits = RunConfig()
+    assert (digits.optimizer, digits.lr, digits.local_epochs, digits.batch_size) == ("momentum", 0.05, 2, 16)
+    cnn = RunConfig.from_flat({"dataset": "synthetic32", "model": "vision-cnn", "batch-size": 8, "lr": 0})
+    assert (cnn.optimizer, cnn.lr, cnn.batch_size) == ("adam", 0.001, 8)  # lr=0 asks for the recipe too
+    # The resolved values are what the run records (config.toml) and what its digest covers.
+    assert 'optimizer = "sgd"' in mnist.to_toml() and RunConfig.from_flat(mnist.to_flat()) == mnist
+
+
+def test_changing_model_or_dataset_moves_only_the_keys_that_followed_the_old_recipe():
+    chosen = RunConfig.from_flat({"lr": 0.2}).replace(dataset="mnist")
+    assert (chosen.optimizer, chosen.lr, chosen.local_epochs, chosen.batch_size) == ("sgd", 0.2, 1, 32)
+    assert RunConfig().replace(seed=7).lr == 0.05 and RunConfig().replace(seed=7).optimizer == "momentum"

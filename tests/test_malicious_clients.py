@@ -11,8 +11,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 
 from clients.app import make_client_app, signed
-from clients.identity import key_path
-from crypto import signing
+from clients.identity import node_key
 from fedlearn.audit import read
 from fedlearn.config import RunConfig
 from fedlearn.messages import AUTH_RECORD, HE_RECORD, SECAGG_RECORD
@@ -79,7 +78,7 @@ def attacker(msg, context, call_next):
     content = reply.content
     role[1](content)
     del content[AUTH_RECORD]
-    key = signing.load_private(key_path(context, config, partition))
+    key = node_key(context, config, partition)
     return Message(signed(msg, content, key), reply_to=msg)
 
 

@@ -25,7 +25,6 @@ software versions and the resolved config, so figures can be compared honestly.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from simulations.argtypes import out_directory
 from simulations.bench import harness

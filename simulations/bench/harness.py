@@ -128,7 +128,9 @@ def simulate_once(run_config: str, timeout: float = 3600, preset: str | None = N
 
         run_dir = printed_run_dir(stdout)
         clusters = run_dir / "clusters.json"
+        audit = run_dir / "audit.jsonl"
         return {
+            "audit": audit.read_text() if audit.is_file() else "",
             "clusters": json.loads(clusters.read_text()) if clusters.is_file() else None,
             "summary": json.loads((run_dir / "summary.json").read_text()),
             "metrics": json.loads((run_dir / "metrics.json").read_text()),
@@ -136,6 +138,28 @@ def simulate_once(run_config: str, timeout: float = 3600, preset: str | None = N
             "peak_rss_mib": round(memory.peak / 2**20, 1),
             "wall_seconds": round(wall, 2),
         }
+
+
+def stock_flower_once(clients: int, sampled: int, rounds: int, timeout: float = 3600) -> dict:
+    """Flower's own simulation of the users-scale job (simulations/bench/stock_flower.py) in a
+    subprocess: its round seconds, final accuracy and peak RSS of its process tree."""
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONPATH": str(REPO),
+           "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+    command = [sys.executable, "-m", "simulations.bench.stock_flower", "--clients", str(clients), "--sampled", str(sampled),
+               "--rounds", str(rounds)]
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        with TreeMemory(proc.pid) as memory:
+            stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    if proc.returncode != 0:
+        raise RuntimeError(f"stock Flower failed ({proc.returncode}):\n{stderr[-3000:]}")
+    result = json.loads(stdout.strip().splitlines()[-1])
+    return {**result, "peak_rss_mib": round(memory.peak / 2**20, 1), "config": " ".join(command[2:])}
 
 
 def record(scenario: str, figures: dict, run: dict) -> dict:
