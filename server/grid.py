@@ -219,6 +219,7 @@ class PartitionOrderedGrid(GridWrapper):
         self.partitions: dict[int, int] = {}
         self._discovery_timeout: float | None = None  # set once discover() ran: keep asking newcomers
         self._asked: set[int] = set()  # nodes asked once (one that did not answer is not asked again)
+        self._listed: tuple[list[int], list[int]] = ([], [])  # the last node list and its partition order
 
     def wait_for_nodes(self, min_nodes: int, timeout: float, expected: int = 0, grace: float = 5.0) -> list[int]:
         """Connected node IDs once there are ``min_nodes``; a clear error after ``timeout``. With
@@ -266,10 +267,15 @@ class PartitionOrderedGrid(GridWrapper):
         first: Flower's simulation registers its nodes while the ServerApp already runs, so the
         first discovery may have seen only some, and sampling would then follow random node IDs."""
         nodes = list(self._grid.get_node_ids())
+        if nodes == self._listed[0]:  # the same nodes as last time (every round, mostly): no re-sort
+            return list(self._listed[1])
         newcomers = [n for n in nodes if n not in self._asked]
         if self._discovery_timeout is not None and newcomers:
             self.discover(newcomers, self._discovery_timeout)
-        return sorted(nodes, key=self._rank)
+        ordered = sorted(nodes, key=self._rank)
+        if self._discovery_timeout is not None:  # ranks are final once every listed node was asked
+            self._listed = (nodes, ordered)
+        return ordered
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         replies = self._grid.send_and_receive(messages, timeout=timeout)
