@@ -35,7 +35,7 @@ class Checkpoint:
     config_digest: str = ""
     audit_seq: int = 0  # records in the audit log when the checkpoint was taken
     audit_head: str = ""
-    python_random: Any = None  # random.getstate() (Flower samples nodes with `random`)
+    python_random: Any = None  # the run's sampling generator's getstate() (Flower samples nodes with it)
 
     def digests(self) -> dict[str, str]:
         """SHA-256 of the model and of the rest of the state a resume restores (strategy state and
@@ -100,9 +100,10 @@ class Checkpoint:
             raise CheckpointError(f"{path} holds no model; the run cannot be resumed from it")
         return checkpoint
 
-    def restore_random(self) -> None:
+    def restore_random(self, generator: random.Random) -> None:
+        """Continue ``generator`` (the run's node sampling) from where the checkpointed run left it."""
         if self.python_random is not None:
-            random.setstate(self.python_random)
+            generator.setstate(self.python_random)
 
 
 def _metadata(raw: bytes) -> dict[str, str]:

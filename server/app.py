@@ -8,7 +8,6 @@ under ``flwr run``, ``fedlearn simulate`` and a real deployment.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 from logging import INFO
 
@@ -17,9 +16,17 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedlearn.config import RunConfig
+from server.grid import sampling_with
 from server.recorder import RoundCallback, RoundRecorder, TargetReached, log_round
 from server.resume import ResumedStrategy
-from server.run import ClientMetrics, fail_run, finish_run, global_model, initial_arrays, start_run
+from server.run import (
+    ClientMetrics,
+    fail_run,
+    finish_run,
+    global_model,
+    initial_arrays,
+    start_run,
+)
 
 __all__ = ["app", "global_model", "initial_arrays", "make_server_app", "run_federation"]
 
@@ -36,30 +43,35 @@ def run_federation(
     config = run.config
     recorder = RoundRecorder(run, metrics, on_round)
     offset = run.offset
-    # Flower samples nodes with the global `random` module: seed it last, right before the
-    # rounds, so nothing else (key generation, file writes, other threads) runs in between.
     if run.checkpoint is not None:
-        run.checkpoint.restore_random()
+        run.checkpoint.restore_random(run.sampling)
     else:
-        random.seed(config.seed)
+        run.sampling.seed(config.seed)
     stopped_early = False
     try:
         run.strategy.prepare(run.grid, run.audit)  # before any round (he-threshold: the key ceremony)
-        (ResumedStrategy(run.strategy, offset) if offset else run.strategy).start(
-            grid=run.grid,
-            initial_arrays=run.initial,
-            num_rounds=config.num_rounds - offset,
-            timeout=config.round_timeout,
-            train_config=ConfigRecord(config.to_flat()),
-            evaluate_config=ConfigRecord(config.to_flat()),
-            evaluate_fn=recorder.resumed_round if offset else recorder.after_round,
-        )
+        with sampling_with(run.sampling):
+            _start(run, recorder, offset)
     except TargetReached:
         stopped_early = True
     except BaseException as exc:
         fail_run(run, exc)
         raise
     return finish_run(run, recorder.arrays, stopped_early)
+
+
+def _start(run, recorder: RoundRecorder, offset: int) -> None:
+    """Flower's round loop over the run's strategy (from the checkpoint's round when resumed)."""
+    config = run.config
+    (ResumedStrategy(run.strategy, offset) if offset else run.strategy).start(
+        grid=run.grid,
+        initial_arrays=run.initial,
+        num_rounds=config.num_rounds - offset,
+        timeout=config.round_timeout,
+        train_config=ConfigRecord(config.to_flat()),
+        evaluate_config=ConfigRecord(config.to_flat()),
+        evaluate_fn=recorder.resumed_round if offset else recorder.after_round,
+    )
 
 
 def make_server_app(

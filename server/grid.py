@@ -11,19 +11,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from logging import WARNING
 from typing import TypeVar
-from dataclasses import dataclass, field
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedlearn.errors import FederationError
-from fedlearn.messages import NODE_RECORD, NUM_EXAMPLES_KEY, NUM_EXAMPLES_QUERY, PARTITION_KEY
+from fedlearn.messages import (
+    NODE_RECORD,
+    NUM_EXAMPLES_KEY,
+    NUM_EXAMPLES_QUERY,
+    PARTITION_KEY,
+)
 from fedlearn.updates import payload_bytes
 
 T = TypeVar("T")
@@ -275,11 +281,27 @@ class PartitionOrderedGrid(GridWrapper):
         ordered = sorted(nodes, key=self._rank)
         if self._discovery_timeout is not None:  # ranks are final once every listed node was asked
             self._listed = (nodes, ordered)
-        return ordered
+        return list(ordered)  # a copy: callers (Flower's sampling) may change the list they get
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         replies = self._grid.send_and_receive(messages, timeout=timeout)
         return sorted(replies, key=lambda r: self._rank(r.metadata.src_node_id, _reported_partition(r)))
+
+
+@contextlib.contextmanager
+def sampling_with(generator: random.Random) -> Iterator[None]:
+    """Inside, Flower's strategies sample nodes with ``generator`` instead of the global `random`
+    (their ``strategy_utils`` module is the one place they draw from it). Other threads of the
+    process (Ray starting actors during round 1, in simulation) use the global one too, so a
+    seeded global state did not always give the same sample."""
+    from flwr.serverapp.strategy import strategy_utils
+
+    own = strategy_utils.random
+    strategy_utils.random = generator
+    try:
+        yield
+    finally:
+        strategy_utils.random = own
 
 
 def _reported_partition(reply: Message) -> int | None:

@@ -3,7 +3,6 @@ metrics, checkpoint, and decide whether the run goes on (Flower calls it as ``ev
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable
 from logging import INFO, WARNING
@@ -162,7 +161,7 @@ class RoundRecorder:
         round's records are written)."""
         state_arrays, layout = strategy_state(self.run.strategy)
         return Checkpoint(round=server_round, model=numpy_arrays(arrays), strategy=state_arrays, layout=layout,
-                          config_digest=self.run.config.digest(), python_random=random.getstate())
+                          config_digest=self.run.config.digest(), python_random=self.run.sampling.getstate())
 
     def _privacy_facts(self, seen: RoundAccess, server_round: int) -> dict:
         facts = self.run.strategy.round_facts(seen.update_digests)

@@ -9,6 +9,7 @@ log. What happens after each round is server.recorder's.
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +32,21 @@ from fedlearn.paths import writable_directory
 from fedlearn.runs import RunStore
 from fedlearn.strategies import MetricsAggregator
 from fedlearn.training import select_device
-from server.access import AccessGrid, AuditedRun, load_credentials, load_run_audit_key, open_audited_run, reopen_audited_run
-from server.grid import DropoutGrid, MeteredGrid, PartitionOrderedGrid, PromptGrid, short_reason
+from server.access import (
+    AccessGrid,
+    AuditedRun,
+    load_credentials,
+    load_run_audit_key,
+    open_audited_run,
+    reopen_audited_run,
+)
+from server.grid import (
+    DropoutGrid,
+    MeteredGrid,
+    PartitionOrderedGrid,
+    PromptGrid,
+    short_reason,
+)
 from server.privacy import PrivacyStrategy, innermost, strategy_class
 from server.resume import load_checkpoint, restore_strategy_state
 
@@ -93,6 +107,9 @@ class Run:
     checkpoint: Checkpoint | None  # the one a resumed run continues from
     started: float
     warnings: dict[str, str] = field(default_factory=dict)  # kind -> the latest warning of that kind (for the summary)
+    # Flower's node sampling draws from this generator only (server.grid.sampling_with), seeded
+    # by the run: no other thread's use of `random` can change which nodes a round samples.
+    sampling: random.Random = field(default_factory=random.Random)
 
     @property
     def audit(self):

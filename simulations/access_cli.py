@@ -122,6 +122,9 @@ def _list(args: argparse.Namespace) -> int:
     for member in policy.nodes:
         state = f"REVOKED ({member.revoked})" if member.revoked else ",".join(member.roles)
         print(f"node      {member.fingerprint}  {member.name}  {state}")
+    if policy.simulated:
+        sim = policy.simulated
+        print(f"simulated node-0 .. node-{sim.count - 1}  keys derived from {sim.seed_file}  {','.join(sim.roles)}")
     for member in policy.operators:
         print(f"operator  {member.fingerprint}  {member.name}")
     print(f"policy digest {policy.digest()}")

@@ -124,7 +124,7 @@ def test_run_signature_needs_a_policy():
         RunConfig.from_flat({"run-signature": "abc"})
 
 
-def test_simulation_provisioning_derives_every_node_key_from_one_seed_and_signs_the_config(tmp_path):
+def test_simulation_provisioning_derives_every_node_key_from_one_seed_and_signs_the_config(tmp_path, capsys):
     """A 10,000-client simulation wrote 10,000 key files and a 2.4 MB policy before round 1 (15.8 s);
     now one seed file and one policy table stand for every node."""
     config = RunConfig.from_flat({"num-clients": 1000, "privacy": "plain"})
@@ -142,6 +142,10 @@ def test_simulation_provisioning_derives_every_node_key_from_one_seed_and_signs_
     assert "unknown key" in policy.refusal(signing.fingerprint(key), "trainer")
     assert "unknown key" in policy.refusal(signing.fingerprint(signing.generate()), "trainer", 999)
     assert policy.authorising_operator(signed, signed.run_signature).name == "simulation-operator"
+    from simulations.cli import main as cli
+
+    assert cli(["keys", "list", "--policy", str(policy_path)]) == 0
+    assert "simulated node-0 .. node-999  keys derived from keys/nodes.seed  trainer,evaluator,keyholder" in capsys.readouterr().out
     # Another seed under the same policy is refused on load: it would be other nodes.
     (tmp_path / "keys" / "nodes.seed").chmod(0o600)
     (tmp_path / "keys" / "nodes.seed").write_bytes(bytes(32))

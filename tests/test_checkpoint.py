@@ -14,20 +14,21 @@ from server.resume import ResumedStrategy, restore_strategy_state, strategy_stat
 
 
 def test_a_checkpoint_round_trips_model_state_and_random_generator(tmp_path):
-    random.seed(3)
+    sampling = random.Random(3)
     model = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.zeros(3, np.float64)}
     saved = Checkpoint(round=4, model=model, strategy={"m_t/w": np.ones(2)}, layout={"m_t": {"kind": "dict", "keys": ["w"]}},
-                       config_digest="abc", audit_seq=17, audit_head="f" * 64, python_random=random.getstate())
+                       config_digest="abc", audit_seq=17, audit_head="f" * 64, python_random=sampling.getstate())
     saved.save(tmp_path)
-    expected = [random.random() for _ in range(3)]
+    expected = [sampling.random() for _ in range(3)]
     loaded = Checkpoint.load(tmp_path)
     assert (loaded.round, loaded.config_digest, loaded.audit_seq, loaded.audit_head) == (4, "abc", 17, "f" * 64)
     for name, array in model.items():
         np.testing.assert_array_equal(loaded.model[name], array)
         assert loaded.model[name].dtype == array.dtype
     np.testing.assert_array_equal(loaded.strategy["m_t/w"], np.ones(2))
-    loaded.restore_random()
-    assert [random.random() for _ in range(3)] == expected
+    resumed = random.Random(0)
+    loaded.restore_random(resumed)
+    assert [resumed.random() for _ in range(3)] == expected
 
 
 def test_a_missing_or_damaged_checkpoint_gets_a_clear_error(tmp_path):
