@@ -169,6 +169,10 @@ class RunConfig:
     client_resources_num_gpus: float = key(
         0.0, "simulation: share of a GPU each simulated client reserves in Ray (0.1: ten clients share one; 0: none)"
     )
+    ray_address: str = key(
+        "", "simulation: the Ray cluster the simulated clients run on: host:port of its head (ray start --head), or auto "
+        "(the one running on this machine); empty: a Ray runtime of this process"
+    )
     amp: str = key(
         "auto", "mixed precision on CUDA: auto (bf16 where supported, else fp16 with a gradient scaler), bf16, fp16 or off; CPU is fp32"
     )

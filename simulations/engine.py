@@ -35,10 +35,12 @@ def quiet_flower(verbose: bool) -> None:
 
 
 def simulate(server_app, client_app, num_clients: int, *, num_cpus_per_client: float = 1.0,
-             num_gpus_per_client: float = 0.0, verbose: bool = False) -> None:
+             num_gpus_per_client: float = 0.0, ray_address: str = "", verbose: bool = False) -> None:
     """Run ``server_app`` against ``num_clients`` simulated ClientApps (Ray actors); each reserves
-    ``num_gpus_per_client`` of a GPU (0.1: ten clients share one)."""
-    if num_gpus_per_client > 0:
+    ``num_gpus_per_client`` of a GPU (0.1: ten clients share one). With ``ray_address`` the actors
+    run on that Ray cluster (as many as its nodes' CPUs and GPUs hold), else on a Ray runtime
+    this process starts."""
+    if num_gpus_per_client > 0 and not ray_address:
         import torch
 
         if not torch.cuda.is_available():  # Ray would wait forever for a GPU that is not there
@@ -54,6 +56,7 @@ def simulate(server_app, client_app, num_clients: int, *, num_cpus_per_client: f
             "logging_level": logging.INFO if verbose else logging.ERROR,
             "log_to_driver": verbose,
             "configure_logging": True,
+            **({"address": ray_address} if ray_address else {}),
         },
     }
     with _published_partitions(), _one_pass_dispatch():

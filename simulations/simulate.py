@@ -66,7 +66,7 @@ def run(config: RunConfig, *, console: Console | None = None, verbose: bool = Fa
         server_app = make_server_app(config, on_round=on_round, on_finish=on_finish)
         engine.simulate(server_app, client_app, config.num_clients, verbose=verbose,
                         num_cpus_per_client=config.client_resources_num_cpus,
-                        num_gpus_per_client=config.client_resources_num_gpus)
+                        num_gpus_per_client=config.client_resources_num_gpus, ray_address=config.ray_address)
     if not summary:
         raise RuntimeError("the simulation ended without a result; rerun with --verbose to see Flower's logs")
     console.print(summary_table(summary))

@@ -117,7 +117,7 @@ def run_simulation(config: RunConfig, record: bool = False, client_app=None):
         summary.update(run_federation(recorder, config, on_round=lambda r: None))
 
     engine.simulate(app, client_app, config.num_clients, num_cpus_per_client=config.client_resources_num_cpus,
-                    num_gpus_per_client=config.client_resources_num_gpus)
+                    num_gpus_per_client=config.client_resources_num_gpus, ray_address=config.ray_address)
     assert summary, "the simulation ended without a result"
     return summary, (recorders[0] if record else None)
 
