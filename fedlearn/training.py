@@ -101,6 +101,7 @@ def train(
         [p.detach().clone() for p in model.parameters()] if config.proximal_mu > 0 else None
     )
     generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # dropout draws from the global generator: the same client and round, the same masks
     n, steps = len(split), 0
     for _ in range(config.local_epochs):
         order = torch.randperm(n, generator=generator).to(device)
