@@ -452,12 +452,7 @@ class RunConfig:
 
     def _per_user_problems(self) -> list[str]:
         """A dataset whose clients are its users: no pool to split, to share or to size."""
-        from fedlearn import data, models
-
         problems = []
-        reason = models.incompatibility(self.model, data.spec(self.dataset).shape) if self.model in MODELS else None
-        if reason:
-            problems.append(f"model={self.model} with dataset={self.dataset}: {reason}")
         if self.partitioner != "iid":
             problems.append(f"partitioner={self.partitioner}: {self.dataset} comes split by user (each client is one); "
                             "leave partitioner=iid")
@@ -530,14 +525,15 @@ class RunConfig:
             f"min-available-clients={self.min_available_clients} exceeds num-clients={self.num_clients}",
         )
         need(self.min_available_clients >= 1, "min-available-clients must be >= 1")
+        reason = (models.incompatibility(self.model, data.spec(self.dataset).shape)
+                  if self.model in MODELS and self.dataset in DATASETS else None)
+        if reason:
+            problems.append(f"model={self.model} with dataset={self.dataset}: {reason}")
         if self.dataset in DATASETS and data.spec(self.dataset).per_user:
             problems += self._per_user_problems()
         elif self.dataset in DATASETS:
             spec = data.spec(self.dataset)
             train_size = spec.approx_train_size(self.test_fraction)
-            reason = models.incompatibility(self.model, spec.shape) if self.model in MODELS else None
-            if reason:
-                problems.append(f"model={self.model} with dataset={self.dataset}: {reason}")
             if self.partitioner == "shards":
                 shards = self.num_clients * self.shards_per_client
                 need(

@@ -278,12 +278,12 @@ _TEST_USER_BASE = 1 << 40
 
 
 @functools.lru_cache(maxsize=4)
-def _labelling(seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The one linear model that labels every user's examples (W: 10 x 60, b), by its largest output."""
+def _labelling(seed: int) -> np.ndarray:
+    """The one linear map (10 x 60) whose largest output labels every user's examples."""
     rng = np.random.default_rng([seed, 0x5E7])
     weights = np.zeros((10, USER_FEATURES))
     weights[:, :INFORMATIVE] = rng.normal(size=(10, INFORMATIVE))  # the rest of the features are noise
-    return weights, np.zeros(10)
+    return weights
 
 
 def synthetic_user(seed: int, user: int) -> Split:
@@ -294,8 +294,7 @@ def synthetic_user(seed: int, user: int) -> Split:
     count = int(np.clip(rng.lognormal(3.4, 0.6), 8, 200))
     mean = rng.normal(0.0, 0.5, size=USER_FEATURES)
     x = (mean + rng.normal(size=(count, USER_FEATURES))).astype(np.float32)
-    weights, bias = _labelling(seed)
-    y = np.argmax(x @ weights.T + bias, axis=1).astype(np.int64)
+    y = np.argmax(x @ _labelling(seed).T, axis=1).astype(np.int64)
     return Split(x.reshape(count, 1, 1, USER_FEATURES), y)
 
 
