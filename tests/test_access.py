@@ -1,5 +1,7 @@
 """fedlearn.access: the policy file, enrolment, revocation and run authorisation."""
 
+import re
+
 import pytest
 
 from crypto import signing
@@ -180,3 +182,16 @@ def test_keys_generate_writes_a_plain_name_inside_out(tmp_path):
 
     assert cli(["keys", "generate", "--out", str(tmp_path), "--name", "node-0.v2"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["node-0.v2.key", "node-0.v2.pub"]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.replace("nodes = 1000", "nodes = 0"), "nodes must be a whole number >= 1"),
+    (lambda t: t.replace('"keyholder"', '"admin"'), "roles must be a non-empty list"),
+    (lambda t: t.replace('seed = "keys/nodes.seed"', 'seed = "keys/gone.seed"'), "cannot read the seed"),
+    (lambda t: t.replace("[simulated]", "[simulated]\nextra = 1"), "unknown field(s) extra"),
+])
+def test_a_malformed_simulated_table_is_refused_by_name(tmp_path, edit, message):
+    policy_path, _ = provision_simulation(tmp_path, RunConfig.from_flat({"num-clients": 1000, "privacy": "plain"}))
+    policy_path.write_text(edit(policy_path.read_text()))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        AccessPolicy.load(policy_path)
