@@ -82,6 +82,10 @@ class RunConfig:
     )
     dirichlet_alpha: float = key(0.5, "partitioner=dirichlet: concentration of the label skew (smaller: more skew)")
     shards_per_client: int = key(2, "partitioner=shards: label-sorted shards each client gets")
+    input_scaling: str = key(
+        "standard", "mnist, fashion-mnist and cifar10 pixels: standard (mean 0, std 1 per channel) or unit ([0, 1] only, as in "
+        "the early federated papers)"
+    )
     test_fraction: float = key(0.2, "share of the data held out as the test split, for datasets without a fixed one (digits)")
     local_test_fraction: float = key(
         0.0, "share of each client's own data held out as its test set (0: a slice of the common test split); needs evaluate-on=clients or auto"
@@ -501,6 +505,10 @@ class RunConfig:
         choice("strategy", self.strategy, families.names())
         choice("dataset", self.dataset, DATASETS)
         choice("model", self.model, MODELS)
+        choice("input-scaling", self.input_scaling, data.INPUT_SCALINGS)
+        need(self.input_scaling == "standard" or self.dataset not in DATASETS or self.dataset in data.NORMALISATION,
+             f"input-scaling={self.input_scaling} with dataset={self.dataset}: only the image files "
+             f"({', '.join(data.NORMALISATION)}) are rescaled; leave input-scaling=standard")
         choice("privacy", self.privacy, privacy.names())
         choice("evaluate-on", self.evaluate_on, EVALUATE_ON)
         choice("he-scheme", self.he_scheme, HE_SCHEMES)

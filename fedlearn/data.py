@@ -175,15 +175,22 @@ def parse_idx(raw: bytes, *, source: str = "IDX data") -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
-def _normalise(x_uint8: np.ndarray, dataset: str) -> np.ndarray:
-    mean, std = NORMALISATION[dataset]
+INPUT_SCALINGS = ("standard", "unit")
+
+
+def _normalise(x_uint8: np.ndarray, dataset: str, scaling: str = "standard") -> np.ndarray:
+    """Pixels to float32: ``standard`` to mean 0 and std 1 per channel (faster SGD), ``unit`` to
+    [0, 1] only (what the early federated papers' TensorFlow pipelines fed their models)."""
     x = x_uint8.astype(np.float32) / 255.0
+    if scaling == "unit":
+        return x
+    mean, std = NORMALISATION[dataset]
     mean_a = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
     std_a = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
     return (x - mean_a) / std_a
 
 
-def load_idx_dataset(name: str, data_dir: str | None) -> Dataset:
+def load_idx_dataset(name: str, data_dir: str | None, scaling: str = "standard") -> Dataset:
     root = resolve_data_dir(data_dir) / name
     arrays = {}
     for role, filename in IDX_FILES.items():
@@ -194,7 +201,7 @@ def load_idx_dataset(name: str, data_dir: str | None) -> Dataset:
         images, labels = arrays[f"{split}-images"], arrays[f"{split}-labels"]
         if len(images) != len(labels):
             raise DataError(f"{root}: {split} has {len(images)} images but {len(labels)} labels")
-        splits[split] = Split(_normalise(images[:, None, :, :], name), labels.astype(np.int64))
+        splits[split] = Split(_normalise(images[:, None, :, :], name, scaling), labels.astype(np.int64))
     return Dataset(SPECS[name], splits["train"], splits["test"])
 
 
@@ -214,7 +221,7 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return records[:, 1:].reshape(-1, 3, 32, 32), labels
 
 
-def load_cifar10(data_dir: str | None) -> Dataset:
+def load_cifar10(data_dir: str | None, scaling: str = "standard") -> Dataset:
     root = resolve_data_dir(data_dir) / CIFAR10_DIR
     train_parts = [_read_cifar_batch(root / f"data_batch_{i}.bin") for i in range(1, 6)]
     x_test, y_test = _read_cifar_batch(root / "test_batch.bin")
@@ -222,8 +229,8 @@ def load_cifar10(data_dir: str | None) -> Dataset:
     y_train = np.concatenate([p[1] for p in train_parts])
     return Dataset(
         SPECS["cifar10"],
-        Split(_normalise(x_train, "cifar10"), y_train),
-        Split(_normalise(x_test, "cifar10"), y_test),
+        Split(_normalise(x_train, "cifar10", scaling), y_train),
+        Split(_normalise(x_test, "cifar10", scaling), y_test),
     )
 
 
@@ -305,8 +312,9 @@ def _synthetic_users_test(seed: int) -> Split:
 
 
 @functools.lru_cache(maxsize=4)
-def load(name: str, data_dir: str = "", test_fraction: float = 0.2, seed: int = 42) -> Dataset:
-    """Load a registered dataset (cached per process, so simulated clients share it)."""
+def load(name: str, data_dir: str = "", test_fraction: float = 0.2, seed: int = 42, scaling: str = "standard") -> Dataset:
+    """Load a registered dataset (cached per process, so simulated clients share it).
+    ``scaling`` (INPUT_SCALINGS) applies to the image files (NORMALISATION's datasets)."""
     if spec(name).per_user:
         raise DataError(f"{name} has no pooled training set: each client is one user (data.client_split)")
     if name in ("digits", "rotated-digits"):  # rotated-digits turns each client's share (client_split)
@@ -314,8 +322,13 @@ def load(name: str, data_dir: str = "", test_fraction: float = 0.2, seed: int = 
     if name == "synthetic32":
         return make_synthetic32()
     if name == "cifar10":
-        return load_cifar10(data_dir or None)
-    return load_idx_dataset(name, data_dir or None)
+        return load_cifar10(data_dir or None, scaling)
+    return load_idx_dataset(name, data_dir or None, scaling)
+
+
+def loaded(config) -> Dataset:
+    """The pooled dataset a run's config names, loaded as the config says."""
+    return load(config.dataset, config.data_dir, config.test_fraction, config.seed, config.input_scaling)
 
 
 # ---------------------------------------------------------------------------------------
@@ -413,7 +426,7 @@ def test_split(config) -> Split:
     i mod k would see it, so every rotation is tested equally."""
     if spec(config.dataset).per_user:
         return _synthetic_users_test(config.seed)
-    test = load(config.dataset, config.data_dir, config.test_fraction, config.seed).test
+    test = loaded(config).test
     if config.dataset != "rotated-digits":
         return test
     k = config.rotation_count()
@@ -426,7 +439,7 @@ def test_split(config) -> Split:
 def _public_and_private(config) -> tuple[np.ndarray, np.ndarray]:
     """Indices of the public set (fedmd: public-size examples, a seeded draw from the train split)
     and of the rest, which the clients partition among themselves. No public set: all private."""
-    size = len(load(config.dataset, config.data_dir, config.test_fraction, config.seed).train)
+    size = len(loaded(config).train)
     public = config.public_size_count()
     if not public:
         return np.arange(0), np.arange(size)
@@ -436,7 +449,7 @@ def _public_and_private(config) -> tuple[np.ndarray, np.ndarray]:
 
 def public_split(config) -> Split:
     """The public set FedMD's clients describe to each other (its labels are never used)."""
-    train = load(config.dataset, config.data_dir, config.test_fraction, config.seed).train
+    train = loaded(config).train
     indices = _public_and_private(config)[0]
     return Split(train.x[indices], train.y[indices])
 
@@ -445,7 +458,7 @@ def _partition_of(config, partition_id: int, num_partitions: int) -> np.ndarray:
     """Indices (into the train split) of one client's whole partition."""
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
-    labels = load(config.dataset, config.data_dir, config.test_fraction, config.seed).train.y
+    labels = loaded(config).train.y
     private = _public_and_private(config)[1]
     return private[partition(
         labels[private], num_partitions, config.partitioner,
@@ -454,7 +467,7 @@ def _partition_of(config, partition_id: int, num_partitions: int) -> np.ndarray:
 
 
 def _examples(config, partition_id: int, indices: np.ndarray) -> Split:
-    train = load(config.dataset, config.data_dir, config.test_fraction, config.seed).train
+    train = loaded(config).train
     return _client_view(config, partition_id, Split(train.x[indices], train.y[indices]))
 
 
@@ -500,7 +513,7 @@ def client_test_split(config, partition_id: int, num_partitions: int) -> Split:
     if config.local_test_fraction:
         indices = _partition_of(config, partition_id, num_partitions)
         return _examples(config, partition_id, _local_holdout(config, partition_id, indices)[1])
-    test = load(config.dataset, config.data_dir, config.test_fraction, config.seed).test
+    test = loaded(config).test
     order = np.random.default_rng(config.seed).permutation(len(test))
     indices = np.sort(np.array_split(order, num_partitions)[partition_id])
     return _client_view(config, partition_id, Split(test.x[indices], test.y[indices]))

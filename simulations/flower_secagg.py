@@ -52,7 +52,7 @@ def apps(config: RunConfig, secure: bool = True) -> tuple[ServerApp, ClientApp, 
     dict it fills: per-round seconds, upload bytes and accuracies."""
     timings: dict = {"rounds": [], "bytes_up": [], "accuracy": []}
     model = models.for_run(config)
-    test = data.load(config.dataset, config.data_dir, config.test_fraction, config.seed).test
+    test = data.loaded(config).test
     device = select_device(config.device)
     state = {"clock": None, "grid": None}
 

@@ -64,9 +64,9 @@ def test_docs_are_written_only_for_scenarios_with_results(results_dir, tmp_path_
         {"scenario": "fedavg-scale", "when": "2025-01-01T00:00:00+00:00", "config": "",
          "machine": {"commit": "abc1234", "cpus": 2, "torch": "2", "flwr": "1"}, "figures": {"clients": 3}}) + "\n")
     docs = tmp_path_factory.mktemp("docs")
-    assert bench.main(["report", "--docs", str(docs), "fedavg-scale", "mcmahan-2nn"]) == 0
+    assert bench.main(["report", "--docs", str(docs), "fedavg-scale", "mcmahan"]) == 0
     assert [p.name for p in docs.iterdir()] == ["bench-fedavg-scale.md"]
-    assert "skipped (no results recorded): mcmahan-2nn" in capsys.readouterr().out
+    assert "skipped (no results recorded): mcmahan" in capsys.readouterr().out
     assert (docs / "bench-fedavg-scale.md").read_text() == bench.report("fedavg-scale") + "\n"
     everything = tmp_path_factory.mktemp("all")
     assert bench.main(["report", "--docs", str(everything)]) == 0  # no names: every scenario (an empty list used to be refused)
@@ -139,3 +139,37 @@ def test_threshold_ops_scenario_measures_and_checks_the_sum(results_dir):
     assert figures["value_bits"] == 27  # the widest whose sum of 3 fits 29 bits
     assert figures["upload_bytes_per_param"] > 8  # ciphertexts, not floats
     assert (results_dir / "threshold-ops.jsonl").is_file()
+
+
+def _mcmahan_entry(lr, seed, rounds, epochs=1, batch=10, commit="abc1234"):
+    from simulations.bench import mcmahan
+
+    figures = {"model": "2nn", "partition": "iid", "strategy": "fedavg", "E": epochs, "B": batch, "u": 60, "lr": lr,
+               "server_lr": None, "input_scaling": "standard", "seed": seed, "target": 0.97, "rounds_to_target": rounds,
+               "paper_rounds": mcmahan.paper_rounds("2nn", epochs, batch, "iid"), "max_rounds": 111,
+               "best_accuracy": 0.97 if rounds else 0.9, "seconds_per_round": 1.0, "wall_seconds": 9.0}
+    curve = [0.9] * ((rounds or 111) - 1) + [0.97 if rounds else 0.9]
+    return {"scenario": "mcmahan", "when": "2026-12-04T00:00:00+00:00", "config": "", "figures": figures,
+            "machine": {"commit": commit, "cpus": 2, "torch": "2", "flwr": "1"}, "series": {"accuracy": curve}}
+
+
+def test_mcmahan_report_takes_each_rows_best_rate_and_draws_the_curves(results_dir, tmp_path_factory):
+    from simulations.bench import mcmahan
+
+    entries = [_mcmahan_entry(0.05, 42, 95), _mcmahan_entry(0.05, 43, None), _mcmahan_entry(0.05, 44, 90),
+               _mcmahan_entry(0.1, 42, 80), _mcmahan_entry(0.1, 43, None), _mcmahan_entry(0.1, 44, None),
+               _mcmahan_entry(0.1, 42, 20, epochs=20, batch=10, commit="old0000"),
+               _mcmahan_entry(0.1, 42, 40, epochs=20, batch=10)]
+    (results_dir / "mcmahan.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
+    lr, ours, chosen = mcmahan.best_rate([e for e in entries[:6]])
+    assert (lr, ours, len(chosen)) == (0.05, 95, 3)  # lr 0.1's median is "never"
+    plots = tmp_path_factory.mktemp("plots")
+    page = bench.report("mcmahan", plots=plots)
+    assert "| 2nn | IID | fedavg | 1 | 10 | 60 | standard | 92 | 95 | 0.05 | 0.05, 0.1 | 3 |" in page
+    assert "within 20%" in page
+    assert "| 2nn | IID | fedavg | 20 | 10 | 60 | standard | 32 | 40 | 0.1 |" in page  # the latest commit's run only
+    assert "| 25% more rounds |" in page
+    assert [p.name for p in plots.iterdir()] == ["mcmahan-2nn-iid.png"] and "![mcmahan-2nn-iid.png]" in page
+    assert mcmahan.verdict(None, 92, 111) == "not reached in 111 rounds"
+    assert mcmahan.verdict(31, 92, 111) == "3.0x fewer rounds" and mcmahan.verdict(60, 92, 111) == "35% fewer rounds"
+    assert mcmahan.verdict(200, 92, 300) == "2.2x more rounds" and mcmahan.verdict(110, 92, 111) == "within 20%"

@@ -24,6 +24,12 @@ def test_defaults_are_valid():
     RunConfig().validate()
 
 
+def test_input_scaling_is_a_choice_for_the_image_files_only():
+    assert "input-scaling='zscore': choose one of standard, unit" in problems(input_scaling="zscore")
+    assert "input-scaling=unit with dataset=digits: only the image files" in problems(input_scaling="unit")
+    RunConfig.from_flat({"dataset": "mnist", "input-scaling": "unit"})
+
+
 def test_pyproject_flower_defaults_match_runconfig():
     app_config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     defaults = {info.key: info.default for info in key_reference()}  # as declared (auto, before the recipe fills it)

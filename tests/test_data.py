@@ -111,6 +111,9 @@ def test_mnist_loads_and_verifies(mnist_data_dir):
     assert ds.train.x.shape == (60000, 1, 28, 28) and ds.test.x.shape == (10000, 1, 28, 28)
     assert abs(float(ds.train.x.mean())) < 0.01 and abs(float(ds.train.x.std()) - 1.0) < 0.01
     assert np.bincount(ds.test.y).tolist()[:2] == [980, 1135]
+    unit = data.load_idx_dataset("mnist", str(mnist_data_dir), scaling="unit")  # McMahan-era pixels in [0, 1]
+    assert float(unit.train.x.min()) == 0.0 and float(unit.train.x.max()) == 1.0
+    assert np.allclose(unit.train.x[:100], ds.train.x[:100] * 0.3081 + 0.1307, atol=1e-5)
 
 
 def test_corrupt_mnist_file_is_named(mnist_data_dir, tmp_path):

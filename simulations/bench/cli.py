@@ -2,7 +2,7 @@
 ``simulations/results/<scenario>.jsonl``.
 
     python -m simulations.bench fedavg-scale --clients 10,100,1000
-    python -m simulations.bench mcmahan-2nn --seeds 42,43,44
+    python -m simulations.bench mcmahan --model 2nn --partition iid -E 1 -B 10 --lrs 0.05,0.1,0.2
     python -m simulations.bench access-overhead
     python -m simulations.bench secagg-round --models mlp,cnn --clients 10,50
     python -m simulations.bench ifca-rotated-digits --seeds 42,43,44
@@ -31,7 +31,7 @@ from simulations.bench import harness
 from simulations.bench.harness import SCENARIOS, report, write_docs
 
 # Importing a topic module registers its scenarios; this order is the order of --help and report.
-from simulations.bench import scale, collaborative, privacy, access, deployment, training  # noqa: E402, F401, I001
+from simulations.bench import scale, mcmahan, collaborative, privacy, access, deployment, training  # noqa: E402, F401, I001
 
 
 def build_parser(prog: str = "python -m simulations.bench") -> argparse.ArgumentParser:

@@ -30,17 +30,24 @@ RESULTS_DIR = REPO / "simulations" / "results"  # tests monkeypatch this attribu
 Scenario = Callable[[argparse.Namespace], list[dict]]
 Arguments = Callable[[argparse.ArgumentParser], None]
 
+Reporter = Callable[[list[dict], "Path | None"], str]
+
 SCENARIOS: dict[str, tuple[Scenario, Arguments]] = {}
+REPORTERS: dict[str, Reporter] = {}
 
 
-def scenario(name: str, arguments: Arguments) -> Callable[[Scenario], Scenario]:
+def scenario(name: str, arguments: Arguments, reporter: Reporter | None = None) -> Callable[[Scenario], Scenario]:
     """Register the decorated function as the scenario ``name`` (its docstring is its help);
-    ``arguments(parser)`` adds its options to its subcommand."""
+    ``arguments(parser)`` adds its options to its subcommand. ``reporter(entries, plots)``, when
+    given, writes its report from all its records (and its plots into the ``plots`` directory)
+    in place of the table of the latest commit's figures."""
 
     def register(function: Scenario) -> Scenario:
         if name in SCENARIOS:
             raise ValueError(f"benchmark scenario {name!r} is registered twice")
         SCENARIOS[name] = (function, arguments)
+        if reporter is not None:
+            REPORTERS[name] = reporter
         return function
 
     return register
@@ -162,7 +169,9 @@ def stock_flower_once(clients: int, sampled: int, rounds: int, timeout: float = 
     return {**result, "peak_rss_mib": round(memory.peak / 2**20, 1), "config": " ".join(command[2:])}
 
 
-def record(scenario: str, figures: dict, run: dict) -> dict:
+def record(scenario: str, figures: dict, run: dict, series: dict | None = None) -> dict:
+    """Append one result; ``series`` (per-round values, for plots) is kept beside the figures,
+    out of the report's table."""
     entry = {
         "scenario": scenario,
         "when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -170,6 +179,8 @@ def record(scenario: str, figures: dict, run: dict) -> dict:
         "figures": figures,
         "config": run["config"],
     }
+    if series:
+        entry["series"] = series
     RESULTS_DIR.mkdir(exist_ok=True)
     with open(RESULTS_DIR / f"{scenario}.jsonl", "a") as handle:
         handle.write(json.dumps(entry) + "\n")
@@ -177,12 +188,18 @@ def record(scenario: str, figures: dict, run: dict) -> dict:
 
 
 
-def report(scenario: str, commit: str | None = None) -> str:
-    """A markdown table of a scenario's recorded figures (the latest commit's, by default)."""
+def report(scenario: str, commit: str | None = None, plots: Path | None = None) -> str:
+    """A markdown table of a scenario's recorded figures (the latest commit's, by default), or
+    its own reporter's page (``plots``: where that writes its figures)."""
     path = RESULTS_DIR / f"{scenario}.jsonl"
     if not path.is_file():
         return f"no results recorded for {scenario} ({path} is missing)"
     entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if scenario in REPORTERS:
+        chosen = [e for e in entries if e["machine"]["commit"] == commit] if commit else entries
+        if not chosen:
+            return f"no results recorded for {scenario} at commit {commit}"
+        return REPORTERS[scenario](chosen, plots)
     commit = commit or entries[-1]["machine"]["commit"]
     rows = [e for e in entries if e["machine"]["commit"] == commit]
     if not rows:
@@ -199,12 +216,12 @@ def report(scenario: str, commit: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def docs_page(scenario: str, commit: str | None = None) -> str | None:
-    """The markdown file `report --docs` writes for a scenario: exactly its report; None when no
-    results are recorded for it."""
+def docs_page(scenario: str, commit: str | None = None, directory: Path | None = None) -> str | None:
+    """The markdown file `report --docs` writes for a scenario: exactly its report (its plots go
+    into ``directory``); None when no results are recorded for it."""
     if not (RESULTS_DIR / f"{scenario}.jsonl").is_file():
         return None
-    page = report(scenario, commit)
+    page = report(scenario, commit, plots=directory)
     return None if page.startswith("no results recorded") else page + "\n"
 
 
@@ -214,7 +231,7 @@ def write_docs(directory: Path, names: list[str], commit: str | None = None) -> 
     written, skipped = [], []
     directory.mkdir(parents=True, exist_ok=True)
     for name in names:
-        page = docs_page(name, commit)
+        page = docs_page(name, commit, directory)
         if page is None:
             skipped.append(name)
             continue

@@ -1,5 +1,5 @@
-"""Scale and reproduction: plain FedAvg as the number of clients grows, and McMahan et al.'s
-MNIST 2NN (rounds to 97%)."""
+"""Scale: plain FedAvg as the number of clients grows, and 100,000 simulated users beside
+Flower's own simulation."""
 
 from __future__ import annotations
 
@@ -90,39 +90,3 @@ def _figures(runtime: str, clients: int, sampled: int, seconds: list[float], pea
                "peak_rss_mib": peak_mib, "final_accuracy": round(accuracy, 4), "updates_audited": audited}
     print(f"    {json.dumps(figures)}", flush=True)
     return figures
-
-
-def _mcmahan_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seeds", default="42,43,44")
-    p.add_argument("--lrs", default="0.05,0.1,0.2", help="learning rates to try (the paper tuned lr on a grid)")
-    p.add_argument("--max-rounds", type=int, default=500)
-
-
-@scenario("mcmahan-2nn", arguments=_mcmahan_args)
-def mcmahan_2nn(args: argparse.Namespace) -> list[dict]:
-    """McMahan et al. 2017, MNIST 2NN, IID, 100 clients, C=0.1, E=1, B=10: rounds to 97%."""
-    entries = []
-    grid = [(float(lr), int(seed)) for lr in args.lrs.split(",") for seed in args.seeds.split(",")]
-    for lr, seed in grid:
-        cfg = (
-            f"dataset=mnist model=mnist-2nn partitioner=iid num-clients=100 fraction-train=0.1 "
-            f"local-epochs=1 batch-size=10 optimizer=sgd lr={lr} num-rounds={args.max_rounds} "
-            f"target-accuracy=0.97 seed={seed} privacy=plain"
-        )
-        print(f"[mcmahan-2nn] lr {lr}, seed {seed} ...", flush=True)
-        run = simulate_once(cfg)
-        reached = [m["round"] for m in run["metrics"] if m["round"] > 0 and m["accuracy"] >= 0.97]
-        figures = {
-            "seed": seed,
-            "lr": lr,
-            "rounds_to_97": reached[0] if reached else None,
-            "max_rounds": args.max_rounds,
-            "final_accuracy": run["summary"]["final_accuracy"],
-            "paper_rounds_to_97": 87,  # McMahan et al. 2017, Table 1: 2NN, E=1, B=10, C=0.1, IID
-            "total_seconds": run["summary"]["total_seconds"],
-            "wall_seconds": run["wall_seconds"],
-            "peak_rss_mib": run["peak_rss_mib"],
-        }
-        print(f"    {json.dumps(figures)}", flush=True)
-        entries.append(record("mcmahan-2nn", figures, run))
-    return entries

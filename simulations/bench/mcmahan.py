@@ -1,0 +1,247 @@
+"""McMahan et al. 2017, Table 2 (MNIST): communication rounds until the global model first
+reaches a target test accuracy (97% for the 2NN, 99% for the CNN), for FedSGD (E=1, B=inf) and
+FedAvg with the paper's local epochs E and batch sizes B, on IID and pathological non-IID data;
+plus FedAvgM and FedAdam on the non-IID rows. One command runs one row over a grid of learning
+rates (the paper tuned the rate per row); the report sets the best rate's rounds beside the
+paper's and draws the accuracy curves.
+
+    python -m simulations.bench mcmahan --model 2nn --partition iid -E 1 -B 10 --lrs 0.05,0.1,0.2
+    python -m simulations.bench mcmahan --model cnn --partition shards -E 5 -B 10 --strategy fedavgm
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from pathlib import Path
+
+from simulations.bench.harness import record, scenario, simulate_once
+
+# Table 2 of the paper (AISTATS 2017 version): rounds to target, (IID, pathological non-IID),
+# keyed by (model, E, B); B None is B = infinity (each client's whole data as one batch).
+PAPER: dict[tuple[str, int, int | None], tuple[int, int]] = {
+    ("2nn", 1, None): (1468, 1817),  # FedSGD
+    ("2nn", 10, None): (156, 1100),
+    ("2nn", 1, 50): (144, 1183),
+    ("2nn", 20, None): (92, 957),
+    ("2nn", 1, 10): (92, 1100),
+    ("2nn", 10, 50): (45, 881),
+    ("2nn", 20, 50): (39, 835),
+    ("2nn", 10, 10): (34, 497),
+    ("2nn", 20, 10): (32, 738),
+    ("cnn", 1, None): (626, 483),  # FedSGD
+    ("cnn", 5, None): (179, 1000),
+    ("cnn", 1, 50): (65, 600),
+    ("cnn", 20, None): (234, 672),
+    ("cnn", 1, 10): (34, 350),
+    ("cnn", 5, 50): (29, 334),
+    ("cnn", 20, 50): (32, 426),
+    ("cnn", 5, 10): (20, 229),
+    ("cnn", 20, 10): (18, 173),
+}
+TARGET = {"2nn": 0.97, "cnn": 0.99}
+MODEL = {"2nn": "mnist-2nn", "cnn": "mnist-cnn"}
+PARTITIONS = ("iid", "shards")  # shards: sorted by label, 200 shards of 300, two per client
+STRATEGIES = ("fedavg", "fedavgm", "fedadam")
+CLIENTS, EXAMPLES_PER_CLIENT, FRACTION = 100, 600, 0.1
+SLACK = 1.2  # "within 20%" of the paper's rounds
+
+
+def _batch(text: str) -> int | None:
+    if text.lower() in ("inf", "infinity", "full"):
+        return None
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"B={text}: give a batch size >= 1, or inf for the whole client's data")
+    return value
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", choices=sorted(MODEL), required=True)
+    p.add_argument("--partition", choices=PARTITIONS, default="iid",
+                   help="iid, or shards (the paper's pathological non-IID: two labels per client)")
+    p.add_argument("-E", "--epochs", type=int, required=True, help="local epochs E")
+    p.add_argument("-B", "--batch", type=_batch, required=True, metavar="B", help="local batch size B, or inf (FedSGD: -E 1 -B inf)")
+    p.add_argument("--strategy", choices=STRATEGIES, default="fedavg",
+                   help="fedavgm and fedadam: server optimisers on the same client training (Hsu et al. 2019, Reddi et al. 2021)")
+    p.add_argument("--server-lr", type=float, default=None,
+                   help="server learning rate of fedavgm / fedadam (default: 1.0 for fedavgm, 0.01 for fedadam)")
+    p.add_argument("--lrs", default="0.05,0.1,0.2", help="client learning rates to try (the paper tuned it per row)")
+    p.add_argument("--seeds", default="42")
+    p.add_argument("--input-scaling", choices=("standard", "unit"), default="standard",
+                   help="standard: pixels to mean 0 / std 1; unit: [0, 1] only")
+    p.add_argument("--max-rounds", type=int, default=0,
+                   help=f"stop a run that has not reached the target by then (0: {SLACK} x the paper's rounds)")
+
+
+def paper_rounds(model: str, epochs: int, batch: int | None, partition: str) -> int | None:
+    pair = PAPER.get((model, epochs, batch))
+    return None if pair is None else pair[PARTITIONS.index(partition)]
+
+
+def updates_per_round(epochs: int, batch: int | None) -> int:
+    """The paper's u = E n / B: local steps per round (n = 600 examples per client)."""
+    return epochs if batch is None else epochs * EXAMPLES_PER_CLIENT // batch
+
+
+def run_config(args: argparse.Namespace, lr: float, seed: int, max_rounds: int) -> str:
+    cfg = (f"dataset=mnist model={MODEL[args.model]} partitioner={args.partition} shards-per-client=2 "
+           f"num-clients={CLIENTS} fraction-train={FRACTION} local-epochs={args.epochs} "
+           f"batch-size={args.batch or EXAMPLES_PER_CLIENT} optimizer=sgd lr={lr} num-rounds={max_rounds} "
+           f"target-accuracy={TARGET[args.model]} seed={seed} privacy=plain strategy={args.strategy} "
+           f"input-scaling={args.input_scaling}")
+    if args.strategy != "fedavg":
+        cfg += f" server-lr={args.server_lr or (1.0 if args.strategy == 'fedavgm' else 0.01)}"
+    return cfg
+
+
+@scenario("mcmahan", arguments=_arguments, reporter=lambda entries, plots: report(entries, plots))
+def mcmahan(args: argparse.Namespace) -> list[dict]:
+    """McMahan et al. 2017, Table 2 (MNIST 2NN to 97%, CNN to 99%): one row, rounds to target
+    for each learning rate and seed, beside the paper's."""
+    paper = paper_rounds(args.model, args.epochs, args.batch, args.partition)
+    if args.max_rounds < 0 or (not args.max_rounds and paper is None):
+        raise SystemExit(f"E={args.epochs} B={args.batch or 'inf'} is not a row of the paper's table: give --max-rounds")
+    max_rounds = args.max_rounds or math.ceil(SLACK * paper)
+    entries = []
+    for lr in [float(v) for v in args.lrs.split(",")]:
+        for seed in [int(v) for v in args.seeds.split(",")]:
+            cfg = run_config(args, lr, seed, max_rounds)
+            print(f"[mcmahan] {args.model} {args.partition} E={args.epochs} B={args.batch or 'inf'} "
+                  f"{args.strategy} lr {lr} seed {seed}, up to {max_rounds} rounds ...", flush=True)
+            run = simulate_once(cfg, timeout=6 * 3600)
+            curve = [round(m["accuracy"], 4) for m in run["metrics"] if m["round"] > 0]
+            seconds = [m["seconds"] for m in run["metrics"] if m["round"] > 0]
+            reached = next((r for r, a in enumerate(curve, 1) if a >= TARGET[args.model]), None)
+            figures = {
+                "model": args.model, "partition": args.partition, "strategy": args.strategy,
+                "E": args.epochs, "B": args.batch or "inf", "u": updates_per_round(args.epochs, args.batch),
+                "lr": lr, "server_lr": None if args.strategy == "fedavg" else float(cfg.rsplit("server-lr=", 1)[1]),
+                "input_scaling": args.input_scaling, "seed": seed, "target": TARGET[args.model],
+                "rounds_to_target": reached, "paper_rounds": paper, "max_rounds": max_rounds,
+                "best_accuracy": max(curve), "seconds_per_round": round(statistics.fmean(seconds[1:] or seconds), 3),
+                "wall_seconds": run["wall_seconds"],
+            }
+            print(f"    {json.dumps(figures)}", flush=True)
+            entries.append(record("mcmahan", figures, run, series={"accuracy": curve}))
+    return entries
+
+
+# ---------------------------------------------------------------------------------------
+# The report: ours beside the paper, one line per row, and the curves.
+
+ROW_KEYS = ("model", "partition", "strategy", "E", "B", "input_scaling")
+
+
+def _rows(entries: list[dict]) -> dict[tuple, list[dict]]:
+    """Records grouped by table row; a row measured at several commits keeps the latest commit's."""
+    rows: dict[tuple, list[dict]] = {}
+    for entry in entries:
+        rows.setdefault(tuple(entry["figures"][k] for k in ROW_KEYS), []).append(entry)
+    for key, runs in rows.items():
+        latest = runs[-1]["machine"]["commit"]
+        rows[key] = [e for e in runs if e["machine"]["commit"] == latest]
+    return rows
+
+
+def best_rate(runs: list[dict]) -> tuple[float, int | None, list[dict]]:
+    """The learning rate with the fewest rounds to target (median over its seeds; a run that
+    never got there counts as never; then the best accuracy reached), as the paper picked the
+    best rate per row."""
+    by_lr: dict[float, list[dict]] = {}
+    for entry in runs:
+        by_lr.setdefault(entry["figures"]["lr"], []).append(entry)
+
+    def rounds(group: list[dict]) -> float:
+        values = [e["figures"]["rounds_to_target"] or math.inf for e in group]
+        return statistics.median(values)
+
+    lr = min(by_lr, key=lambda v: (rounds(by_lr[v]), -max(e["figures"]["best_accuracy"] for e in by_lr[v]), v))
+    best = rounds(by_lr[lr])
+    return lr, None if best == math.inf else int(best), by_lr[lr]
+
+
+def verdict(ours: int | None, paper: int | None, max_rounds: int) -> str:
+    if paper is None:
+        return "no paper figure"
+    if ours is None:
+        return f"not reached in {max_rounds} rounds"
+    ratio = ours / paper
+    if abs(ratio - 1) <= SLACK - 1:
+        return "within 20%"
+    if ratio < 1:
+        return f"{1 / ratio:.1f}x fewer rounds" if ratio <= 0.5 else f"{(1 - ratio) * 100:.0f}% fewer rounds"
+    return f"{ratio:.1f}x more rounds" if ratio >= 2 else f"{(ratio - 1) * 100:.0f}% more rounds"
+
+
+def report(entries: list[dict], plots: Path | None = None) -> str:
+    """The markdown table of every measured row (with ``plots``, also one accuracy plot per model
+    and partition there, linked below the table)."""
+    rows = _rows(entries)
+    lines = ["McMahan et al. 2017, Table 2: rounds to target accuracy, ours beside the paper's", "",
+             "| model | data | strategy | E | B | u | inputs | paper | ours | best lr | lrs tried | seeds | "
+             "s/round after the first | verdict | commit |", "|" + "---|" * 15]
+    for key, runs in sorted(rows.items(), key=lambda kv: _order(kv[0])):
+        f = runs[0]["figures"]
+        lr, ours, chosen = best_rate(runs)
+        tried = sorted({e["figures"]["lr"] for e in runs})
+        seconds = statistics.fmean(e["figures"]["seconds_per_round"] for e in chosen)
+        max_rounds = max(e["figures"]["max_rounds"] for e in chosen)
+        strategy = f["strategy"] + (f" (server lr {f['server_lr']})" if f.get("server_lr") else "")
+        lines.append(f"| {f['model']} | {'IID' if f['partition'] == 'iid' else 'non-IID'} | {strategy} | {f['E']} | "
+                     f"{f['B']} | {f['u']} | {f['input_scaling']} | {f['paper_rounds']} | "
+                     f"{ours if ours is not None else '> ' + str(max_rounds)} | {lr} | {', '.join(map(str, tried))} | "
+                     f"{len(chosen)} | {seconds:.2f} | {verdict(ours, f['paper_rounds'], max_rounds)} | "
+                     f"{runs[0]['machine']['commit']} |")
+    machine = entries[-1]["machine"]
+    lines += ["", f"Measured on {machine['cpus']} CPUs, torch {machine['torch']}, flwr {machine['flwr']}. "
+              "ours: rounds until the global model first reached the target on MNIST's 10,000 test images, "
+              "with the best learning rate tried (median over seeds). u = E x 600 / B local steps per round."]
+    if plots is not None:
+        plot_curves(rows, plots)
+    lines += ["", *[f"![{name}]({name})" for name in _plot_names(rows)]]
+    return "\n".join(lines)
+
+
+def _plot_names(rows: dict[tuple, list[dict]]) -> list[str]:
+    return [f"mcmahan-{model}-{partition}.png" for model, partition in sorted({(k[0], k[1]) for k in rows})]
+
+
+def _order(key: tuple) -> tuple:
+    model, partition, strategy, epochs, batch, scaling = key
+    u = epochs if batch == "inf" else epochs * EXAMPLES_PER_CLIENT // batch
+    return model, partition, STRATEGIES.index(strategy), scaling != "standard", u, epochs
+
+
+def plot_curves(rows: dict[tuple, list[dict]], directory: Path) -> None:
+    """One PNG per model and partition (_plot_names): the best-so-far test accuracy of each row's
+    best rate (the paper's Figure 2 draws the same), the target as a line, and an x where the
+    paper reached it on that row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for name in _plot_names(rows):
+        model, partition = name.removesuffix(".png").split("-")[1:]
+        figure, axes = plt.subplots(figsize=(7, 4.5))
+        for key, runs in sorted(rows.items(), key=lambda kv: _order(kv[0])):
+            if key[:2] != (model, partition):
+                continue
+            lr, _, chosen = best_rate(runs)
+            curve = chosen[0].get("series", {}).get("accuracy", [])
+            best = [max(curve[: i + 1]) for i in range(len(curve))]
+            label = f"{key[2]} E={key[3]} B={key[4]}" + ("" if key[5] == "standard" else f" ({key[5]} inputs)") + f", lr {lr}"
+            (line,) = axes.plot(range(1, len(best) + 1), best, label=label)
+            if runs[0]["figures"]["paper_rounds"]:  # where the paper reached the target on this row
+                axes.plot(runs[0]["figures"]["paper_rounds"], TARGET[model], marker="x", color=line.get_color())
+        axes.axhline(TARGET[model], color="gray", linewidth=0.8)
+        axes.set(xlabel="communication rounds", ylabel="test accuracy (best so far)", xscale="log",
+                 ylim=(TARGET[model] - 0.07, 1.0),
+                 title=f"MNIST {model.upper()}, {'IID' if partition == 'iid' else 'pathological non-IID'}, C=0.1")
+        axes.legend(fontsize=7)
+        figure.tight_layout()
+        figure.savefig(directory / name, dpi=110)
+        plt.close(figure)
