@@ -181,8 +181,8 @@ def report(entries: list[dict], plots: Path | None = None) -> str:
     and partition there, linked below the table)."""
     rows = _rows(entries)
     lines = ["McMahan et al. 2017, Table 2: rounds to target accuracy, ours beside the paper's", "",
-             "| model | data | strategy | E | B | u | inputs | paper | ours | best lr | lrs tried | seeds | "
-             "s/round after the first | verdict | commit |", "|" + "---|" * 15]
+             ("| model | data | strategy | E | B | u | inputs | paper | ours | best lr | lrs tried | seeds | "
+              "s/round after the first | verdict | commit |"), "|" + "---|" * 15]
     for key, runs in sorted(rows.items(), key=lambda kv: _order(kv[0])):
         f = runs[0]["figures"]
         lr, ours, chosen = best_rate(runs)
@@ -196,9 +196,9 @@ def report(entries: list[dict], plots: Path | None = None) -> str:
                      f"{len(chosen)} | {seconds:.2f} | {verdict(ours, f['paper_rounds'], max_rounds)} | "
                      f"{runs[0]['machine']['commit']} |")
     machine = entries[-1]["machine"]
-    lines += ["", f"Measured on {machine['cpus']} CPUs, torch {machine['torch']}, flwr {machine['flwr']}. "
-              "ours: rounds until the global model first reached the target on MNIST's 10,000 test images, "
-              "with the best learning rate tried (median over seeds). u = E x 600 / B local steps per round."]
+    lines += ["", (f"Measured on {machine['cpus']} CPUs, torch {machine['torch']}, flwr {machine['flwr']}. "
+                   "ours: rounds until the global model first reached the target on MNIST's 10,000 test images, "
+                   "with the best learning rate tried (median over seeds). u = E x 600 / B local steps per round.")]
     if plots is not None:
         plot_curves(rows, plots)
     lines += ["", *[f"![{name}]({name})" for name in _plot_names(rows)]]
