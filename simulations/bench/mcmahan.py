@@ -177,8 +177,8 @@ def verdict(ours: int | None, paper: int | None, max_rounds: int) -> str:
 
 
 def report(entries: list[dict], plots: Path | None = None) -> str:
-    """The markdown table of every measured row (with ``plots``, also one accuracy plot per model
-    and partition there, linked below the table)."""
+    """The markdown table of every measured row; with ``plots``, also one accuracy plot per model
+    and partition in that directory (_plot_names)."""
     rows = _rows(entries)
     lines = ["McMahan et al. 2017, Table 2: rounds to target accuracy, ours beside the paper's", "",
              ("| model | data | strategy | E | B | u | inputs | paper | ours | best lr | lrs tried | seeds | "
@@ -201,7 +201,6 @@ def report(entries: list[dict], plots: Path | None = None) -> str:
                    "with the best learning rate tried (median over seeds). u = E x 600 / B local steps per round.")]
     if plots is not None:
         plot_curves(rows, plots)
-    lines += ["", *[f"![{name}]({name})" for name in _plot_names(rows)]]
     return "\n".join(lines)
 
 
