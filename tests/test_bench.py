@@ -159,7 +159,8 @@ def test_mcmahan_report_takes_each_rows_best_rate_and_draws_the_curves(results_d
     entries = [_mcmahan_entry(0.05, 42, 95), _mcmahan_entry(0.05, 43, None), _mcmahan_entry(0.05, 44, 90),
                _mcmahan_entry(0.1, 42, 80), _mcmahan_entry(0.1, 43, None), _mcmahan_entry(0.1, 44, None),
                _mcmahan_entry(0.1, 42, 20, epochs=20, batch=10, commit="old0000"),
-               _mcmahan_entry(0.1, 42, 40, epochs=20, batch=10)]
+               _mcmahan_entry(0.1, 42, 40, epochs=20, batch=10),
+               _mcmahan_entry(0.2, 42, 45, epochs=20, batch=10, commit="new1111")]
     (results_dir / "mcmahan.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
     lr, ours, chosen = mcmahan.best_rate([e for e in entries[:6]])
     assert (lr, ours, len(chosen)) == (0.05, 95, 3)  # lr 0.1's median is "never"
@@ -167,7 +168,9 @@ def test_mcmahan_report_takes_each_rows_best_rate_and_draws_the_curves(results_d
     page = bench.report("mcmahan", plots=plots)
     assert "| 2nn | IID | fedavg | 1 | 10 | 60 | standard | 92 | 95 | 0.05 | 0.05, 0.1 | 3 |" in page
     assert "within 20%" in page
-    assert "| 2nn | IID | fedavg | 20 | 10 | 60 | standard | 32 | 40 | 0.1 |" in page  # the latest commit's run only
+    # lr 0.1 seed 42 counts its latest run only; lr 0.2, measured at a later commit, joins the grid
+    assert "| 2nn | IID | fedavg | 20 | 10 | 60 | standard | 32 | 40 | 0.1 | 0.1, 0.2 | 1 |" in page
+    assert "| abc1234, new1111 |" in page
     assert "| 25% more rounds |" in page
     assert [p.name for p in plots.iterdir()] == ["mcmahan-2nn-iid.png"]
     assert mcmahan.verdict(None, 92, 111) == "not reached in 111 rounds"

@@ -136,13 +136,15 @@ ROW_KEYS = ("model", "partition", "strategy", "E", "B", "input_scaling")
 
 
 def _rows(entries: list[dict]) -> dict[tuple, list[dict]]:
-    """Records grouped by table row; a row measured at several commits keeps the latest commit's."""
-    rows: dict[tuple, list[dict]] = {}
+    """Records grouped by table row. A row's grid grows one command at a time, so rates measured
+    at different commits stay together; a rate and seed measured again keeps only its latest run."""
+    latest: dict[tuple, dict] = {}
     for entry in entries:
-        rows.setdefault(tuple(entry["figures"][k] for k in ROW_KEYS), []).append(entry)
-    for key, runs in rows.items():
-        latest = runs[-1]["machine"]["commit"]
-        rows[key] = [e for e in runs if e["machine"]["commit"] == latest]
+        f = entry["figures"]
+        latest[tuple(f[k] for k in ROW_KEYS) + (f["lr"], f["seed"])] = entry
+    rows: dict[tuple, list[dict]] = {}
+    for key, entry in latest.items():
+        rows.setdefault(key[: len(ROW_KEYS)], []).append(entry)
     return rows
 
 
@@ -194,7 +196,7 @@ def report(entries: list[dict], plots: Path | None = None) -> str:
                      f"{f['B']} | {f['u']} | {f['input_scaling']} | {f['paper_rounds']} | "
                      f"{ours if ours is not None else '> ' + str(max_rounds)} | {lr} | {', '.join(map(str, tried))} | "
                      f"{len(chosen)} | {seconds:.2f} | {verdict(ours, f['paper_rounds'], max_rounds)} | "
-                     f"{runs[0]['machine']['commit']} |")
+                     f"{', '.join(dict.fromkeys(e['machine']['commit'] for e in runs))} |")
     machine = entries[-1]["machine"]
     lines += ["", (f"Measured on {machine['cpus']} CPUs, torch {machine['torch']}, flwr {machine['flwr']}. "
                    "ours: rounds until the global model first reached the target on MNIST's 10,000 test images, "
