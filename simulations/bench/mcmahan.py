@@ -246,8 +246,8 @@ def plot_curves(rows: dict[tuple, list[dict]], directory: Path) -> None:
             best = [max(curve[: i + 1]) for i in range(len(curve))]
             label = f"{key[2]} E={key[3]} B={key[4]}" + ("" if key[5] == "standard" else f" ({key[5]} inputs)") + f", lr {lr}"
             (line,) = axes.plot(range(1, len(best) + 1), best, label=label)
-            if _paper_rounds_of(key):  # where the paper reached the target on this row
-                axes.plot(_paper_rounds_of(key), TARGET[model], marker="x", color=line.get_color())
+            if paper := _paper_rounds_of(key):  # where the paper reached the target on this row
+                axes.plot(paper, TARGET[model], marker="x", color=line.get_color())
         axes.axhline(TARGET[model], color="gray", linewidth=0.8)
         axes.set(xlabel="communication rounds", ylabel="test accuracy (best so far)", xscale="log",
                  ylim=(TARGET[model] - 0.07, 1.0),
