@@ -91,6 +91,10 @@ class RunConfig:
         0.0, "share of each client's own data held out as its test set (0: a slice of the common test split); needs evaluate-on=clients or auto"
     )
     model: str = key("mlp", f"model architecture: {', '.join(MODELS)}")
+    model_init: str = key(
+        "pytorch", "initial weights: pytorch (the layers' defaults), glorot-uniform (Keras's default) or truncated-normal "
+        "(N(0, 0.1) cut at 2 std, biases 0.1: the TensorFlow MNIST tutorials of 2015-16)"
+    )
     mlp_hidden: int = key(64, "model=mlp: hidden units (128 on MNIST: ~100k parameters)")
     strategy: str = key("fedavg", f"aggregation strategy: {', '.join(families.names())}")
     clusters: int = key(0, "strategy=ifca: cluster models (0: the rotations of rotated-digits, else 2)")
@@ -505,6 +509,7 @@ class RunConfig:
         choice("strategy", self.strategy, families.names())
         choice("dataset", self.dataset, DATASETS)
         choice("model", self.model, MODELS)
+        choice("model-init", self.model_init, models.INITS)
         choice("input-scaling", self.input_scaling, data.INPUT_SCALINGS)
         need(self.input_scaling == "standard" or self.dataset not in DATASETS or self.dataset in data.NORMALISATION,
              f"input-scaling={self.input_scaling} with dataset={self.dataset}: only the image files "

@@ -102,19 +102,44 @@ def incompatibility(name: str, shape: Shape) -> str | None:
     return None
 
 
-def build(name: str, shape: Shape, num_classes: int, seed: int | None = None, **options) -> nn.Module:
-    """Build a registered model; with ``seed`` its initial weights are reproducible. ``options``
-    go to the model's builder (mlp: ``hidden``)."""
+# Initial weights of the linear and conv layers. pytorch: the layers' own defaults (uniform in
+# +-1/sqrt(fan_in)). The other two are what TensorFlow code of the early federated papers used:
+# glorot-uniform, Keras's default (biases 0); truncated-normal, the 2015-16 TensorFlow MNIST
+# tutorials' weights ~ N(0, 0.1) cut at two standard deviations, biases 0.1.
+INITS = ("pytorch", "glorot-uniform", "truncated-normal")
+
+
+def initialise(model: nn.Module, scheme: str) -> nn.Module:
+    if scheme not in INITS:
+        raise ValueError(f"unknown model-init {scheme!r}; choose one of {', '.join(INITS)}")
+    if scheme == "pytorch":
+        return model
+    for layer in model.modules():
+        if isinstance(layer, (nn.Linear, nn.Conv2d)):
+            if scheme == "glorot-uniform":
+                nn.init.xavier_uniform_(layer.weight)
+                nn.init.zeros_(layer.bias)
+            else:
+                nn.init.trunc_normal_(layer.weight, std=0.1, a=-0.2, b=0.2)
+                nn.init.constant_(layer.bias, 0.1)
+    return model
+
+
+def build(name: str, shape: Shape, num_classes: int, seed: int | None = None, init: str = "pytorch",
+          **options) -> nn.Module:
+    """Build a registered model; with ``seed`` its initial weights are reproducible. ``init``
+    names the initial weights' scheme (INITS), ``options`` go to the model's builder (mlp:
+    ``hidden``)."""
     if name not in REGISTRY:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(REGISTRY)}")
     reason = incompatibility(name, shape)
     if reason:
         raise ValueError(f"model {name}: {reason}")
     if seed is None:
-        return REGISTRY[name](shape, num_classes, **options)
+        return initialise(REGISTRY[name](shape, num_classes, **options), init)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return REGISTRY[name](shape, num_classes, **options)
+        return initialise(REGISTRY[name](shape, num_classes, **options), init)
 
 
 def for_run(config, *, seeded: bool = True, name: str | None = None, seed: int | None = None) -> nn.Module:
@@ -127,7 +152,7 @@ def for_run(config, *, seeded: bool = True, name: str | None = None, seed: int |
     name = name or config.model
     options = {"hidden": config.mlp_hidden} if name == "mlp" else {}
     start = (config.seed if seed is None else seed) if seeded else None
-    return build(name, spec.shape, spec.num_classes, seed=start, **options)
+    return build(name, spec.shape, spec.num_classes, seed=start, init=config.model_init, **options)
 
 
 def numpy_state(model: nn.Module) -> dict:

@@ -161,16 +161,19 @@ def test_mcmahan_report_takes_each_rows_best_rate_and_draws_the_curves(results_d
                _mcmahan_entry(0.1, 42, 20, epochs=20, batch=10, commit="old0000"),
                _mcmahan_entry(0.1, 42, 40, epochs=20, batch=10),
                _mcmahan_entry(0.2, 42, 45, epochs=20, batch=10, commit="new1111")]
+    entries.append(_mcmahan_entry(0.1, 42, 70))  # records made before model-init existed: pytorch
+    entries[-1]["figures"].update(init="truncated-normal", input_scaling="unit")
     (results_dir / "mcmahan.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
     lr, ours, chosen = mcmahan.best_rate([e for e in entries[:6]])
     assert (lr, ours, len(chosen)) == (0.05, 95, 3)  # lr 0.1's median is "never"
     plots = tmp_path_factory.mktemp("plots")
     page = bench.report("mcmahan", plots=plots)
-    assert "| 2nn | IID | fedavg | 1 | 10 | 60 | standard | 92 | 95 | 0.05 | 0.05, 0.1 | 3 |" in page
+    assert "| 2nn | IID | fedavg | 1 | 10 | 60 | standard, pytorch | 92 | 95 | 0.05 | 0.05, 0.1 | 3 |" in page
     assert "within 20%" in page
     # lr 0.1 seed 42 counts its latest run only; lr 0.2, measured at a later commit, joins the grid
-    assert "| 2nn | IID | fedavg | 20 | 10 | 60 | standard | 32 | 40 | 0.1 | 0.1, 0.2 | 1 |" in page
+    assert "| 2nn | IID | fedavg | 20 | 10 | 60 | standard, pytorch | 32 | 40 | 0.1 | 0.1, 0.2 | 1 |" in page
     assert "| abc1234, new1111 |" in page
+    assert "| 2nn | IID | fedavg | 1 | 10 | 60 | unit, truncated-normal | 92 | 70 | 0.1 | 0.1 | 1 |" in page
     assert "| 25% more rounds |" in page
     assert [p.name for p in plots.iterdir()] == ["mcmahan-2nn-iid.png"]
     assert mcmahan.verdict(None, 92, 111) == "not reached in 111 rounds"

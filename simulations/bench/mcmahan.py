@@ -74,6 +74,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", default="42")
     p.add_argument("--input-scaling", choices=("standard", "unit"), default="standard",
                    help="standard: pixels to mean 0 / std 1; unit: [0, 1] only")
+    p.add_argument("--init", choices=("pytorch", "glorot-uniform", "truncated-normal"), default="pytorch",
+                   help="initial weights (model-init): the PyTorch layers' defaults, or a TensorFlow-era scheme")
     p.add_argument("--max-rounds", type=int, default=0,
                    help=f"stop a run that has not reached the target by then (0: {SLACK} x the paper's rounds)")
 
@@ -86,7 +88,7 @@ def paper_rounds(model: str, epochs: int, batch: int | None, partition: str) -> 
 def _paper_rounds_of(key: tuple) -> int | None:
     """The paper's figure for a report row (ROW_KEYS), from PAPER rather than from the records,
     so that a corrected transcription reaches runs already recorded."""
-    model, partition, _, epochs, batch, _ = key
+    model, partition, _, epochs, batch, *_ = key
     return paper_rounds(model, epochs, None if batch == "inf" else batch, partition)
 
 
@@ -100,7 +102,7 @@ def run_config(args: argparse.Namespace, lr: float, seed: int, max_rounds: int) 
            f"num-clients={CLIENTS} fraction-train={FRACTION} local-epochs={args.epochs} "
            f"batch-size={args.batch or EXAMPLES_PER_CLIENT} optimizer=sgd lr={lr} num-rounds={max_rounds} "
            f"target-accuracy={TARGET[args.model]} seed={seed} privacy=plain strategy={args.strategy} "
-           f"input-scaling={args.input_scaling}")
+           f"input-scaling={args.input_scaling} model-init={args.init}")
     if args.strategy != "fedavg":
         cfg += f" server-lr={args.server_lr or (1.0 if args.strategy == 'fedavgm' else 0.01)}"
     return cfg
@@ -128,7 +130,7 @@ def mcmahan(args: argparse.Namespace) -> list[dict]:
                 "model": args.model, "partition": args.partition, "strategy": args.strategy,
                 "E": args.epochs, "B": args.batch or "inf", "u": updates_per_round(args.epochs, args.batch),
                 "lr": lr, "server_lr": None if args.strategy == "fedavg" else float(cfg.rsplit("server-lr=", 1)[1]),
-                "input_scaling": args.input_scaling, "seed": seed, "target": TARGET[args.model],
+                "input_scaling": args.input_scaling, "init": args.init, "seed": seed, "target": TARGET[args.model],
                 "rounds_to_target": reached, "paper_rounds": paper, "max_rounds": max_rounds,
                 "best_accuracy": max(curve), "seconds_per_round": round(statistics.fmean(seconds[1:] or seconds), 3),
                 "wall_seconds": run["wall_seconds"],
@@ -141,7 +143,12 @@ def mcmahan(args: argparse.Namespace) -> list[dict]:
 # ---------------------------------------------------------------------------------------
 # The report: ours beside the paper, one line per row, and the curves.
 
-ROW_KEYS = ("model", "partition", "strategy", "E", "B", "input_scaling")
+ROW_KEYS = ("model", "partition", "strategy", "E", "B", "input_scaling", "init")
+DEFAULTS = {"init": "pytorch"}  # for records made before the key existed
+
+
+def _row_key(figures: dict) -> tuple:
+    return tuple(figures.get(k, DEFAULTS.get(k)) for k in ROW_KEYS)
 
 
 def _rows(entries: list[dict]) -> dict[tuple, list[dict]]:
@@ -150,7 +157,7 @@ def _rows(entries: list[dict]) -> dict[tuple, list[dict]]:
     latest: dict[tuple, dict] = {}
     for entry in entries:
         f = entry["figures"]
-        latest[tuple(f[k] for k in ROW_KEYS) + (f["lr"], f["seed"])] = entry
+        latest[_row_key(f) + (f["lr"], f["seed"])] = entry
     rows: dict[tuple, list[dict]] = {}
     for key, entry in latest.items():
         rows.setdefault(key[: len(ROW_KEYS)], []).append(entry)
@@ -192,7 +199,7 @@ def report(entries: list[dict], plots: Path | None = None) -> str:
     and partition in that directory (_plot_names)."""
     rows = _rows(entries)
     lines = ["McMahan et al. 2017, Table 2: rounds to target accuracy, ours beside the paper's", "",
-             ("| model | data | strategy | E | B | u | inputs | paper | ours | best lr | lrs tried | seeds | "
+             ("| model | data | strategy | E | B | u | inputs, init | paper | ours | best lr | lrs tried | seeds | "
               "s/round after the first | verdict | commit |"), "|" + "---|" * 15]
     for key, runs in sorted(rows.items(), key=lambda kv: _order(kv[0])):
         f = runs[0]["figures"]
@@ -203,7 +210,7 @@ def report(entries: list[dict], plots: Path | None = None) -> str:
         max_rounds = max(e["figures"]["max_rounds"] for e in chosen)
         strategy = f["strategy"] + (f" (server lr {f['server_lr']})" if f.get("server_lr") else "")
         lines.append(f"| {f['model']} | {'IID' if f['partition'] == 'iid' else 'non-IID'} | {strategy} | {f['E']} | "
-                     f"{f['B']} | {f['u']} | {f['input_scaling']} | {paper} | "
+                     f"{f['B']} | {f['u']} | {key[5]}, {key[6]} | {paper} | "
                      f"{ours if ours is not None else '> ' + str(max_rounds)} | {lr} | {', '.join(map(str, tried))} | "
                      f"{len(chosen)} | {seconds:.2f} | {verdict(ours, paper, max_rounds)} | "
                      f"{', '.join(dict.fromkeys(e['machine']['commit'] for e in runs))} |")
@@ -221,9 +228,9 @@ def _plot_names(rows: dict[tuple, list[dict]]) -> list[str]:
 
 
 def _order(key: tuple) -> tuple:
-    model, partition, strategy, epochs, batch, scaling = key
+    model, partition, strategy, epochs, batch, scaling, init = key
     u = epochs if batch == "inf" else epochs * EXAMPLES_PER_CLIENT // batch
-    return model, partition, STRATEGIES.index(strategy), scaling != "standard", u, epochs
+    return model, partition, STRATEGIES.index(strategy), (scaling, init) != ("standard", "pytorch"), u, epochs, scaling, init
 
 
 def plot_curves(rows: dict[tuple, list[dict]], directory: Path) -> None:
@@ -244,7 +251,8 @@ def plot_curves(rows: dict[tuple, list[dict]], directory: Path) -> None:
             lr, _, chosen = best_rate(runs)
             curve = chosen[0].get("series", {}).get("accuracy", [])
             best = [max(curve[: i + 1]) for i in range(len(curve))]
-            label = f"{key[2]} E={key[3]} B={key[4]}" + ("" if key[5] == "standard" else f" ({key[5]} inputs)") + f", lr {lr}"
+            variant = [f"{key[5]} inputs"] * (key[5] != "standard") + [f"{key[6]} init"] * (key[6] != "pytorch")
+            label = f"{key[2]} E={key[3]} B={key[4]}" + (f" ({', '.join(variant)})" if variant else "") + f", lr {lr}"
             (line,) = axes.plot(range(1, len(best) + 1), best, label=label)
             if paper := _paper_rounds_of(key):  # where the paper reached the target on this row
                 axes.plot(paper, TARGET[model], marker="x", color=line.get_color())
