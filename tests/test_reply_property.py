@@ -131,6 +131,9 @@ def _he(config, tmp):
 
 def _threshold(config, tmp):
     from crypto import threshold
+    from tests.helpers import needs_openfhe
+
+    needs_openfhe()
     from fedlearn.threshold import Committee, RoundPlan
     from server.threshold import ThresholdStrategy
 
