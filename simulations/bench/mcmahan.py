@@ -143,7 +143,8 @@ def mcmahan(args: argparse.Namespace) -> list[dict]:
 # ---------------------------------------------------------------------------------------
 # The report: ours beside the paper, one line per row, and the curves.
 
-ROW_KEYS = ("model", "partition", "strategy", "E", "B", "input_scaling", "init")
+# A row: one setting of everything but the client learning rate, which the report tunes.
+ROW_KEYS = ("model", "partition", "strategy", "E", "B", "input_scaling", "init", "server_lr")
 DEFAULTS = {"init": "pytorch"}  # for records made before the key existed
 
 
@@ -228,9 +229,10 @@ def _plot_names(rows: dict[tuple, list[dict]]) -> list[str]:
 
 
 def _order(key: tuple) -> tuple:
-    model, partition, strategy, epochs, batch, scaling, init = key
+    model, partition, strategy, epochs, batch, scaling, init, server_lr = key
     u = epochs if batch == "inf" else epochs * EXAMPLES_PER_CLIENT // batch
-    return model, partition, STRATEGIES.index(strategy), (scaling, init) != ("standard", "pytorch"), u, epochs, scaling, init
+    variant = (scaling, init) != ("standard", "pytorch")
+    return model, partition, STRATEGIES.index(strategy), variant, u, epochs, scaling, init, server_lr or 0
 
 
 def plot_curves(rows: dict[tuple, list[dict]], directory: Path) -> None:
@@ -252,6 +254,7 @@ def plot_curves(rows: dict[tuple, list[dict]], directory: Path) -> None:
             curve = chosen[0].get("series", {}).get("accuracy", [])
             best = [max(curve[: i + 1]) for i in range(len(curve))]
             variant = [f"{key[5]} inputs"] * (key[5] != "standard") + [f"{key[6]} init"] * (key[6] != "pytorch")
+            variant += [f"server lr {key[7]}"] * (key[7] is not None)
             label = f"{key[2]} E={key[3]} B={key[4]}" + (f" ({', '.join(variant)})" if variant else "") + f", lr {lr}"
             (line,) = axes.plot(range(1, len(best) + 1), best, label=label)
             if paper := _paper_rounds_of(key):  # where the paper reached the target on this row
