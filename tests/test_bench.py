@@ -163,6 +163,9 @@ def test_mcmahan_report_takes_each_rows_best_rate_and_draws_the_curves(results_d
                _mcmahan_entry(0.2, 42, 45, epochs=20, batch=10, commit="new1111")]
     entries.append(_mcmahan_entry(0.1, 42, 70))  # records made before model-init existed: pytorch
     entries[-1]["figures"].update(init="truncated-normal", input_scaling="unit")
+    for server_lr, rounds in ((1.0, 60), (0.3, 50)):  # a server lr tried is a row of its own
+        entries.append(_mcmahan_entry(0.05, 42, rounds))
+        entries[-1]["figures"].update(strategy="fedavgm", server_lr=server_lr)
     (results_dir / "mcmahan.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
     lr, ours, chosen = mcmahan.best_rate([e for e in entries[:6]])
     assert (lr, ours, len(chosen)) == (0.05, 95, 3)  # lr 0.1's median is "never"
@@ -174,6 +177,8 @@ def test_mcmahan_report_takes_each_rows_best_rate_and_draws_the_curves(results_d
     assert "| 2nn | IID | fedavg | 20 | 10 | 60 | standard, pytorch | 32 | 40 | 0.1 | 0.1, 0.2 | 1 |" in page
     assert "| abc1234, new1111 |" in page
     assert "| 2nn | IID | fedavg | 1 | 10 | 60 | unit, truncated-normal | 92 | 70 | 0.1 | 0.1 | 1 |" in page
+    assert "| fedavgm (server lr 1.0) | 1 | 10 | 60 | standard, pytorch | 92 | 60 |" in page
+    assert "| fedavgm (server lr 0.3) | 1 | 10 | 60 | standard, pytorch | 92 | 50 |" in page
     assert "| 25% more rounds |" in page
     assert [p.name for p in plots.iterdir()] == ["mcmahan-2nn-iid.png"]
     assert mcmahan.verdict(None, 92, 111) == "not reached in 111 rounds"
