@@ -110,6 +110,8 @@ INITS = ("pytorch", "glorot-uniform", "truncated-normal")
 
 
 def initialise(model: nn.Module, scheme: str) -> nn.Module:
+    """Redraw the linear and conv layers' weights by ``scheme``: a replication of a paper written
+    with TensorFlow can start where that paper started."""
     if scheme not in INITS:
         raise ValueError(f"unknown model-init {scheme!r}; choose one of {', '.join(INITS)}")
     if scheme == "pytorch":
