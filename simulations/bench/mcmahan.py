@@ -197,7 +197,7 @@ def verdict(ours: int | None, paper: int | None, max_rounds: int) -> str:
 
 def report(entries: list[dict], plots: Path | None = None) -> str:
     """The markdown table of every measured row; with ``plots``, also one accuracy plot per model
-    and partition in that directory (_plot_names)."""
+    and partition in that directory (_plot_groups)."""
     rows = _rows(entries)
     lines = ["McMahan et al. 2017, Table 2: rounds to target accuracy, ours beside the paper's", "",
              ("| model | data | strategy | E | B | u | inputs, init | paper | ours | best lr | lrs tried | seeds | "
@@ -224,8 +224,18 @@ def report(entries: list[dict], plots: Path | None = None) -> str:
     return "\n".join(lines)
 
 
-def _plot_names(rows: dict[tuple, list[dict]]) -> list[str]:
-    return [f"mcmahan-{model}-{partition}.png" for model, partition in sorted({(k[0], k[1]) for k in rows})]
+def _is_ablation(key: tuple) -> bool:
+    """A row that changes what the paper leaves unstated (pixel scaling, initial weights)."""
+    return key[5:7] != ("standard", "pytorch")
+
+
+def _plot_groups(rows: dict[tuple, list[dict]]) -> dict[str, list[tuple]]:
+    """The rows each PNG draws: one per model and partition, the ablation rows in one of their own."""
+    groups: dict[str, list[tuple]] = {}
+    for key in sorted(rows, key=_order):
+        name = f"mcmahan-{key[0]}-{key[1]}" + ("-ablations" if _is_ablation(key) else "") + ".png"
+        groups.setdefault(name, []).append(key)
+    return dict(sorted(groups.items()))
 
 
 def _order(key: tuple) -> tuple:
@@ -236,34 +246,34 @@ def _order(key: tuple) -> tuple:
 
 
 def plot_curves(rows: dict[tuple, list[dict]], directory: Path) -> None:
-    """One PNG per model and partition (_plot_names): the best-so-far test accuracy of each row's
-    best rate (the paper's Figure 2 draws the same), the target as a line, and an x where the
-    paper reached it on that row."""
+    """One PNG per group (_plot_groups): the best-so-far test accuracy of each row's best rate
+    (the paper's Figure 2 draws the same), the target as a line, and an x where the paper reached
+    it on that row."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    for name in _plot_names(rows):
-        model, partition = name.removesuffix(".png").split("-")[1:]
-        figure, axes = plt.subplots(figsize=(7, 4.5))
-        for key, runs in sorted(rows.items(), key=lambda kv: _order(kv[0])):
-            if key[:2] != (model, partition):
-                continue
-            lr, _, chosen = best_rate(runs)
+    for name, keys in _plot_groups(rows).items():
+        model, partition = keys[0][:2]
+        figure, axes = plt.subplots(figsize=(10, 4.8))
+        colours = plt.get_cmap("tab20").colors
+        for index, key in enumerate(keys):
+            lr, _, chosen = best_rate(rows[key])
             curve = chosen[0].get("series", {}).get("accuracy", [])
             best = [max(curve[: i + 1]) for i in range(len(curve))]
             variant = [f"{key[5]} inputs"] * (key[5] != "standard") + [f"{key[6]} init"] * (key[6] != "pytorch")
             variant += [f"server lr {key[7]}"] * (key[7] is not None)
             label = f"{key[2]} E={key[3]} B={key[4]}" + (f" ({', '.join(variant)})" if variant else "") + f", lr {lr}"
-            (line,) = axes.plot(range(1, len(best) + 1), best, label=label)
+            (line,) = axes.plot(range(1, len(best) + 1), best, label=label, color=colours[index % len(colours)],
+                                linestyle=("-", "--")[index // len(colours) % 2])
             if paper := _paper_rounds_of(key):  # where the paper reached the target on this row
                 axes.plot(paper, TARGET[model], marker="x", color=line.get_color())
         axes.axhline(TARGET[model], color="gray", linewidth=0.8)
+        title = f"MNIST {model.upper()}, {'IID' if partition == 'iid' else 'pathological non-IID'}, C=0.1"
         axes.set(xlabel="communication rounds", ylabel="test accuracy (best so far)", xscale="log",
-                 ylim=(TARGET[model] - 0.07, 1.0),
-                 title=f"MNIST {model.upper()}, {'IID' if partition == 'iid' else 'pathological non-IID'}, C=0.1")
-        axes.legend(fontsize=7)
+                 ylim=(TARGET[model] - 0.07, 1.0), title=title + (", ablations" if "ablations" in name else ""))
+        axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         figure.tight_layout()
         figure.savefig(directory / name, dpi=110)
         plt.close(figure)
