@@ -196,8 +196,8 @@ def verdict(ours: int | None, paper: int | None, max_rounds: int) -> str:
 
 
 def report(entries: list[dict], plots: Path | None = None) -> str:
-    """The markdown table of every measured row; with ``plots``, also one accuracy plot per model
-    and partition in that directory (_plot_groups)."""
+    """The markdown table of every measured row; with ``plots``, also the accuracy plots
+    (_plot_groups) in that directory."""
     rows = _rows(entries)
     lines = ["McMahan et al. 2017, Table 2: rounds to target accuracy, ours beside the paper's", "",
              ("| model | data | strategy | E | B | u | inputs, init | paper | ours | best lr | lrs tried | seeds | "
@@ -241,8 +241,7 @@ def _plot_groups(rows: dict[tuple, list[dict]]) -> dict[str, list[tuple]]:
 def _order(key: tuple) -> tuple:
     model, partition, strategy, epochs, batch, scaling, init, server_lr = key
     u = epochs if batch == "inf" else epochs * EXAMPLES_PER_CLIENT // batch
-    variant = (scaling, init) != ("standard", "pytorch")
-    return model, partition, STRATEGIES.index(strategy), variant, u, epochs, scaling, init, server_lr or 0
+    return model, partition, STRATEGIES.index(strategy), _is_ablation(key), u, epochs, scaling, init, server_lr or 0
 
 
 def plot_curves(rows: dict[tuple, list[dict]], directory: Path) -> None:
