@@ -35,6 +35,7 @@ EVALUATE_ON = ("auto", "server", "clients")
 # neither torch nor Flower.
 DATASETS = ("digits", "rotated-digits", "mnist", "fashion-mnist", "cifar10", "synthetic32", "synthetic-users")
 MODELS = ("logreg", "mlp", "mnist-2nn", "mnist-cnn", "vision-cnn")
+MODEL_INITS = ("pytorch", "glorot-uniform", "truncated-normal")  # fedlearn.models.initialise
 
 # Keys Flower adds to the ConfigRecord it sends to clients; not user configuration.
 TRANSPORT_KEYS = frozenset({"server-round", "ask"})
@@ -509,7 +510,7 @@ class RunConfig:
         choice("strategy", self.strategy, families.names())
         choice("dataset", self.dataset, DATASETS)
         choice("model", self.model, MODELS)
-        choice("model-init", self.model_init, models.INITS)
+        choice("model-init", self.model_init, MODEL_INITS)
         choice("input-scaling", self.input_scaling, data.INPUT_SCALINGS)
         need(self.input_scaling == "standard" or self.dataset not in DATASETS or self.dataset in data.NORMALISATION,
              f"input-scaling={self.input_scaling} with dataset={self.dataset}: only the image files "

@@ -8,6 +8,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from fedlearn.config import MODEL_INITS
+
 Shape = tuple[int, int, int]
 
 
@@ -102,18 +104,14 @@ def incompatibility(name: str, shape: Shape) -> str | None:
     return None
 
 
-# Initial weights of the linear and conv layers. pytorch: the layers' own defaults (uniform in
-# +-1/sqrt(fan_in)). The other two are what TensorFlow code of the early federated papers used:
-# glorot-uniform, Keras's default (biases 0); truncated-normal, the 2015-16 TensorFlow MNIST
-# tutorials' weights ~ N(0, 0.1) cut at two standard deviations, biases 0.1.
-INITS = ("pytorch", "glorot-uniform", "truncated-normal")
-
-
 def initialise(model: nn.Module, scheme: str) -> nn.Module:
-    """Redraw the linear and conv layers' weights by ``scheme``: a replication of a paper written
-    with TensorFlow can start where that paper started."""
-    if scheme not in INITS:
-        raise ValueError(f"unknown model-init {scheme!r}; choose one of {', '.join(INITS)}")
+    """Redraw the linear and conv layers' weights by ``scheme`` (MODEL_INITS): a replication of a
+    paper written with TensorFlow can start where that paper started. pytorch keeps the layers'
+    own defaults (uniform in +-1/sqrt(fan_in)); glorot-uniform is Keras's default (biases 0);
+    truncated-normal is the 2015-16 TensorFlow MNIST tutorials' N(0, 0.1) cut at two standard
+    deviations, biases 0.1."""
+    if scheme not in MODEL_INITS:
+        raise ValueError(f"unknown model-init {scheme!r}; choose one of {', '.join(MODEL_INITS)}")
     if scheme == "pytorch":
         return model
     for layer in model.modules():
@@ -130,7 +128,7 @@ def initialise(model: nn.Module, scheme: str) -> nn.Module:
 def build(name: str, shape: Shape, num_classes: int, seed: int | None = None, init: str = "pytorch",
           **options) -> nn.Module:
     """Build a registered model; with ``seed`` its initial weights are reproducible. ``init``
-    names the initial weights' scheme (INITS), ``options`` go to the model's builder (mlp:
+    names the initial weights' scheme (MODEL_INITS), ``options`` go to the model's builder (mlp:
     ``hidden``)."""
     if name not in REGISTRY:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(REGISTRY)}")

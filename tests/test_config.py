@@ -222,6 +222,7 @@ def test_every_key_has_help_text():
         ("strategy", families.names()),
         ("dataset", config_module.DATASETS),
         ("model", config_module.MODELS),
+        ("model-init", config_module.MODEL_INITS),
     ],
 )
 def test_help_of_a_choice_key_names_every_choice(key, choices):

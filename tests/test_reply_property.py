@@ -131,11 +131,11 @@ def _he(config, tmp):
 
 def _threshold(config, tmp):
     from crypto import threshold
+    from fedlearn.threshold import Committee, RoundPlan
+    from server.threshold import ThresholdStrategy
     from tests.helpers import needs_openfhe
 
     needs_openfhe()
-    from fedlearn.threshold import Committee, RoundPlan
-    from server.threshold import ThresholdStrategy
 
     strategy = ThresholdStrategy(flower_strategies.build(config), config, _template(config))
     strategy.committee = Committee("ceremony", threshold.new_context(), b"", (1, 2, 3), (0, 1, 2), 2, (b"", b"", b""))

@@ -17,6 +17,8 @@ import math
 import statistics
 from pathlib import Path
 
+from fedlearn.config import MODEL_INITS
+from fedlearn.data import INPUT_SCALINGS
 from simulations.bench.harness import record, scenario, simulate_once
 
 # Rounds to target, (IID, pathological non-IID), keyed by (model, E, B); B None is B = infinity
@@ -72,9 +74,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                    help="server learning rate of fedavgm / fedadam (default: 1.0 for fedavgm, 0.01 for fedadam)")
     p.add_argument("--lrs", default="0.05,0.1,0.2", help="client learning rates to try (the paper tuned it per row)")
     p.add_argument("--seeds", default="42")
-    p.add_argument("--input-scaling", choices=("standard", "unit"), default="standard",
+    p.add_argument("--input-scaling", choices=INPUT_SCALINGS, default="standard",
                    help="standard: pixels to mean 0 / std 1; unit: [0, 1] only")
-    p.add_argument("--init", choices=("pytorch", "glorot-uniform", "truncated-normal"), default="pytorch",
+    p.add_argument("--init", choices=MODEL_INITS, default="pytorch",
                    help="initial weights (model-init): the PyTorch layers' defaults, or a TensorFlow-era scheme")
     p.add_argument("--max-rounds", type=int, default=0,
                    help=f"stop a run that has not reached the target by then (0: {SLACK} x the paper's rounds)")
